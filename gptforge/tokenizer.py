@@ -1,0 +1,378 @@
+"""Tokenizers: one `Tokenizer` interface over three kinds, and their complete, portable JSON form.
+
+- ``char``: one token per distinct character of the training corpus (nanoGPT's shakespeare_char),
+  plus an end-of-text token when the corpus has more than one document.
+- ``gpt2``: OpenAI's GPT-2 byte-level BPE through tiktoken (50257 tokens, end-of-text 50256).
+- ``bpe``: our own byte-level BPE trained with Hugging Face ``tokenizers``.
+
+A tokenizer is saved as ``tokenizer.json`` next to prepared data and inside checkpoints. That file is
+complete: ``tokenizer_from_dict`` rebuilds the tokenizer from it alone, with no network and no cache
+(the gpt2 kind embeds its 50k merge ranks). ``fingerprint()`` hashes it, so data and checkpoints can
+check they use the same tokenizer.
+
+``encode`` treats its input as ordinary text: the literal string ``<|endoftext|>`` is encoded like any
+other text, never as the special token, so a corpus cannot inject document boundaries.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gptforge.errors import UserError
+
+EOT_TEXT = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FORMAT = "gptforge-tokenizer/1"
+KINDS = ("char", "gpt2", "bpe")
+# 256 byte tokens + the end-of-text token + at least one merge, or BPE has nothing to learn.
+MIN_BPE_VOCAB = 257 + 1
+
+
+class Tokenizer:
+    """Text <-> token ids. Subclasses set `kind`, `vocab_size` and `eot_id`."""
+
+    kind: str
+    vocab_size: int
+    eot_id: int | None
+    _fingerprint: str | None = None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ordinary text (special-token strings in `text` are not special)."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` of each text; parallel where the backend offers it."""
+        return [self.encode(t) for t in texts]
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """`encode_batch` as int64 arrays: what `prepare` streams to disk (char overrides it to skip lists)."""
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def token_bytes(self) -> np.ndarray:
+        """int64 array (vocab_size,): UTF-8 byte length of each token, 0 for special tokens (for bits per byte)."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable and complete: `tokenizer_from_dict` needs nothing else."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of `to_dict()`: equal fingerprints mean identical tokenizers."""
+        if self._fingerprint is None:
+            canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+            self._fingerprint = hashlib.sha256(canonical.encode("ascii")).hexdigest()
+        return self._fingerprint
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write `directory/tokenizer.json` atomically (temp file + rename); returns its path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / TOKENIZER_FILE
+        # sort_keys and no indentation: the same tokenizer always gives byte-identical files.
+        text = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n"
+        # Not mkstemp: its 0600 mode would make a shared data folder unreadable to others.
+        tmp = directory / f".{TOKENIZER_FILE}.{secrets.token_hex(6)}.tmp"
+        try:
+            with open(tmp, "x", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eot_id={self.eot_id})"
+
+
+# ----------------------------------------------------------------------------------------------
+# char
+
+
+class CharTokenizer(Tokenizer):
+    """One token per character; ids follow sorted code points (nanoGPT's order). EOT, if any, comes last."""
+
+    kind = "char"
+
+    def __init__(self, chars: str | Iterable[str], eot: bool):
+        chars = sorted(set(chars))
+        if not chars:
+            raise UserError("cannot build a char vocabulary from an empty corpus")
+        if any(len(c) != 1 for c in chars):
+            raise UserError("a char vocabulary must hold single characters")
+        self.chars: list[str] = chars
+        self.eot_id = len(chars) if eot else None
+        self.vocab_size = len(chars) + (1 if eot else 0)
+        self._itos = chars + ([EOT_TEXT] if eot else [])
+        # Sorted code points: encoding is one vectorised searchsorted, fast for megabytes of text.
+        self._codepoints = np.array([ord(c) for c in chars], dtype=np.uint32)
+
+    def _encode_array(self, text: str) -> np.ndarray:
+        if not text:
+            return np.empty(0, dtype=np.int64)
+        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        idx = np.searchsorted(self._codepoints, cps)
+        found = self._codepoints[np.minimum(idx, len(self._codepoints) - 1)] == cps
+        if not found.all():
+            ch = text[int(np.argmin(found))]
+            raise UserError(f"character {ch!r} (U+{ord(ch):04X}) is not in the char tokenizer's vocabulary "
+                            f"(it never occurs in the text the vocabulary was built from)")
+        return idx.astype(np.int64, copy=False)
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode_array(text).tolist()
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self._encode_array(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        itos = self._itos
+        return "".join([itos[i] for i in np.asarray(ids, dtype=np.int64).tolist()])
+
+    def token_bytes(self) -> np.ndarray:
+        sizes = [len(c.encode("utf-8", "surrogatepass")) for c in self.chars]
+        return np.array(sizes + [0] * (self.vocab_size - len(self.chars)), dtype=np.int64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": TOKENIZER_FORMAT, "kind": "char", "chars": "".join(self.chars),
+                "eot": self.eot_id is not None}
+
+
+# ----------------------------------------------------------------------------------------------
+# gpt2 (tiktoken)
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _encoding_from_tiktoken() -> Any:
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # requests/urllib errors, hash mismatch, unwritable cache: all mean "no files"
+        raise UserError(
+            "could not fetch GPT-2's BPE files for the gpt2 tokenizer (offline?): "
+            f"{_one_line(e)}; set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files"
+        ) from None
+
+
+class GPT2Tokenizer(Tokenizer):
+    """GPT-2's byte-level BPE via tiktoken. The dict form embeds the ranks, so loading it is offline."""
+
+    kind = "gpt2"
+
+    def __init__(self, encoding: Any = None, *, state: dict[str, Any] | None = None):
+        import tiktoken
+
+        if encoding is None and state is None:
+            encoding = _encoding_from_tiktoken()
+        if encoding is None:
+            ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(state["mergeable_ranks"])}
+            encoding = tiktoken.Encoding(state["name"], pat_str=state["pat_str"], mergeable_ranks=ranks,
+                                         special_tokens=dict(state["special_tokens"]),
+                                         explicit_n_vocab=state["n_vocab"])
+        self._enc = encoding
+        self._state = state
+        self.vocab_size = encoding.n_vocab
+        self.eot_id = encoding.eot_token
+        # tiktoken releases the GIL, so a thread pool encodes a batch in parallel.
+        self._threads = max(1, min(16, os.cpu_count() or 1))
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(list(texts), num_threads=self._threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._enc.decode(np.asarray(ids, dtype=np.int64).tolist())
+
+    def _tokens_by_rank(self) -> list[bytes]:
+        # tiktoken keeps ranks private; `_mergeable_ranks`/`_pat_str`/`_special_tokens` are the
+        # documented way to extend an Encoding (tiktoken's README), so they are stable enough.
+        ranks: dict[bytes, int] = self._enc._mergeable_ranks
+        tokens: list[bytes | None] = [None] * len(ranks)
+        for tok, rank in ranks.items():
+            tokens[rank] = tok
+        if any(t is None for t in tokens):
+            raise RuntimeError("tiktoken ranks are not contiguous; cannot serialise this encoding")
+        return tokens  # type: ignore[return-value]
+
+    def token_bytes(self) -> np.ndarray:
+        sizes = np.zeros(self.vocab_size, dtype=np.int64)
+        tokens = self._tokens_by_rank()
+        sizes[: len(tokens)] = [len(t) for t in tokens]
+        for special_id in self._enc._special_tokens.values():
+            sizes[special_id] = 0
+        return sizes
+
+    def to_dict(self) -> dict[str, Any]:
+        if self._state is None:
+            self._state = {
+                "format": TOKENIZER_FORMAT, "kind": "gpt2", "name": self._enc.name,
+                "pat_str": self._enc._pat_str, "n_vocab": self._enc.n_vocab,
+                "special_tokens": dict(sorted(self._enc._special_tokens.items())),
+                "mergeable_ranks": [base64.b64encode(t).decode("ascii") for t in self._tokens_by_rank()],
+            }
+        return self._state
+
+
+# ----------------------------------------------------------------------------------------------
+# bpe (Hugging Face tokenizers)
+
+
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE we trained; its dict form embeds the HF tokenizer JSON."""
+
+    kind = "bpe"
+
+    def __init__(self, hf_json: dict[str, Any]):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._hf_json = hf_json
+        self._tok = HFTokenizer.from_str(json.dumps(hf_json))
+        # Not saved in the HF JSON, so set on every load: "<|endoftext|>" in text is ordinary text.
+        self._tok.encode_special_tokens = True
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eot_id = self._tok.token_to_id(EOT_TEXT)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # encode_batch_fast skips offset tracking, which we never use.
+        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(np.asarray(ids, dtype=np.int64).tolist(), skip_special_tokens=False)
+
+    def token_bytes(self) -> np.ndarray:
+        special = {t["id"] for t in self._hf_json.get("added_tokens", []) if t.get("special")}
+        sizes = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            if i not in special:
+                # The ByteLevel pre-tokenizer maps every byte to exactly one character.
+                sizes[i] = len(self._tok.id_to_token(i))
+        return sizes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": TOKENIZER_FORMAT, "kind": "bpe", "hf_tokenizer": self._hf_json}
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+    """Train a byte-level BPE on `texts` (documents or chunks of them, split at newlines).
+
+    HF's BpeTrainer breaks count ties by pair id and merges deterministically: the same texts give the
+    same tokenizer JSON in every process and with any thread count (tests/test_tokenizer.py checks it).
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    check_tokenizer_args("bpe", vocab_size)
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TEXT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    seen = [0]
+
+    def nonempty() -> Iterable[str]:
+        for text in texts:
+            if text:
+                seen[0] += 1
+                yield text
+
+    tok.train_from_iterator(nonempty(), trainer=trainer)
+    if not seen[0]:
+        raise UserError("cannot train a BPE tokenizer on an empty corpus")
+    return BPETokenizer(json.loads(tok.to_str()))
+
+
+# ----------------------------------------------------------------------------------------------
+# construction, loading
+
+
+def check_tokenizer_args(kind: str, vocab_size: int | None) -> None:
+    """Reject a bad kind/vocab_size pair before any work is done."""
+    if kind not in KINDS:
+        raise UserError(f"unknown tokenizer {kind!r}; choose one of: {', '.join(KINDS)}")
+    if kind != "bpe" and vocab_size is not None:
+        raise UserError(f"--vocab-size only applies to the bpe tokenizer; the {kind} tokenizer's vocabulary is fixed")
+    if kind == "bpe":
+        if vocab_size is None:
+            raise UserError("the bpe tokenizer needs --vocab-size (e.g. 4096)")
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB:
+            raise UserError(f"--vocab-size must be an integer of at least {MIN_BPE_VOCAB} "
+                            f"(256 bytes + end-of-text + 1 merge), got {vocab_size!r}")
+
+
+def train_tokenizer(kind: str, documents: Iterable[str], vocab_size: int | None = None) -> Tokenizer:
+    """Build a tokenizer for `documents`: the char vocabulary, a trained bpe, or GPT-2's (documents unused)."""
+    check_tokenizer_args(kind, vocab_size)
+    if isinstance(documents, str):
+        documents = [documents]  # one document, not one per character
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "bpe":
+        return train_bpe(documents, vocab_size)  # type: ignore[arg-type]
+    seen: set[str] = set()
+    n_docs = 0
+    for doc in documents:
+        if doc:  # empty documents are skipped, as prepare does
+            n_docs += 1
+            seen.update(doc)
+    return CharTokenizer(seen, eot=n_docs > 1)
+
+
+def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
+    """Rebuild a tokenizer from `Tokenizer.to_dict()` output (offline)."""
+    try:
+        kind = d["kind"]
+        if kind == "char":
+            tok: Tokenizer = CharTokenizer(d["chars"], eot=bool(d["eot"]))
+        elif kind == "gpt2":
+            tok = GPT2Tokenizer(state=d)
+        elif kind == "bpe":
+            tok = BPETokenizer(d["hf_tokenizer"])
+        else:
+            raise UserError(f"unknown tokenizer kind {kind!r} (this gptforge knows: {', '.join(KINDS)})")
+    except UserError:
+        raise
+    except Exception as e:  # a truncated or hand-edited file: say so in one line
+        raise UserError(f"not a valid gptforge tokenizer: {_one_line(e)}") from None
+    return tok
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load `path/tokenizer.json` (path a directory) or the tokenizer file `path` itself."""
+    path = Path(path)
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    try:
+        d = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"no tokenizer file at {file}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read tokenizer file {file}: {_one_line(e)}") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{file}: not a gptforge tokenizer file")
+    try:
+        return tokenizer_from_dict(d)
+    except UserError as e:
+        raise UserError(f"{file}: {e}") from None

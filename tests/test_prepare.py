@@ -1,0 +1,426 @@
+"""gptforge.data.prepare: sources, splits, determinism, atomic writes, and every user error."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gptforge.data import prepare as prep
+from gptforge.data.prepare import prepare, split_sizes, token_dtype
+from gptforge.errors import UserError
+from gptforge.tokenizer import EOT_TEXT, load_tokenizer
+
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+@pytest.fixture(scope="module")
+def shakespeare_path(shared_data) -> Path:
+    return shared_data / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def shakespeare(shakespeare_path) -> str:
+    return shakespeare_path.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def char_dir(shakespeare_path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("char") / "data"
+    prepare(str(shakespeare_path), out, progress=False)
+    return out
+
+
+def read_split(out: Path, name: str) -> np.ndarray:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return np.memmap(out / f"{name}.bin", dtype=manifest["dtype"], mode="r")
+
+
+def all_tokens(out: Path) -> np.ndarray:
+    manifest = json.loads((out / "manifest.json").read_text())
+    order = [name for name in ("train", "test", "val") if name in manifest["splits"]]  # file order
+    return np.concatenate([np.asarray(read_split(out, name)) for name in order])
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+# ---------------------------------------------------------------------------------------------- shakespeare
+
+
+def test_char_shakespeare_matches_nanogpt(char_dir, shakespeare):
+    m = json.loads((char_dir / "manifest.json").read_text())
+    assert m["format"] == "gptforge-tokens/1" and m["dtype"] == "uint16"
+    assert m["tokenizer"]["kind"] == "char" and m["tokenizer"]["vocab_size"] == 65
+    assert m["tokenizer"]["eot_id"] is None and m["documents"] == 1
+    assert m["splits"]["train"]["tokens"] == 1_003_854 and m["splits"]["val"]["tokens"] == 111_540
+    assert "test" not in m["splits"] and not (char_dir / "test.bin").exists()
+    assert m["inputs"] == [{"name": "tinyshakespeare.txt", "bytes": 1_115_394, "sha256": SHAKESPEARE_SHA256}]
+    tok = load_tokenizer(char_dir)
+    assert tok.fingerprint() == m["tokenizer"]["fingerprint"]
+    assert tok.decode(read_split(char_dir, "train")) == shakespeare[:1_003_854]
+    assert tok.decode(read_split(char_dir, "val")) == shakespeare[1_003_854:]
+    assert m["splits"]["train"]["bytes"] + m["splits"]["val"]["bytes"] == len(shakespeare.encode())
+    assert (char_dir / "train.bin").stat().st_size == 2 * 1_003_854
+
+
+def test_test_split_leaves_val_unchanged(char_dir, shakespeare_path, tmp_path):
+    out = tmp_path / "with-test"
+    m = prepare(str(shakespeare_path), out, val_fraction=0.1, test_fraction=0.05, progress=False)
+    n = 1_115_394
+    assert m["splits"]["test"]["tokens"] == int(n * 0.05)
+    assert m["splits"]["train"]["tokens"] == int(n * 0.9) - int(n * 0.05)
+    assert m["splits"]["val"]["tokens"] == 111_540  # int(n * 0.85) for train would give val 111_541
+    assert (out / "val.bin").read_bytes() == (char_dir / "val.bin").read_bytes()
+    assert np.array_equal(all_tokens(out), all_tokens(char_dir))  # train | test | val is the corpus
+
+
+def test_gpt2_chunked_encoding_equals_whole_text(tiktoken_cache, shakespeare_path, shakespeare, tmp_path, monkeypatch):
+    # small chunks: hundreds of cuts, every one must leave the tokens unchanged
+    monkeypatch.setattr(prep, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(prep, "MAX_CHUNK_BYTES", 16384)
+    monkeypatch.setattr(prep, "BATCH_ITEMS", 7)
+    m = prepare(str(shakespeare_path), tmp_path / "g", tokenizer="gpt2", progress=False)
+    tok = load_tokenizer(tmp_path / "g")
+    assert (m["tokenizer"]["vocab_size"], m["tokenizer"]["eot_id"], m["dtype"]) == (50257, 50256, "uint16")
+    assert m["tokens"] == 338_025
+    assert all_tokens(tmp_path / "g").tolist() == tok.encode(shakespeare)
+    assert sum(s["bytes"] for s in m["splits"].values()) == 1_115_394
+
+
+def test_cut_points():
+    assert prep._cut(b"one\ntwo\nthree") == len(b"one\ntwo\n")  # after a newline between words
+    assert prep._cut(b"a\r\nb") == 2  # CRLF: between "\r" and "\n"
+    assert prep._cut(b"a\n\nb") == 2  # paragraph break: between the two newlines
+    assert prep._cut(b"a \n b") == 0  # no newline next to printable text: keep reading
+    big = b"x" * prep.MAX_CHUNK_BYTES
+    assert prep._cut(big + b" \n y") == len(big) + 2  # past the limit: any newline
+    assert prep._cut("é".encode() * prep.MAX_CHUNK_BYTES) % 2 == 0  # never inside a character
+
+
+@pytest.fixture(scope="module")
+def small_bpe(shakespeare):
+    from gptforge.tokenizer import train_tokenizer
+
+    return train_tokenizer("bpe", [shakespeare[:100_000]], vocab_size=400)
+
+
+@pytest.mark.parametrize("variant", ["lf", "crlf", "spaces"])
+def test_chunking_never_changes_tokens(tiktoken_cache, small_bpe, shakespeare, tmp_path, monkeypatch, variant):
+    """Encoding a file chunk by chunk gives exactly the tokens of the whole text (gpt2 and bpe)."""
+    from gptforge.tokenizer import train_tokenizer
+
+    text = shakespeare[:150_000]
+    if variant == "crlf":
+        text = text.replace("\n", "\r\n")
+    elif variant == "spaces":
+        text = text.replace(":\n", ":  \t\n").replace("\n\n", "\n \n\n")
+    src = write(tmp_path / "t.txt", text)
+    monkeypatch.setattr(prep, "CHUNK_BYTES", 2048)
+    monkeypatch.setattr(prep, "MAX_CHUNK_BYTES", 1 << 20)  # so only the exact cuts are used
+    inp = prep._Input(name="t.txt", display=str(src), size=len(text), path=src)
+    chunks = [c for c, _ in prep._chunks(prep._Corpus([inp], "text"), lambda i, raw: None)]
+    assert len(chunks) > 50 and "".join(chunks) == text
+    for tok in (train_tokenizer("gpt2", []), small_bpe):
+        assert [t for ids in tok.encode_batch(chunks) for t in ids] == tok.encode(text), tok.kind
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    root = tmp_path / "corpus"
+    write(root / "b.txt", "second document, about bees\n")
+    write(root / "a" / "c.md", "# first\nabout ants\n")
+    write(root / "empty.txt", "")
+    write(root / ".hidden.txt", "HIDDEN")
+    write(root / ".git" / "x.txt", "GIT")
+    write(root / "notes.rst", "RST")
+    return root
+
+
+def test_folder_source_eot_between_documents(folder, tmp_path):
+    m = prepare(str(folder), tmp_path / "out", val_fraction=0.2, progress=False)
+    assert [i["name"] for i in m["inputs"]] == ["a/c.md", "b.txt", "empty.txt"]
+    assert m["inputs"][1]["sha256"] == hashlib.sha256(b"second document, about bees\n").hexdigest()
+    assert m["documents"] == 2 and m["source"] == str(folder)
+    tok = load_tokenizer(tmp_path / "out")
+    tokens = all_tokens(tmp_path / "out")
+    assert tok.eot_id == m["tokenizer"]["vocab_size"] - 1
+    assert np.flatnonzero(tokens == tok.eot_id).tolist() == [len("# first\nabout ants\n")]
+    assert tok.decode(tokens) == "# first\nabout ants\n" + EOT_TEXT + "second document, about bees\n"
+    assert sum(s["bytes"] for s in m["splits"].values()) == len("# first\nabout ants\nsecond document, about bees\n")
+
+
+def test_jsonl_source(tmp_path):
+    rows = [{"text": "alpha"}, {"text": "", "id": 2}, {"text": "beta gamma"}, {"text": "délta"}]
+    lines = [json.dumps(r) for r in rows]
+    src = write(tmp_path / "docs.jsonl", "\n".join(lines[:2]) + "\n\n   \n" + "\n".join(lines[2:]) + "\n")
+    m = prepare(str(src), tmp_path / "out", val_fraction=0.2, progress=False)
+    assert m["documents"] == 3 and m["inputs"][0]["name"] == "docs.jsonl"
+    tok = load_tokenizer(tmp_path / "out")
+    assert tok.decode(all_tokens(tmp_path / "out")) == EOT_TEXT.join(["alpha", "beta gamma", "délta"])
+    other = write(tmp_path / "other.jsonl", '{"body": "one two three"}\n{"body": "four five"}\n')
+    m = prepare(str(other), tmp_path / "out2", text_field="body", progress=False)
+    assert m["documents"] == 2
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"text": "ok"}\n{"text": "ok"}\n{"text": oops}\n', r"bad\.jsonl:3: invalid JSON"),
+    ('{"text": "ok"}\n{"body": "no text"}\n', r"bad\.jsonl:2: no string field 'text'"),
+    ('{"text": 5}\n', r"bad\.jsonl:1: no string field 'text'"),
+    ('["text"]\n', r"bad\.jsonl:1: no string field"),
+])
+def test_jsonl_errors_name_the_line(tmp_path, content, match):
+    src = write(tmp_path / "bad.jsonl", content)
+    with pytest.raises(UserError, match=match):
+        prepare(str(src), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_pydoc_builtin(tmp_path, monkeypatch):
+    from pydoc_data.topics import topics
+
+    monkeypatch.chdir(tmp_path)  # so no local path named "pydoc" can shadow the built-in
+    m = prepare("pydoc", tmp_path / "out", progress=False)
+    texts = [topics[k] for k in sorted(topics) if topics[k]]
+    assert m["documents"] == len(texts) > 50
+    assert m["inputs"][0]["name"] == "pydoc_data.topics"
+    assert m["inputs"][0]["bytes"] == sum(len(t.encode()) for t in texts)
+    tok = load_tokenizer(tmp_path / "out")
+    tokens = all_tokens(tmp_path / "out")
+    assert int((tokens == tok.eot_id).sum()) == len(texts) - 1
+    assert tok.decode(tokens) == EOT_TEXT.join(texts)
+
+
+# ---------------------------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("kind, vocab_size", [("char", None), ("bpe", 400)])
+def test_same_input_gives_byte_identical_output(folder, shakespeare, tmp_path, monkeypatch, kind, vocab_size):
+    write(folder / "z" / "shake.txt", shakespeare[:60_000])
+    monkeypatch.chdir(tmp_path)
+    a = prepare("corpus", "a", tokenizer=kind, vocab_size=vocab_size, progress=False)
+    b = prepare("corpus", tmp_path / "b", tokenizer=kind, vocab_size=vocab_size, progress=False)
+    assert a == b
+    sa, sb = snapshot(tmp_path / "a"), snapshot(tmp_path / "b")
+    assert sorted(sa) == ["manifest.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert sa == sb
+    assert str(tmp_path) not in sa["manifest.json"].decode()
+
+
+# ---------------------------------------------------------------------------------------------- units
+
+
+def test_token_dtype():
+    assert token_dtype(65) == np.uint16 and token_dtype(50257) == np.uint16
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+    assert token_dtype(200_019) == np.uint32
+
+
+def test_split_sizes():
+    assert split_sizes(1_115_394, 0.1, 0.0) == {"train": 1_003_854, "val": 111_540}
+    assert split_sizes(101, 0.1, 0.1) == {"train": 80, "test": 10, "val": 11}
+    assert split_sizes(1_115_394, 0.1, 0.05) == {"train": 948_085, "test": 55_769, "val": 111_540}
+    assert split_sizes(101, 0.0, 0.1) == {"train": 91, "test": 10}
+    assert split_sizes(101, 0.0, 0.0) == {"train": 101}
+
+
+# ---------------------------------------------------------------------------------------------- user errors
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"val_fraction": 1.0}, r"--val-fraction must be a number in \[0, 1\), got 1.0"),
+    ({"val_fraction": -0.1}, r"--val-fraction must be"),
+    ({"test_fraction": 1.5}, r"--test-fraction must be"),
+    ({"val_fraction": 0.5, "test_fraction": 0.5}, r"must be below 1"),
+    ({"tokenizer": "char", "vocab_size": 500}, r"--vocab-size only applies to the bpe"),
+    ({"tokenizer": "gpt2", "vocab_size": 500}, r"--vocab-size only applies to the bpe"),
+    ({"tokenizer": "bpe"}, r"needs --vocab-size"),
+    ({"tokenizer": "bpe", "vocab_size": 100}, r"at least 258"),
+    ({"tokenizer": "words"}, r"unknown tokenizer 'words'"),
+])
+def test_bad_options(tmp_path, kwargs, match):
+    src = write(tmp_path / "t.txt", "some text\n" * 10)
+    with pytest.raises(UserError, match=match):
+        prepare(str(src), tmp_path / "out", progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_sources(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cases = {
+        "missing.txt": r"missing\.txt: no such file or folder",
+        "shakespear": r"not a built-in source \(shakespeare, pydoc\)",
+        str(write(tmp_path / "empty.txt", "")): r"the corpus is empty",
+        str(write(tmp_path / "blank.jsonl", "\n\n")): r"the corpus is empty",
+        str(write(tmp_path / "nul.txt", b"text\x00more")): r"nul\.txt: looks like a binary file",
+        str(write(tmp_path / "latin1.txt", "caf\xe9\n".encode("latin-1"))):
+            r"latin1\.txt: not UTF-8 text \(byte 0xe9 at offset 3\)",
+    }
+    (tmp_path / "nothing").mkdir()
+    write(tmp_path / "nothing" / "data.csv", "a,b\n")
+    cases[str(tmp_path / "nothing")] = r"no \.txt or \.md files"
+    write(tmp_path / "empties" / "a.txt", "")
+    cases[str(tmp_path / "empties")] = r"the corpus is empty"
+    write(tmp_path / "mixed" / "a.txt", "fine text\n")
+    write(tmp_path / "mixed" / "sub" / "b.txt", b"\xff\xfe binary-ish")
+    cases[str(tmp_path / "mixed")] = r"sub/b\.txt: not UTF-8 text"
+    for kind in ("char", "bpe"):
+        for source, match in cases.items():
+            with pytest.raises(UserError, match=match):  # (kind, source) in the failure report
+                prepare(source, tmp_path / "out", tokenizer=kind, vocab_size=300 if kind == "bpe" else None,
+                        progress=False)
+            assert not (tmp_path / "out").exists() and leftovers(tmp_path) == [], (kind, source)
+    # char: one token per character, so the token counts are known
+    too_small = {str(write(tmp_path / "tiny.txt", "ab")): r"corpus too small for a train split",
+                 str(write(tmp_path / "small.txt", "abcdefghi")):
+                     r"corpus too small for a val split: 9 tokens in all leave it 1 \(it needs at least 2\)"}
+    for source, match in too_small.items():
+        with pytest.raises(UserError, match=match):
+            prepare(source, tmp_path / "out", progress=False)
+        assert not (tmp_path / "out").exists() and leftovers(tmp_path) == [], source
+    with pytest.raises(UserError, match=r"corpus too small for a test split"):
+        prepare(str(tmp_path / "small.txt"), tmp_path / "out", val_fraction=0.5, test_fraction=0.1, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- the data dir
+
+
+def test_overwrite_rules(tmp_path):
+    src = write(tmp_path / "a.txt", "the first corpus\n" * 20)
+    out = tmp_path / "data"
+    prepare(str(src), out, progress=False)
+    before = snapshot(out)
+    with pytest.raises(UserError, match="already holds prepared data; pass --overwrite"):
+        prepare(str(src), out, progress=False)
+    assert snapshot(out) == before
+    other = write(tmp_path / "b.txt", "a different corpus entirely\n" * 20)
+    m = prepare(str(other), out, overwrite=True, progress=False)
+    assert m["inputs"][0]["name"] == "b.txt" and snapshot(out) != before
+    assert load_tokenizer(out).decode(all_tokens(out)) == other.read_text()
+    assert leftovers(tmp_path) == []
+
+    mine = tmp_path / "my-stuff"
+    write(mine / "thesis.tex", "precious")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="not a gptforge data folder"):
+            prepare(str(src), mine, overwrite=overwrite, progress=False)
+    assert snapshot(mine) == {"thesis.tex": b"precious"}
+    write(tmp_path / "fake" / "manifest.json", '{"name": "my web app"}')
+    with pytest.raises(UserError, match="not a gptforge data folder"):
+        prepare(str(src), tmp_path / "fake", overwrite=True, progress=False)
+    with pytest.raises(UserError, match="is not a folder"):
+        prepare(str(src), src, overwrite=True, progress=False)
+
+    (tmp_path / "empty-dir").mkdir()
+    prepare(str(src), tmp_path / "empty-dir", progress=False)
+    assert (tmp_path / "empty-dir" / "manifest.json").is_file()
+
+
+def test_failed_prepare_keeps_the_old_data(tmp_path, monkeypatch):
+    src = write(tmp_path / "corpus" / "a.txt", "good text\n" * 50)
+    out = tmp_path / "data"
+    prepare(str(tmp_path / "corpus"), out, progress=False)
+    before = snapshot(out)
+    write(tmp_path / "corpus" / "b.txt", b"\x00\x01binary")
+    with pytest.raises(UserError, match="binary"):
+        prepare(str(tmp_path / "corpus"), out, overwrite=True, progress=False)
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+
+    (tmp_path / "corpus" / "b.txt").unlink()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. Ctrl-C while the splits are written
+
+    monkeypatch.setattr(prep, "_write_splits", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(src), out, overwrite=True, progress=False)
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", "val.bin")
+
+    monkeypatch.setattr(prep, "_write_splits", disk_full)
+    with pytest.raises(UserError, match=r"preparing .*data failed: No space left on device \(val\.bin\)"):
+        prepare(str(src), out, overwrite=True, progress=False)
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+
+
+def test_progress_goes_to_stderr_only_when_asked(tmp_path, capfd):
+    src = write(tmp_path / "a.txt", "hello there\n" * 20)
+    prepare(str(src), tmp_path / "quiet", progress=False)
+    assert capfd.readouterr() == ("", "")
+    prepare(str(src), tmp_path / "loud", progress=True)
+    captured = capfd.readouterr()
+    assert captured.out == "" and "encode (char)" in captured.err
+
+
+# ---------------------------------------------------------------------------------------------- download
+
+
+def test_shakespeare_download_and_cache(shakespeare_path, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GPTFORGE_CACHE", str(cache))
+    monkeypatch.setattr(prep, "SHAKESPEARE_URL", shakespeare_path.as_uri())
+    m = prepare("shakespeare", tmp_path / "out", progress=False)
+    assert m["source"] == "shakespeare"
+    assert m["inputs"] == [{"name": "tinyshakespeare.txt", "bytes": 1_115_394, "sha256": SHAKESPEARE_SHA256}]
+    assert m["splits"]["train"]["tokens"] == 1_003_854
+    cached = cache / "tinyshakespeare.txt"
+    assert cached.read_bytes() == shakespeare_path.read_bytes()
+    assert sorted(p.name for p in cache.iterdir()) == ["tinyshakespeare.txt"]
+    # second time: from the cache, even with no network
+    monkeypatch.setattr(prep, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    assert prep.fetch_shakespeare() == cached
+    # a corrupted cache is fetched again, not trusted
+    cached.write_text("truncated")
+    monkeypatch.setattr(prep, "SHAKESPEARE_URL", shakespeare_path.as_uri())
+    assert prep.fetch_shakespeare().read_bytes() == shakespeare_path.read_bytes()
+
+
+def test_shakespeare_wrong_hash_is_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "cache"))
+    impostor = write(tmp_path / "input.txt", "not shakespeare\n")
+    monkeypatch.setattr(prep, "SHAKESPEARE_URL", impostor.as_uri())
+    digest = hashlib.sha256(impostor.read_bytes()).hexdigest()
+    with pytest.raises(UserError, match=f"has sha256 {digest}, expected {SHAKESPEARE_SHA256}"):
+        prepare("shakespeare", tmp_path / "out", progress=False)
+    assert not (tmp_path / "cache" / "tinyshakespeare.txt").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_shakespeare_offline_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "cache"))
+    for url in ("http://127.0.0.1:9/input.txt", (tmp_path / "nowhere.txt").as_uri()):
+        monkeypatch.setattr(prep, "SHAKESPEARE_URL", url)
+        with pytest.raises(UserError) as info:
+            prepare("shakespeare", tmp_path / "out", progress=False)
+        msg = str(info.value)
+        assert "\n" not in msg and "could not download" in msg and "(offline?)" in msg
+        assert "pass the file's path as SOURCE" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_cache_dir_defaults(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "explicit"))
+    assert prep.cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("GPTFORGE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert prep.cache_dir() == tmp_path / "xdg" / "gptforge"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert prep.cache_dir() == tmp_path / "home" / ".cache" / "gptforge"
