@@ -1,0 +1,136 @@
+"""Device and precision in one place: device choice, compute dtype, autocast, TF32, seeding, peak FLOPs."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from gptforge.errors import UserError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` prefers cuda, then mps, then cpu; an explicit device that is not available is a user error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("device cuda was asked for but no CUDA GPU is available to PyTorch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {name} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise UserError("device mps was asked for but Apple's Metal backend is not available")
+    elif device.type != "cpu":
+        raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype: `auto` is bf16 on CUDA GPUs that support it, fp16 on older ones, fp32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in _DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+    dtype = _DTYPES[name]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UserError("float16 is not supported on CPU; use bfloat16 or float32")
+    return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed-precision context for forward passes; a no-op for float32. Weights stay float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def setup_backends(device: torch.device) -> None:
+    """Allow TF32 matmuls and convolutions on CUDA (Ampere and newer): fp32 accuracy is not needed there."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# Dense (no sparsity) peak tensor-core FLOP/s for bf16/fp16, from the vendors' data sheets.
+# Keys are matched against torch.cuda.get_device_name(); the longest matching key wins.
+GPU_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "A10": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "V100": 125e12,
+    "T4": 65e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "RTX A6000": 155e12,
+}
+
+_measured_peak: dict[tuple[str, torch.dtype], float] = {}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    """Peak FLOP/s to report MFU against: a table for known GPUs, a measured matmul on CPU, else None."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        matches = [k for k in GPU_PEAK_FLOPS if k in name]
+        if not matches:
+            return None
+        peak = GPU_PEAK_FLOPS[max(matches, key=len)]
+        return peak / 2 if dtype == torch.float32 else peak  # TF32 runs at half the bf16 rate
+    if device.type == "cpu":
+        key = (device.type, dtype)
+        if key not in _measured_peak:
+            _measured_peak[key] = measure_matmul_flops(device, dtype)
+        return _measured_peak[key]
+    return None
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.3) -> float:
+    """FLOP/s of a large square matmul on this device and dtype: the best the kernels here can do."""
+    g = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG: training depends on it
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    for _ in range(2):  # warm up the kernel and caches
+        a @ b
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best

@@ -1,0 +1,113 @@
+"""Evaluation: loss on a fixed token budget during training, and loss / perplexity / bits per byte of a split.
+
+Bits per byte divides the summed loss (in bits) by the UTF-8 bytes of the predicted text, so models
+with different tokenizers compare on the same footing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gptforge.data.loader import RandomBatches, to_device
+from gptforge.device import autocast
+from gptforge.errors import UserError
+
+EVAL_SEED = 0xE7A1  # the periodic evaluation reads the same batches every time, so evals compare
+
+
+@torch.no_grad()
+def estimate_loss(model: torch.nn.Module, tokens: np.ndarray, *, batches: int, batch_size: int, block_size: int,
+                  device: torch.device, dtype: torch.dtype) -> float:
+    """Mean loss over a fixed set of `batches` random windows of the split (the same set at every call)."""
+    was_training = model.training
+    model.eval()
+    sampler = RandomBatches(tokens, batch_size, block_size, seed=EVAL_SEED)
+    total = 0.0
+    for _ in range(batches):
+        x, y = sampler.next(device)
+        with autocast(device, dtype):
+            total += model(x, y).item()
+    model.train(was_training)
+    return total / batches
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    bits_per_byte: Optional[float]
+    tokens: int
+    bytes: Optional[int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, *, block_size: int, batch_size: int,
+                    device: torch.device, dtype: torch.dtype, token_bytes: Optional[np.ndarray] = None,
+                    max_tokens: Optional[int] = None) -> EvalResult:
+    """Mean next-token loss over the whole split in non-overlapping windows of block_size.
+
+    Every token after the first is predicted exactly once (the last window may be shorter).
+    `max_tokens` caps the number of predicted tokens (from the start of the split).
+    """
+    n = len(tokens) - 1  # number of predictions
+    if max_tokens is not None:
+        n = min(n, max_tokens)
+    if n < 1:
+        raise UserError("the split has fewer than 2 tokens; nothing to evaluate")
+    model.eval()
+    starts = list(range(0, n, block_size))
+    loss_sum, byte_sum = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        group = starts[i:i + batch_size]
+        lengths = [min(block_size, n - s) for s in group]
+        # windows in one batch share a length; the single short tail window goes in a batch of its own
+        for T in sorted(set(lengths), reverse=True):
+            rows = [s for s, L in zip(group, lengths) if L == T]
+            w = np.stack([np.asarray(tokens[s:s + T + 1], dtype=np.int64) for s in rows])  # (b, T + 1)
+            x = to_device(torch.from_numpy(w[:, :-1].copy()), device)
+            y = to_device(torch.from_numpy(w[:, 1:].copy()), device)
+            with autocast(device, dtype):
+                logits = model(x)
+            loss_sum += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum").item()
+            if token_bytes is not None:
+                byte_sum += int(token_bytes[w[:, 1:]].sum())
+    loss = loss_sum / n
+    bpb = None
+    if token_bytes is not None and byte_sum > 0:
+        bpb = loss_sum / math.log(2) / byte_sum
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), bits_per_byte=bpb, tokens=n,
+                      bytes=byte_sum if token_bytes is not None else None)
+
+
+def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "val", max_tokens: Optional[int] = None,
+                        batch_size: int = 8, which: str = "latest", device: str = "auto") -> dict:
+    """`gptforge eval`: loss, perplexity and bits per byte of a checkpoint on a split of its (or another) data dir."""
+    from gptforge.checkpoint import load_checkpoint
+    from gptforge.data.loader import open_data
+    from gptforge.device import pick_device, pick_dtype
+
+    dev = pick_device(device)
+    ck = load_checkpoint(run, device=dev, which=which)
+    data_dir = data or ck.config.data.dir
+    if not data_dir:
+        raise UserError("the checkpoint does not say which data it trained on; pass --data DATA_DIR")
+    td = open_data(data_dir)
+    if td.tokenizer().fingerprint() != ck.tokenizer.fingerprint():
+        raise UserError(f"{data_dir} was prepared with a different tokenizer than the checkpoint's; "
+                        "prepare the data with the same tokenizer")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    result = evaluate_tokens(ck.model, td.tokens(split), block_size=ck.config.model.block_size, batch_size=batch_size,
+                             device=dev, dtype=pick_dtype(ck.config.train.dtype, dev),
+                             token_bytes=ck.tokenizer.token_bytes(), max_tokens=max_tokens)
+    return {"checkpoint": str(ck.path), "data": str(data_dir), "split": split, "step": ck.state.get("step"),
+            **result.to_dict()}

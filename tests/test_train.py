@@ -1,0 +1,189 @@
+"""The training loop: exact resume, accumulation, run-directory safety, signals, metrics."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from gptforge.checkpoint import load_checkpoint
+from gptforge.config import ConfigError, GPTConfig, RunConfig
+from gptforge.data.prepare import prepare
+from gptforge.errors import UserError
+from gptforge.optim import lr_at
+from gptforge.train import grad_accum_steps, pad_vocab, train
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "pydoc-char"
+    prepare("pydoc", out, tokenizer="char", progress=False)
+    return out
+
+
+def tiny_config(data_dir, **train_kw) -> RunConfig:
+    cfg = RunConfig()
+    cfg.model = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.1)
+    cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_iters = 3e-3, 3e-4, 5
+    cfg.train.max_iters, cfg.train.batch_size, cfg.train.eval_interval, cfg.train.eval_iters = 24, 4, 10, 2
+    cfg.train.log_interval = 1000
+    for k, v in train_kw.items():
+        setattr(cfg.train, k, v)
+    cfg.data.dir = str(data_dir)
+    return cfg
+
+
+def quiet(msg):
+    pass
+
+
+def rows(run_dir, kind):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if (kind in r)]
+
+
+def test_resume_is_bit_identical_to_uninterrupted(tmp_path, data_dir):
+    """Stopped at step 13 (between evals, with dropout on) and resumed, the run ends with the same bytes."""
+    full = train(tiny_config(data_dir), tmp_path / "full", log=quiet)
+    assert full.step == 24 and full.interrupted is None
+
+    part = train(tiny_config(data_dir), tmp_path / "part", log=quiet, on_step=lambda step, row: step == 13)
+    assert part.step == 13 and part.interrupted == "STOP"
+    resumed = train(tiny_config(data_dir), tmp_path / "part", resume=True, log=quiet)
+    assert resumed.step == 24
+
+    a = (tmp_path / "full" / "latest" / "model.safetensors").read_bytes()
+    b = (tmp_path / "part" / "latest" / "model.safetensors").read_bytes()
+    assert a == b
+    def curve(run):
+        return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in rows(tmp_path / run, "loss")]
+
+    assert curve("full") == curve("part") and len(curve("full")) == 24
+    assert [r["val_loss"] for r in rows(tmp_path / "full", "val_loss")] == \
+        [r["val_loss"] for r in rows(tmp_path / "part", "val_loss")]
+    assert resumed.best_val_loss == full.best_val_loss
+
+
+def test_resume_at_an_eval_step_does_not_repeat_it(tmp_path, data_dir):
+    train(tiny_config(data_dir), tmp_path / "r", log=quiet, on_step=lambda step, row: step == 10)
+    train(tiny_config(data_dir), tmp_path / "r", resume=True, log=quiet)
+    steps = [r["step"] for r in rows(tmp_path / "r", "val_loss")]
+    assert steps == [0, 10, 20, 24]
+    assert [r["step"] for r in rows(tmp_path / "r", "loss")] == list(range(1, 25))
+
+
+def test_gradient_accumulation_matches_a_big_batch(tmp_path, data_dir):
+    """batch 8 in one step == batch 4 accumulated twice (same data stream, mean of equal-size means)."""
+    big = tiny_config(data_dir, batch_size=8, max_iters=6)
+    big.model.dropout = 0.0
+    acc = tiny_config(data_dir, batch_size=4, max_iters=6, total_batch_size=4 * 16 * 2)
+    acc.model.dropout = 0.0
+    assert grad_accum_steps(acc, 1) == 2
+    train(big, tmp_path / "big", log=quiet)
+    train(acc, tmp_path / "acc", log=quiet)
+    la = [r["loss"] for r in rows(tmp_path / "big", "loss")]
+    lb = [r["loss"] for r in rows(tmp_path / "acc", "loss")]
+    assert la == pytest.approx(lb, abs=1e-5)
+    x = torch.randint(0, 64, (1, 16))
+    pa = load_checkpoint(tmp_path / "big").model(x)
+    pb = load_checkpoint(tmp_path / "acc").model(x)
+    torch.testing.assert_close(pa, pb, atol=1e-4, rtol=1e-4)
+
+
+def test_accumulation_must_divide():
+    cfg = RunConfig()
+    cfg.model.block_size, cfg.train.batch_size, cfg.train.total_batch_size = 16, 4, 100
+    with pytest.raises(ConfigError, match="multiple of batch_size x block_size"):
+        grad_accum_steps(cfg, 1)
+    cfg.train.total_batch_size = 4 * 16 * 4
+    assert grad_accum_steps(cfg, 2) == 2  # the total is kept when the process count changes
+
+
+def test_metrics_rows_and_run_directory(tmp_path, data_dir):
+    cfg = tiny_config(data_dir, max_iters=12)
+    result = train(cfg, tmp_path / "run", log=quiet)
+    run = tmp_path / "run"
+    train_rows, eval_rows = rows(run, "loss"), rows(run, "val_loss")
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
+    assert set(train_rows[0]) >= {"step", "loss", "lr", "grad_norm", "dt_ms", "tokens_per_s", "mfu", "time_s"}
+    assert set(eval_rows[0]) >= {"step", "train_loss", "val_loss", "time_s"}
+    assert [r["lr"] for r in train_rows] == pytest.approx([lr_at(s, cfg.optim, 12) for s in range(12)])
+    assert [r["step"] for r in eval_rows] == [0, 10, 12]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["vocab_size"] == pad_vocab(json.loads((data_dir / "manifest.json").read_text())
+                                                      ["tokenizer"]["vocab_size"])
+    assert load_checkpoint(run).state["step"] == 12
+    best = load_checkpoint(run, which="best")
+    assert best.state["val_loss"] == pytest.approx(min(r["val_loss"] for r in eval_rows[1:]))
+    assert result.best_val_loss == min(r["val_loss"] for r in eval_rows)
+
+
+def test_loss_falls(tmp_path, data_dir):
+    cfg = tiny_config(data_dir, max_iters=60, eval_interval=60, eval_iters=4)
+    cfg.model.dropout = 0.0
+    result = train(cfg, tmp_path / "run", log=quiet)
+    first = rows(tmp_path / "run", "val_loss")[0]["val_loss"]
+    assert result.val_loss < first - 1.0
+
+
+def test_existing_run_is_never_destroyed(tmp_path, data_dir):
+    train(tiny_config(data_dir, max_iters=2), tmp_path / "run", log=quiet)
+    weights = (tmp_path / "run" / "latest" / "model.safetensors").read_bytes()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="--resume"):
+        train(tiny_config(data_dir, max_iters=2), tmp_path / "run", log=quiet)
+    assert (tmp_path / "run" / "latest" / "model.safetensors").read_bytes() == weights
+    train(tiny_config(data_dir, max_iters=3), tmp_path / "run", overwrite=True, log=quiet)
+    assert load_checkpoint(tmp_path / "run").state["step"] == 3
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # not ours to delete
+
+
+def test_resume_refuses_a_changed_model(tmp_path, data_dir):
+    train(tiny_config(data_dir, max_iters=2), tmp_path / "run", log=quiet)
+    cfg = tiny_config(data_dir, max_iters=4)
+    cfg.model.n_layer = 3
+    with pytest.raises(UserError, match="model fields cannot change"):
+        train(cfg, tmp_path / "run", resume=True, log=quiet)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(tiny_config(data_dir), tmp_path / "empty", resume=True, log=quiet)
+
+
+def test_bad_data_and_config_errors(tmp_path, data_dir):
+    cfg = tiny_config(tmp_path / "missing")
+    with pytest.raises(UserError, match="does not exist"):
+        train(cfg, tmp_path / "run", log=quiet)
+    cfg = tiny_config(data_dir)
+    cfg.model.vocab_size = 8
+    with pytest.raises(ConfigError, match="smaller than the data's vocabulary"):
+        train(cfg, tmp_path / "run2", log=quiet)
+    cfg = tiny_config(data_dir, eval_interval=0)
+    with pytest.raises(ConfigError, match="eval_interval"):
+        train(cfg, tmp_path / "run3", log=quiet)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir, sig, code):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "gptforge", "train", "--data", str(data_dir), "--out", str(run),
+           "--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "16",
+           "--train.batch_size", "4", "--train.max_iters", "100000", "--train.eval_interval", "100000",
+           "--train.eval_iters", "1", "--train.log_interval", "1"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("step 3/"):
+            break
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == code, err
+    assert "Traceback" not in err
+    assert "stopped at step" in out and "--resume" in out
+    step = load_checkpoint(run).state["step"]
+    assert step >= 3
+    resumed = train(RunConfig.from_dict(json.loads((run / "config.json").read_text())), run, resume=True,
+                    log=quiet, on_step=lambda s, r: True)
+    assert resumed.step == step + 1
