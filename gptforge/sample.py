@@ -306,6 +306,8 @@ def sample_checkpoint(run, prompt: str = "\n", *, num_samples: int = 1, max_new_
 
     if num_samples < 1:
         raise SamplingError(f"--num-samples must be at least 1, got {num_samples}")
+    sample_next(torch.zeros(1, 2), temperature, top_k, top_p)  # bad settings fail before any work or output
+    _check_args(torch.zeros(1, 1), max_new_tokens)
     dev = pick_device(device)
     ck = load_checkpoint(run, device=dev, which=which)
     tok = ck.tokenizer
