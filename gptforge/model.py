@@ -132,6 +132,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.gated = config.mlp == "swiglu"
+        self.gelu_approx = "tanh" if config.mlp == "gelu_tanh" else "none"  # GPT-2 used the tanh form
         # swiglu: c_fc computes the gate and the up projection in one matmul, [gate | up]
         fc_out = 2 * config.mlp_hidden if self.gated else config.mlp_hidden
         self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
@@ -144,7 +145,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)  # (B, T, hidden) each
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+            h = F.gelu(h, approximate=self.gelu_approx)
         return self.dropout(self.c_proj(h))
 
 

@@ -143,6 +143,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         log = lambda msg: None  # noqa: E731  only rank 0 speaks
 
     # ---- run directory: never destroy an existing run unless asked to
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run directory")
     resume_from = None
     if resume:
         resume_from = ckpt_io.resolve_checkpoint(run_dir, "latest")
@@ -290,8 +292,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                 run_eval()
             elif interrupted is not None:
                 save_latest()
-                log(f"stopped at step {step}; checkpoint in {run_dir / 'latest'}; "
-                    f"continue with `gptforge train --resume {run_dir}`")
+                if cfg.train.save_checkpoints:
+                    log(f"stopped at step {step}; checkpoint in {run_dir / 'latest'}; "
+                        f"continue with `gptforge train --resume {run_dir}`")
+                else:
+                    log(f"stopped at step {step}; train.save_checkpoints is off, so nothing was saved")
     finally:
         if metrics is not None:
             metrics.close()

@@ -20,7 +20,12 @@ from gptforge.tokenizer import CharTokenizer
 
 VARIANTS = {
     "classic": dict(),
-    "modern": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False),
+    "rope": dict(pos="rope"),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "swiglu": dict(mlp="swiglu"),
+    "gqa": dict(n_kv_head=1),
+    "modern": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, qk_norm=True, bias=False,
+                   tie_embeddings=False),
 }
 
 

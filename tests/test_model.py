@@ -15,6 +15,7 @@ VARIANTS = {
     "rope": dict(pos="rope"),
     "rmsnorm": dict(norm="rmsnorm"),
     "swiglu": dict(mlp="swiglu"),
+    "gelu_tanh": dict(mlp="gelu_tanh"),
     "gqa": dict(n_kv_head=2),
     "mqa": dict(n_kv_head=1),
     "qk_norm": dict(qk_norm=True),
@@ -155,3 +156,12 @@ def test_overfits_one_batch():
     y = torch.randint(0, 64, (4, 16))
     losses = _train_steps(model, x, y, 150, lr=1e-2)
     assert losses[0] > 3.5 and losses[-1] < 0.05
+
+
+def test_public_api_imports():
+    import gptforge
+    from gptforge import GPT as G, GPTConfig as C, generate, load_checkpoint
+
+    assert G is GPT and C is GPTConfig and callable(generate) and callable(load_checkpoint)
+    with pytest.raises(AttributeError):
+        gptforge.nope
