@@ -79,50 +79,76 @@ def write_dir_atomically(path: Path, write_files: Callable[[Path], None]) -> Non
         shutil.rmtree(old)
 
 
+def umask_mode(path: Path) -> None:
+    """safetensors creates files readable by their owner only; give them the usual mode for new files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors for saving; a tied output head is dropped (it is the token embedding)."""
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    return sd
+    """The model's tensors on CPU, for saving."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer's state into tensors (for safetensors) and JSON-able hyper-parameters."""
-    sd = optimizer.state_dict()
+def optimizer_state(optimizer_sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer.state_dict() into tensors (for safetensors) and JSON-able hyper-parameters."""
     tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
+    for idx, st in optimizer_sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
                 tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{idx}.{k}"] = v
-    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in optimizer_sd["param_groups"]]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda.{i}"] = s
+def process_rng() -> dict[str, torch.Tensor]:
+    """This process's torch RNG states (dropout draws from them)."""
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
     return out
+
+
+def restore_process_rng(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, config: RunConfig, tokenizer,
                     state: Optional[dict[str, Any]] = None,
                     optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-    """Write a checkpoint directory atomically. With an optimizer it is resumable (moments + RNG states)."""
+    """Write a checkpoint of a model in this process. With an optimizer it is resumable (moments + RNG)."""
+    write_checkpoint(path, model_state(model), config, tokenizer, state,
+                     optimizer.state_dict() if optimizer is not None else None,
+                     [process_rng()] if optimizer is not None else None)
+
+
+def write_checkpoint(path: Path, weights: dict[str, torch.Tensor], config: RunConfig, tokenizer,
+                     state: Optional[dict[str, Any]] = None, optimizer_sd: Optional[dict[str, Any]] = None,
+                     rng: Optional[list[dict[str, torch.Tensor]]] = None) -> None:
+    """Write a checkpoint directory atomically from full (unsharded) state: weights, optionally the
+    optimizer's state_dict() and each rank's RNG states, which make it resumable."""
     state = dict(state or {})
+    weights = {k: v.contiguous() for k, v in weights.items()}
+    if config.model.tie_embeddings:
+        weights.pop("lm_head.weight", None)  # the same tensor as transformer.wte.weight
 
     def write(tmp: Path) -> None:
-        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        umask_mode(tmp / WEIGHTS)
         save_json(config.to_dict(), tmp / CONFIG)
         tokenizer.save(tmp)
-        if optimizer is not None:
-            tensors, hyper = optimizer_state(optimizer)
-            tensors.update(rng_tensors())
+        if optimizer_sd is not None:
+            tensors, hyper = optimizer_state(optimizer_sd)
+            for rank, states in enumerate(rng or []):
+                for kind, t in states.items():
+                    tensors[f"rng.{rank}.{kind}"] = t
             save_file(tensors, str(tmp / TRAIN_STATE))
+            umask_mode(tmp / TRAIN_STATE)
             state["optimizer"] = hyper
         state["format"] = FORMAT
         state["files"] = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
@@ -209,30 +235,38 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
         raise UserError(f"weights in {ckpt} do not fit the model of its config: {' '.join(first[:2])}") from None
 
 
-def load_train_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore the optimizer and torch RNG states from a resumable checkpoint; return its state.json."""
+def read_train_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, torch.Tensor]]]:
+    """A resumable checkpoint's state.json, optimizer state_dict() and per-rank RNG states."""
     state = read_state(ckpt)
     if "optimizer" not in state or not (ckpt / TRAIN_STATE).is_file():
         raise UserError(f"checkpoint {ckpt} holds weights only and cannot be resumed from")
     tensors = _load_tensors(ckpt / TRAIN_STATE)
     hyper = state["optimizer"]
     opt_state: dict[int, dict[str, Any]] = {}
+    rng: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if key.startswith("optim."):
             _, idx, name = key.split(".", 2)
             opt_state.setdefault(int(idx), {})[name] = t
+        elif key.startswith("rng."):
+            _, rank, kind = key.split(".", 2)
+            rng.setdefault(int(rank), {})[kind] = t
     for key, v in hyper["scalars"].items():
         idx, name = key.split(".", 1)
         opt_state.setdefault(int(idx), {})[name] = v
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in hyper["param_groups"]]
+    return state, {"state": opt_state, "param_groups": groups}, [rng[r] for r in sorted(rng)]
+
+
+def load_train_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore a single process's optimizer and RNG (rank 0's) from a resumable checkpoint; return state.json."""
+    state, optimizer_sd, rng = read_train_state(ckpt)
     try:
-        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        optimizer.load_state_dict(optimizer_sd)
     except (ValueError, KeyError) as e:
         raise UserError(f"optimizer state in {ckpt} does not fit this model: {e}") from None
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_states)
+    if rng:
+        restore_process_rng(rng[0])
     return state
 
 

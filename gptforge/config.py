@@ -124,6 +124,8 @@ class TrainConfig:
 
     max_iters: int = 5000
     """number of optimizer steps"""
+    stop_after: Optional[int] = None
+    """end this invocation after this many steps, with a checkpoint; --resume continues on the same schedule (for job time limits)"""
     batch_size: int = 12
     """micro-batch size in sequences, per process"""
     total_batch_size: Optional[int] = None
@@ -140,9 +142,37 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute precision: auto = bfloat16 autocast on CUDA GPUs that support it, float16 on older ones, float32 otherwise"""
     compile: bool = False
-    """torch.compile the model"""
+    """torch.compile each transformer block"""
+    dist: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun with several processes: DDP (a full replica per device) or FSDP2 (sharded, for big models)"""
+    sampling: Literal["random", "sequential"] = "random"
+    """training batches at random offsets (nanoGPT) or read sequentially; each micro-batch slot owns a disjoint block"""
     save_checkpoints: bool = True
     """write RUN_DIR/latest and RUN_DIR/best at every eval"""
+    logger: Literal["none", "wandb", "tensorboard"] = "none"
+    """also send every metrics row to Weights & Biases or TensorBoard (RUN_DIR/tensorboard); needs its package"""
+    wandb_project: Optional[str] = None
+    """W&B project; null = gptforge"""
+    run_name: Optional[str] = None
+    """name of the run in W&B; null = the run directory's name"""
+    init_from: Optional[str] = None
+    """start from trained weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face model directory (needs gptforge[hf]) or a gptforge run/checkpoint directory; the model's shape comes from them (block_size may shrink, dropout is yours)"""
+    freeze_embeddings: bool = False
+    """keep the token and position embeddings fixed while fine-tuning (a tied output head stays fixed with them)"""
+
+
+@dataclass
+class EvalConfig:
+    """Benchmarks run during training (the `eval` section); the loss evaluation is in `train`."""
+
+    hellaswag_every: int = 0
+    """score HellaSwag every this many steps and at the end (0 = never); needs a gpt2 or bpe tokenizer"""
+    hellaswag_file: Optional[str] = None
+    """a local hellaswag_val.jsonl; null = download the official val set once into ~/.cache/gptforge"""
+    hellaswag_limit: Optional[int] = None
+    """score only the first N examples (faster, noisier); null = all 10,042"""
+    hellaswag_batch_size: int = 8
+    """HellaSwag examples per forward pass (4 sequences each)"""
 
 
 @dataclass
@@ -160,6 +190,7 @@ class RunConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,7 +205,8 @@ class RunConfig:
         return cls(**{name: _section(name, d.get(name, {})) for name in sections})
 
 
-_SECTION_TYPES = {"model": GPTConfig, "optim": OptimConfig, "train": TrainConfig, "data": DataConfig}
+_SECTION_TYPES = {"model": GPTConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig,
+                  "data": DataConfig}
 
 
 def _section(name: str, values: dict[str, Any]) -> Any:
@@ -242,6 +274,22 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
                   "tie_embeddings": False, "dropout": 0.0},
         **_GPT2_TRAINING,
+    },
+    # GPT-2 (124M) on OpenWebText, nanoGPT's recipe: 12 x 1024 x 40 = 491,520 tokens per step (5 micro-batches
+    # per GPU on 8 GPUs), 600k steps, lr 6e-4 -> 6e-5 over the whole run after 2000 warmup steps, no biases.
+    "gpt2-owt": {
+        "model": {**_gpt2(12, 12, 768)["model"], "bias": False},
+        "optim": {**_GPT2_TRAINING["optim"], "warmup_iters": 2000},
+        "train": {"max_iters": 600000, "batch_size": 12, "total_batch_size": 491520, "eval_interval": 1000,
+                  "eval_iters": 200, "log_interval": 10, "compile": True, "sampling": "random"},
+    },
+    # GPT-2 (124M) on FineWeb-edu sample-10BT, build-nanogpt's recipe: 64 x 1024 tokens per micro-batch,
+    # 524,288 per step, 19,073 steps (one pass over 10B tokens), 715 warmup steps, data read sequentially.
+    "gpt2-fineweb": {
+        "model": _gpt2(12, 12, 768)["model"],
+        "optim": dict(_GPT2_TRAINING["optim"]),
+        "train": {"max_iters": 19073, "batch_size": 64, "total_batch_size": 524288, "eval_interval": 250,
+                  "eval_iters": 20, "log_interval": 10, "sampling": "sequential"},
     },
     # nanoGPT's CPU recipe for character-level Shakespeare, exactly: 4 layers, 4 heads, 128 wide,
     # block 64, batch 12, lr 1e-3 warmed up over 100 steps then cosine to 1e-4 at 2000, beta2 0.99,

@@ -22,19 +22,34 @@ EVAL_SEED = 0xE7A1  # the periodic evaluation reads the same batches every time,
 
 
 @torch.no_grad()
-def estimate_loss(model: torch.nn.Module, tokens: np.ndarray, *, batches: int, batch_size: int, block_size: int,
-                  device: torch.device, dtype: torch.dtype) -> float:
-    """Mean loss over a fixed set of `batches` random windows of the split (the same set at every call)."""
+def estimate_loss(model: torch.nn.Module, tokens, *, batches: int, batch_size: int, block_size: int,
+                  device: torch.device, dtype: torch.dtype, rank: int = 0, world_size: int = 1) -> float:
+    """Mean loss over a fixed set of `batches` random windows of the split (the same set at every call).
+
+    With several processes the batches are dealt round-robin and the sum is reduced, so the figure equals
+    the single-process one; every rank runs the same number of forwards (FSDP needs that), the surplus
+    ones weighted 0.
+    """
+    from gptforge.dist import all_reduce_sum
+
     was_training = model.training
     model.eval()
     sampler = RandomBatches(tokens, batch_size, block_size, seed=EVAL_SEED)
-    total = 0.0
-    for _ in range(batches):
-        x, y = sampler.next(device)
+    per_rank = -(-batches // world_size)
+    loss_sum, count = 0.0, 0
+    for b in range(per_rank * world_size):
+        x, y = sampler.next()  # every rank draws every batch, so the set does not depend on world_size
+        if b % world_size != rank:
+            continue
         with autocast(device, dtype):
-            total += model(x, y).item()
+            loss = model(to_device(x, device), to_device(y, device)).item()
+        if b < batches:
+            loss_sum, count = loss_sum + loss, count + 1
     model.train(was_training)
-    return total / batches
+    if world_size > 1:
+        total = all_reduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64, device=device))
+        loss_sum, count = total.tolist()
+    return loss_sum / count
 
 
 @dataclass
@@ -92,11 +107,12 @@ def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "v
                         batch_size: int = 8, which: str = "latest", device: str = "auto") -> dict:
     """`gptforge eval`: loss, perplexity and bits per byte of a checkpoint on a split of its (or another) data dir."""
     from gptforge.checkpoint import load_checkpoint
+    from gptforge.hf import is_hf_source, load_pretrained_checkpoint
     from gptforge.data.loader import open_data
     from gptforge.device import pick_device, pick_dtype
 
     dev = pick_device(device)
-    ck = load_checkpoint(run, device=dev, which=which)
+    ck = load_pretrained_checkpoint(run, dev) if is_hf_source(run) else load_checkpoint(run, device=dev, which=which)
     data_dir = data or ck.config.data.dir
     if not data_dir:
         raise UserError("the checkpoint does not say which data it trained on; pass --data DATA_DIR")

@@ -24,15 +24,16 @@ import torch
 from gptforge import checkpoint as ckpt_io
 from gptforge import dist
 from gptforge.config import ConfigError, RunConfig, save_json
-from gptforge.data.loader import RandomBatches, open_data
-from gptforge.device import autocast, peak_flops, pick_device, pick_dtype, seed_everything, setup_backends
+from gptforge.data.loader import RandomBatches, SlotLoader, open_data
+from gptforge.device import autocast, peak_flops, pick_dtype, seed_everything, setup_backends
 from gptforge.errors import UserError
 from gptforge.evaluate import estimate_loss
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, lr_at, validate_schedule
 from gptforge.tokenizer import load_tokenizer
 
-RUN_FILES = ("config.json", "metrics.jsonl", "latest", "best", ".latest.old", ".latest.tmp", ".best.old", ".best.tmp")
+RUN_FILES = ("config.json", "metrics.jsonl", "tensorboard", "latest", "best", ".latest.old", ".latest.tmp",
+             ".best.old", ".best.tmp")
 
 
 @dataclass
@@ -75,6 +76,12 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{name} must be at least 1, got {getattr(t, name)}")
     if t.max_iters < 0:
         raise ConfigError(f"train.max_iters must be >= 0, got {t.max_iters}")
+    if cfg.eval.hellaswag_every < 0:
+        raise ConfigError(f"eval.hellaswag_every must be >= 0 (0 = never), got {cfg.eval.hellaswag_every}")
+    if cfg.eval.hellaswag_batch_size < 1:
+        raise ConfigError(f"eval.hellaswag_batch_size must be at least 1, got {cfg.eval.hellaswag_batch_size}")
+    if t.stop_after is not None and t.stop_after < 1:
+        raise ConfigError(f"train.stop_after must be at least 1, got {t.stop_after}")
     validate_schedule(cfg.optim, t.max_iters)
 
 
@@ -133,15 +140,53 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
           on_step: Optional[Callable[[int, dict], Any]] = None) -> TrainResult:
     """Train (or, with resume=True, continue training) the model described by `cfg` into `run_dir`.
 
-    `on_step(step, metrics_row)` is called after every optimizer step; a truthy return value stops the run
-    as a signal would (a checkpoint is written), which is how tests interrupt a run at an exact step.
+    Under torchrun every process calls this; rank 0 logs and writes. `on_step(step, metrics_row)` is
+    called after every optimizer step; a truthy return value stops the run as a signal would (a
+    checkpoint is written), which is how tests interrupt a run at an exact step.
     """
     run_dir = Path(run_dir)
     validate(cfg)
-    world = dist.init()
-    if not world.is_main:
-        log = lambda msg: None  # noqa: E731  only rank 0 speaks
+    world, device = dist.init(cfg.train.device)
+    try:
+        return _train(cfg, run_dir, world, device, resume, overwrite, log if world.is_main else _silent, on_step)
+    finally:
+        dist.cleanup()
 
+
+def _silent(msg: str) -> None:
+    pass
+
+
+def _load_init(cfg: RunConfig, tokenizer) -> torch.nn.Module:
+    """The weights of --train.init_from: GPT-2 / a Hugging Face directory, or a gptforge run or checkpoint.
+    Sets cfg.model to their shape, keeping this run's dropout and attention (and, for Hugging Face
+    sources, a shorter block_size: learned positions are cropped)."""
+    import dataclasses
+
+    from gptforge.hf import is_hf_source, load_pretrained
+
+    source = cfg.train.init_from
+    if is_hf_source(source):
+        model, model_cfg, init_tok = load_pretrained(source, "cpu", block_size=cfg.model.block_size,
+                                                     dropout=cfg.model.dropout, attention=cfg.model.attention)
+    else:  # a gptforge run or checkpoint: its shape, with this run's dropout and attention
+        ckpt = ckpt_io.resolve_checkpoint(source)
+        model_cfg = dataclasses.replace(ckpt_io.read_config(ckpt).model, dropout=cfg.model.dropout,
+                                        attention=cfg.model.attention)
+        model = GPT(model_cfg)
+        ckpt_io.load_weights(model, ckpt)
+        init_tok = load_tokenizer(ckpt)
+    if init_tok.fingerprint() != tokenizer.fingerprint():
+        raise UserError(f"--init-from {source} uses its own {init_tok.kind} tokenizer ({init_tok.vocab_size} tokens), "
+                        f"not the one the data in {cfg.data.dir} was prepared with; prepare the data with the same "
+                        "tokenizer (for GPT-2: gptforge prepare SOURCE --tokenizer gpt2)")
+    cfg.model = model_cfg
+    return model
+
+
+def _train(cfg: RunConfig, run_dir: Path, world: dist.DistInfo, device: torch.device, resume: bool,
+           overwrite: bool, log: Callable[[str], None], on_step) -> TrainResult:
+    mode = cfg.train.dist
     # ---- run directory: never destroy an existing run unless asked to
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a run directory")
@@ -153,6 +198,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         if existing and not overwrite:
             raise UserError(f"{run_dir} already holds a run ({', '.join(existing)}); continue it with "
                             f"`gptforge train --resume {run_dir}` or start afresh with --overwrite")
+        dist.barrier()  # every rank has looked before rank 0 clears
         if world.is_main:
             _clear_run_dir(run_dir)
 
@@ -161,6 +207,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         raise UserError("no data: pass --data DATA_DIR (a directory written by `gptforge prepare`)")
     data = open_data(cfg.data.dir)
     tokenizer = data.tokenizer()
+    pretrained = None
+    if cfg.train.init_from and resume_from is None:
+        pretrained = _load_init(cfg, tokenizer)  # replaces cfg.model with the pretrained model's shape
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = pad_vocab(data.vocab_size)
     elif cfg.model.vocab_size < data.vocab_size:
@@ -171,18 +220,18 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     B, T = cfg.train.batch_size, cfg.model.block_size
     tokens_per_step = B * T * accum * world.world_size
 
-    # ---- device, model, optimizer
-    device = pick_device(cfg.train.device)
+    # ---- model, parallelism, optimizer
     dtype = pick_dtype(cfg.train.dtype, device)
     setup_backends(device)
-    seed_everything(cfg.train.seed)
-    model = GPT(cfg.model).to(device)
-    optimizer = build_optimizer(model, cfg.optim, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    sampler = RandomBatches(train_tokens, B, T, seed=cfg.train.seed, rank=world.rank)
-    RandomBatches(val_tokens, B, T, seed=0)  # fail early, with a clear message, if val is too short
-
-    step, best_val, elapsed0, last_eval_step = 0, None, 0.0, None
+    seed_everything(cfg.train.seed)  # the same initial weights on every rank
+    raw = (pretrained if pretrained is not None else GPT(cfg.model)).to(device).train()
+    if cfg.train.freeze_embeddings:
+        for module in (raw.transformer.wte, getattr(raw.transformer, "wpe", None)):
+            if module is not None:
+                module.weight.requires_grad_(False)
+    if world.is_distributed:
+        torch.manual_seed(cfg.train.seed + world.rank)  # but different dropout draws
+    step, best_val, elapsed0, last_eval_step, last_hs_step = 0, None, 0.0, None, None
     if resume_from is not None:
         old_cfg = ckpt_io.read_config(resume_from)
         if old_cfg.model != cfg.model:
@@ -190,23 +239,59 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                             "model fields cannot change on resume")
         if load_tokenizer(resume_from).fingerprint() != tokenizer.fingerprint():
             raise UserError(f"the data in {cfg.data.dir} uses a different tokenizer than the checkpoint in {resume_from}")
-        ckpt_io.load_weights(model, resume_from)
-        st = ckpt_io.load_train_state(resume_from, optimizer)
-        sampler.load_state_dict(st["data"])
+        ckpt_io.load_weights(raw, resume_from)  # before wrapping: FSDP then shards what was loaded
+        st, optimizer_sd, saved_rng = ckpt_io.read_train_state(resume_from)
         step, best_val, elapsed0 = st["step"], st.get("best_val_loss"), st.get("elapsed_s", 0.0)
         last_eval_step = st.get("last_eval_step")
-        _trim_metrics(run_dir / "metrics.jsonl", step)
-    train_model = torch.compile(model) if cfg.train.compile else model
+        last_hs_step = st.get("last_hellaswag_step")
+    if cfg.train.compile:
+        for block in raw.transformer.h:  # block by block: works the same bare, under DDP and under FSDP
+            block.compile()
+    model = dist.wrap(raw, mode, world, device, dtype)
+    optimizer = build_optimizer(model, cfg.optim, device)  # after wrapping: FSDP replaces the parameters
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    loader = SlotLoader(train_tokens, cfg.train.sampling, B, T, cfg.train.seed, world.rank, world.world_size, accum)
+    RandomBatches(val_tokens, B, T, seed=0)  # fail early, with a clear message, if val is too short
+    if resume_from is not None:
+        try:
+            dist.load_optimizer_state(raw, optimizer, mode, optimizer_sd)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"optimizer state in {resume_from} does not fit this model: {e}") from None
+        if not loader.load_states(st["data"]["slots"]):
+            # another number of micro-batch slots (processes x accumulation): fresh, deterministic streams
+            log("note: the checkpoint has another number of micro-batches per step (processes x accumulation); "
+                "the data streams restart, seeded by the step, so the run will not repeat an uninterrupted one")
+            loader = SlotLoader(train_tokens, cfg.train.sampling, B, T, cfg.train.seed + step, world.rank,
+                                world.world_size, accum)
+        if len(saved_rng) == world.world_size:
+            ckpt_io.restore_process_rng(saved_rng[world.rank])
+        else:  # another number of processes: dropout draws restart, seeded by the step
+            torch.manual_seed(cfg.train.seed + step + world.rank)
+        if world.is_main:
+            _trim_metrics(run_dir / "metrics.jsonl", step)
+    eval_model = dist.eval_module(model, raw, mode)
+    hs_examples = None
+    if cfg.eval.hellaswag_every:
+        from gptforge.hellaswag import load_for_training
+
+        hs_examples = load_for_training(tokenizer, cfg.eval.hellaswag_file, cfg.eval.hellaswag_limit)
+    # Only rank 0 reports to a tracker. Made before config.json and metrics.jsonl are written, so a missing
+    # package or a failed `wandb login` leaves nothing that makes the next attempt refuse the run directory.
+    from gptforge.loggers import make_logger
+
+    tracker = make_logger(cfg.train.logger if world.is_main else "none", run_dir, cfg.to_dict(),
+                          project=cfg.train.wandb_project, run_name=cfg.train.run_name)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         save_json(cfg.to_dict(), run_dir / "config.json")
     log(json.dumps(cfg.to_dict(), indent=2))
-    log(f"model: {model.num_params() / 1e6:.2f}M parameters | device {device} | dtype {str(dtype).split('.')[-1]} | "
-        f"{tokens_per_step} tokens/step = {B} seqs x {T} tokens x {accum} accum x {world.world_size} procs")
+    parallel = f" ({mode})" if world.is_distributed else ""
+    log(f"model: {raw.num_params() / 1e6:.2f}M parameters | device {device} | dtype {str(dtype).split('.')[-1]} | "
+        f"{tokens_per_step} tokens/step = {B} seqs x {T} tokens x {accum} accum x {world.world_size} procs{parallel}")
     if resume_from is not None:
         log(f"resuming from {resume_from} at step {step}")
-    flops_per_step = model.flops_per_token() * B * T * accum
+    flops_per_step = raw.flops_per_token() * B * T * accum  # per device
     peak = peak_flops(device, dtype)
 
     metrics = open(run_dir / "metrics.jsonl", "a", buffering=1) if world.is_main else None
@@ -216,21 +301,29 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     def write_row(row: dict) -> None:
         if metrics is not None:
             metrics.write(json.dumps(row) + "\n")
-
-    def state(elapsed: float) -> dict[str, Any]:
-        return {"step": step, "best_val_loss": best_val, "val_loss": last_val, "elapsed_s": elapsed,
-                "last_eval_step": last_eval_step, "tokens_seen": step * tokens_per_step,
-                "data": sampler.state_dict()}
+        tracker.log(row, row["step"])
 
     def save_latest() -> None:
-        if world.is_main and cfg.train.save_checkpoints:
-            ckpt_io.save_checkpoint(run_dir / "latest", model, cfg, tokenizer,
-                                    state(time.perf_counter() - t_start), optimizer)
+        if not cfg.train.save_checkpoints:
+            return
+        weights = dist.full_model_state(raw, mode)  # collective under FSDP: every rank takes part
+        optimizer_sd = dist.full_optimizer_state(raw, optimizer, mode)
+        slots = [s for rank_slots in dist.all_gather_objects(loader.local_states()) for s in rank_slots]
+        rng = dist.all_gather_objects({k: v.cpu() for k, v in ckpt_io.process_rng().items()})
+        if world.is_main:
+            state = {"step": step, "best_val_loss": best_val, "val_loss": last_val,
+                     "elapsed_s": time.perf_counter() - t_start, "last_eval_step": last_eval_step,
+                     "last_hellaswag_step": last_hs_step,
+                     "tokens_seen": step * tokens_per_step, "world_size": world.world_size,
+                     "data": {"sampling": cfg.train.sampling, "slots": slots}}
+            ckpt_io.write_checkpoint(run_dir / "latest", weights, cfg, tokenizer, state, optimizer_sd, rng)
+        dist.barrier()
 
     def run_eval() -> None:
         nonlocal best_val, last_eval_step, last_val
-        kw = dict(batches=cfg.train.eval_iters, batch_size=B, block_size=T, device=device, dtype=dtype)
-        tr, va = estimate_loss(model, train_tokens, **kw), estimate_loss(model, val_tokens, **kw)
+        kw = dict(batches=cfg.train.eval_iters, batch_size=B, block_size=T, device=device, dtype=dtype,
+                  rank=world.rank, world_size=world.world_size)
+        tr, va = estimate_loss(eval_model, train_tokens, **kw), estimate_loss(eval_model, val_tokens, **kw)
         last_eval_step, last_val = step, va
         improved = best_val is None or va < best_val
         if improved:
@@ -244,11 +337,30 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
             if improved and world.is_main and cfg.train.save_checkpoints:
                 ckpt_io.link_checkpoint(run_dir / "latest", run_dir / "best", {"val_loss": va, "step": step})
 
-    interrupted = None
+    def run_hellaswag() -> None:
+        nonlocal last_hs_step
+        from gptforge.hellaswag import hellaswag_during_training
+
+        t0 = time.perf_counter()
+        hs = hellaswag_during_training(eval_model, tokenizer, hs_examples, device, dtype,
+                                       cfg.eval.hellaswag_batch_size, rank=world.rank, world_size=world.world_size)
+        last_hs_step = step
+        write_row({"step": step, "hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"],
+                   "hellaswag_n": hs["n"], "time_s": round(time.perf_counter() - t_start, 3)})
+        log(f"hellaswag step {step}: acc {hs['acc']:.4f} | acc_norm {hs['acc_norm']:.4f} | {hs['n']} examples "
+            f"| {time.perf_counter() - t0:.1f} s")
+
+    def hellaswag_due() -> bool:
+        return hs_examples is not None and step % cfg.eval.hellaswag_every == 0 and step != last_hs_step
+
+    interrupted, first_step = None, step
     try:
         with _StopOnSignal(log) as stopper:
             t_last = time.perf_counter()
             while step < cfg.train.max_iters:
+                if hellaswag_due():
+                    run_hellaswag()
+                    t_last = time.perf_counter()  # evaluation time is not step time
                 if step % cfg.train.eval_interval == 0 and step != last_eval_step:
                     run_eval()
                     t_last = time.perf_counter()  # evaluation time is not step time
@@ -256,10 +368,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum = torch.zeros((), device=device)
-                for _ in range(accum):
-                    x, y = sampler.next(device)
+                for micro in range(accum):
+                    dist.set_grad_sync(model, mode, micro == accum - 1)
+                    x, y = loader.next(micro, device)
                     with autocast(device, dtype):
-                        loss = train_model(x, y) / accum
+                        loss = model(x, y) / accum
                     scaler.scale(loss).backward()
                     loss_sum += loss.detach()
                 scaler.unscale_(optimizer)
@@ -270,6 +383,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
 
+                if world.is_distributed:
+                    loss_sum = dist.all_reduce_sum(loss_sum) / world.world_size  # the mean over every rank's data
+                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                    grad_norm = grad_norm.full_tensor()
                 last_train_loss = loss_sum.item()
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
@@ -285,9 +402,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                         f"{row['tokens_per_s'] / 1000:.1f}k tok/s{mfu}")
                 if on_step is not None and on_step(step, row):
                     stopper.signal_name = stopper.signal_name or "STOP"
-                if stopper.signal_name is not None:
-                    interrupted = stopper.signal_name
+                if cfg.train.stop_after is not None and step - first_step >= cfg.train.stop_after:
+                    stopper.signal_name = stopper.signal_name or "STOP"
+                stop = stopper.signal_name is not None
+                if world.is_distributed:
+                    stop = dist.any_rank(stop, device)  # all ranks must leave the loop at the same step
+                if stop:
+                    interrupted = stopper.signal_name or "STOP"
                     break
+            if interrupted is None and hs_examples is not None and step != last_hs_step:
+                run_hellaswag()  # the final figure, whatever hellaswag_every
             if interrupted is None and step != last_eval_step:
                 run_eval()
             elif interrupted is not None:
@@ -300,5 +424,6 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     finally:
         if metrics is not None:
             metrics.close()
+        tracker.close()
     return TrainResult(run_dir=run_dir, step=step, train_loss=last_train_loss, val_loss=last_val,
                        best_val_loss=best_val, elapsed_s=time.perf_counter() - t_start, interrupted=interrupted)

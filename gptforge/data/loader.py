@@ -1,9 +1,16 @@
-"""Reading prepared token files: the data directory, and batches drawn from it.
+"""Reading prepared token files: the data directory, its splits as token streams, and batches.
 
-A data directory (written by `gptforge prepare`) holds flat token arrays per split, read with np.memmap
-so a corpus far larger than memory costs nothing to open. Training batches are windows at random offsets
-(nanoGPT's sampling); the sampler's position is its RNG state, which goes into every checkpoint so a
-resumed run draws exactly the batches the uninterrupted run would have. Each rank gets its own stream.
+A data directory (written by `gptforge prepare`) holds each split as one or more flat token files
+(shards), read with np.memmap so a corpus far larger than memory costs nothing to open; a split of
+several shards reads as one stream.
+
+Batches come from *slots*. A training step consumes `world_size x accum` micro-batches, and micro-batch m
+of rank r is slot r * accum + m. Each slot owns a disjoint, contiguous block of the split and draws its
+windows from there: at random offsets (nanoGPT's sampling) or sequentially (reading straight through
+its block, which keeps memory-mapped reads sequential on disk). Because the slots depend only on the
+total number of micro-batches per step, 2 processes x 1 micro-batch and 1 process x 2 micro-batches
+see exactly the same data. A slot's position (its RNG state or its cursor) goes into every checkpoint,
+so a resumed run draws exactly the batches the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -19,6 +26,37 @@ import torch
 from gptforge.errors import UserError
 
 MANIFEST = "manifest.json"
+
+
+class ShardedTokens:
+    """Several token files read as one array: len() and [a:b] slicing across shard boundaries."""
+
+    def __init__(self, shards: list[np.ndarray]):
+        self.shards = shards
+        self.offsets = np.cumsum([0] + [len(s) for s in shards])  # start of each shard in the stream
+        self.dtype = shards[0].dtype
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise TypeError("ShardedTokens supports only contiguous slices")
+        start, stop, _ = item.indices(len(self))
+        if stop <= start:
+            return np.empty(0, dtype=self.dtype)
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        pieces, pos = [], start
+        for i in range(first, len(self.shards)):
+            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+            pieces.append(self.shards[i][pos - lo:min(stop, hi) - lo])
+            pos = min(stop, hi)
+            if pos >= stop:
+                break
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+Tokens = Union[np.ndarray, ShardedTokens]
 
 
 @dataclass
@@ -32,15 +70,19 @@ class TokenData:
     def splits(self) -> list[str]:
         return list(self.manifest["splits"])
 
-    def tokens(self, split: str) -> np.ndarray:
+    def tokens(self, split: str) -> Tokens:
         if split not in self.manifest["splits"]:
             raise UserError(f"{self.path} has no {split!r} split (it has: {', '.join(self.splits)})")
         info = self.manifest["splits"][split]
-        file = self.path / info["file"]
+        shards = info.get("shards") or [{"file": info["file"], "tokens": info["tokens"]}]
         dtype = np.dtype(self.manifest["dtype"])
-        if not file.is_file() or file.stat().st_size != info["tokens"] * dtype.itemsize:
-            raise UserError(f"{file} is missing or truncated; prepare the data again")
-        return np.memmap(file, dtype=dtype, mode="r")
+        arrays = []
+        for shard in shards:
+            file = self.path / shard["file"]
+            if not file.is_file() or file.stat().st_size != shard["tokens"] * dtype.itemsize:
+                raise UserError(f"{file} is missing or truncated; prepare the data again")
+            arrays.append(np.memmap(file, dtype=dtype, mode="r"))
+        return arrays[0] if len(arrays) == 1 else ShardedTokens(arrays)
 
     def tokenizer(self):
         from gptforge.tokenizer import load_tokenizer
@@ -74,32 +116,109 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
-class RandomBatches:
-    """Batches of `batch_size` windows of `block_size + 1` tokens at uniformly random offsets.
+def _split_xy(w: np.ndarray, device: Optional[torch.device]) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.from_numpy(w.astype(np.int64))  # (B, T + 1)
+    x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()  # inputs and next-token targets, (B, T) each
+    if device is not None:
+        x, y = to_device(x, device), to_device(y, device)
+    return x, y
 
-    Deterministic given (seed, rank); `state_dict()` captures the position in the stream exactly.
-    """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, rank: int = 0):
-        if len(tokens) < block_size + 1:
-            raise UserError(f"split has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}; "
-                            "use a smaller model.block_size or more data")
+class _Slot:
+    """The block [lo, hi) of a split that slot `slot` of `n_slots` owns."""
+
+    def __init__(self, tokens: Tokens, batch_size: int, block_size: int, slot: int, n_slots: int):
+        n = len(tokens)
+        self.lo, self.hi = n * slot // n_slots, n * (slot + 1) // n_slots
+        if self.hi - self.lo < block_size + 1:
+            per = f" (split into {n_slots} blocks, one per micro-batch slot)" if n_slots > 1 else ""
+            raise UserError(f"split has {n} tokens{per}: fewer than block_size + 1 = {block_size + 1} per block; "
+                            "use a smaller model.block_size, fewer processes/accumulation steps, or more data")
         self.tokens, self.batch_size, self.block_size = tokens, batch_size, block_size
-        self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
-        self._windows = np.lib.stride_tricks.sliding_window_view(tokens, block_size + 1)  # (N - T, T + 1), no copy
+
+
+class RandomBatches(_Slot):
+    """Windows of block_size + 1 tokens at uniformly random offsets inside the slot's block."""
+
+    kind = "random"
+
+    def __init__(self, tokens: Tokens, batch_size: int, block_size: int, seed: int, slot: int = 0, n_slots: int = 1):
+        super().__init__(tokens, batch_size, block_size, slot, n_slots)
+        self.rng = np.random.Generator(np.random.PCG64([seed, slot]))
+        self._windows = None
+        if isinstance(tokens, np.ndarray):  # one file: gather all windows with one fancy index, no copy first
+            self._windows = np.lib.stride_tricks.sliding_window_view(tokens, block_size + 1)
 
     def next(self, device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        ix = self.rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
-        w = torch.from_numpy(self._windows[ix].astype(np.int64))  # (B, T + 1)
-        x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()  # inputs and next-token targets, (B, T) each
-        if device is not None:
-            x, y = to_device(x, device), to_device(y, device)
-        return x, y
+        ix = self.lo + self.rng.integers(0, self.hi - self.lo - self.block_size, size=self.batch_size)
+        if self._windows is not None:
+            w = self._windows[ix]  # (B, T + 1)
+        else:
+            w = np.stack([self.tokens[i:i + self.block_size + 1] for i in ix])
+        return _split_xy(w, device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "random", "rng": self.rng.bit_generator.state}
+        return {"kind": self.kind, "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "random":
-            raise UserError(f"checkpoint's data position is of kind {state.get('kind')!r}, expected 'random'")
         self.rng.bit_generator.state = state["rng"]
+
+
+class SequentialBatches(_Slot):
+    """Reads straight through the slot's block: each batch is the next batch_size x block_size tokens
+    (rows are consecutive windows); at the end of the block it starts over."""
+
+    kind = "sequential"
+
+    def __init__(self, tokens: Tokens, batch_size: int, block_size: int, seed: int = 0, slot: int = 0,
+                 n_slots: int = 1):
+        super().__init__(tokens, batch_size, block_size, slot, n_slots)
+        if self.hi - self.lo < batch_size * block_size + 1:
+            raise UserError(f"each data block holds {self.hi - self.lo} tokens, too few for a batch of "
+                            f"{batch_size} x {block_size} tokens; use sampling=random or a smaller batch")
+        self.cursor, self.epoch = self.lo, 0
+
+    def next(self, device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        span = self.batch_size * self.block_size
+        if self.cursor + span + 1 > self.hi:
+            self.cursor, self.epoch = self.lo, self.epoch + 1
+        buf = np.asarray(self.tokens[self.cursor:self.cursor + span + 1])
+        self.cursor += span
+        starts = np.arange(self.batch_size) * self.block_size
+        w = buf[starts[:, None] + np.arange(self.block_size + 1)]  # (B, T + 1), overlapping by one token
+        return _split_xy(w, device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "cursor": int(self.cursor), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cursor, self.epoch = int(state["cursor"]), int(state["epoch"])
+
+
+SAMPLERS = {"random": RandomBatches, "sequential": SequentialBatches}
+
+
+class SlotLoader:
+    """The micro-batches of one rank: slots rank * accum ... rank * accum + accum - 1, in turn."""
+
+    def __init__(self, tokens: Tokens, sampling: str, batch_size: int, block_size: int, seed: int,
+                 rank: int, world_size: int, accum: int):
+        self.n_slots, self.accum = world_size * accum, accum
+        self.first = rank * accum
+        cls = SAMPLERS[sampling]
+        self.slots = [cls(tokens, batch_size, block_size, seed, self.first + m, self.n_slots) for m in range(accum)]
+        self.sampling = sampling
+
+    def next(self, micro: int, device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.slots[micro].next(device)
+
+    def local_states(self) -> list[dict[str, Any]]:
+        return [s.state_dict() for s in self.slots]
+
+    def load_states(self, all_states: list[dict[str, Any]]) -> bool:
+        """Restore this rank's slots from the states of all slots; False if they do not fit (other layout)."""
+        if len(all_states) != self.n_slots or any(s.get("kind") != self.sampling for s in all_states):
+            return False
+        for m, slot in enumerate(self.slots):
+            slot.load_state_dict(all_states[self.first + m])
+        return True
