@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gptforge.data import prepare as prep
+from gptforge.data import sources
 from gptforge.data.prepare import prepare, split_sizes, token_dtype
 from gptforge.errors import UserError
 from gptforge.tokenizer import EOT_TEXT, load_tokenizer
@@ -89,8 +90,8 @@ def test_test_split_leaves_val_unchanged(char_dir, shakespeare_path, tmp_path):
 
 def test_gpt2_chunked_encoding_equals_whole_text(tiktoken_cache, shakespeare_path, shakespeare, tmp_path, monkeypatch):
     # small chunks: hundreds of cuts, every one must leave the tokens unchanged
-    monkeypatch.setattr(prep, "CHUNK_BYTES", 4096)
-    monkeypatch.setattr(prep, "MAX_CHUNK_BYTES", 16384)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(sources, "MAX_CHUNK_BYTES", 16384)
     monkeypatch.setattr(prep, "BATCH_ITEMS", 7)
     m = prepare(str(shakespeare_path), tmp_path / "g", tokenizer="gpt2", progress=False)
     tok = load_tokenizer(tmp_path / "g")
@@ -101,13 +102,13 @@ def test_gpt2_chunked_encoding_equals_whole_text(tiktoken_cache, shakespeare_pat
 
 
 def test_cut_points():
-    assert prep._cut(b"one\ntwo\nthree") == len(b"one\ntwo\n")  # after a newline between words
-    assert prep._cut(b"a\r\nb") == 2  # CRLF: between "\r" and "\n"
-    assert prep._cut(b"a\n\nb") == 2  # paragraph break: between the two newlines
-    assert prep._cut(b"a \n b") == 0  # no newline next to printable text: keep reading
-    big = b"x" * prep.MAX_CHUNK_BYTES
-    assert prep._cut(big + b" \n y") == len(big) + 2  # past the limit: any newline
-    assert prep._cut("é".encode() * prep.MAX_CHUNK_BYTES) % 2 == 0  # never inside a character
+    assert sources._cut(b"one\ntwo\nthree") == len(b"one\ntwo\n")  # after a newline between words
+    assert sources._cut(b"a\r\nb") == 2  # CRLF: between "\r" and "\n"
+    assert sources._cut(b"a\n\nb") == 2  # paragraph break: between the two newlines
+    assert sources._cut(b"a \n b") == 0  # no newline next to printable text: keep reading
+    big = b"x" * sources.MAX_CHUNK_BYTES
+    assert sources._cut(big + b" \n y") == len(big) + 2  # past the limit: any newline
+    assert sources._cut("é".encode() * sources.MAX_CHUNK_BYTES) % 2 == 0  # never inside a character
 
 
 @pytest.fixture(scope="module")
@@ -128,13 +129,14 @@ def test_chunking_never_changes_tokens(tiktoken_cache, small_bpe, shakespeare, t
     elif variant == "spaces":
         text = text.replace(":\n", ":  \t\n").replace("\n\n", "\n \n\n")
     src = write(tmp_path / "t.txt", text)
-    monkeypatch.setattr(prep, "CHUNK_BYTES", 2048)
-    monkeypatch.setattr(prep, "MAX_CHUNK_BYTES", 1 << 20)  # so only the exact cuts are used
-    inp = prep._Input(name="t.txt", display=str(src), size=len(text), path=src)
-    chunks = [c for c, _ in prep._chunks(prep._Corpus([inp], "text"), lambda i, raw: None)]
-    assert len(chunks) > 50 and "".join(chunks) == text
-    for tok in (train_tokenizer("gpt2", []), small_bpe):
-        assert [t for ids in tok.encode_batch(chunks) for t in ids] == tok.encode(text), tok.kind
+    jsonl = write(tmp_path / "t.jsonl", json.dumps({"text": text}) + "\n")  # one long row: cut the same way
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 2048)
+    monkeypatch.setattr(sources, "MAX_CHUNK_BYTES", 1 << 20)  # so only the exact cuts are used
+    for path in (src, jsonl):
+        chunks = [c for c, *_ in sources.read(sources.open_source(str(path), "text"), lambda n: None)]
+        assert len(chunks) > 50 and "".join(chunks) == text
+        for tok in (train_tokenizer("gpt2", []), small_bpe):
+            assert [t for ids in tok.encode_batch(chunks) for t in ids] == tok.encode(text), tok.kind
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -237,6 +239,10 @@ def test_split_sizes():
     assert split_sizes(1_115_394, 0.1, 0.05) == {"train": 948_085, "test": 55_769, "val": 111_540}
     assert split_sizes(101, 0.0, 0.1) == {"train": 91, "test": 10}
     assert split_sizes(101, 0.0, 0.0) == {"train": 101}
+    # token counts instead of fractions: val is the last val_tokens, test the test_tokens before it
+    assert split_sizes(1000, val_tokens=100, test_tokens=50) == {"train": 850, "test": 50, "val": 100}
+    assert split_sizes(1000, val_tokens=0) == {"train": 1000}
+    assert split_sizes(1000, val_tokens=7, test_fraction=0.1) == {"train": 893, "test": 100, "val": 7}
 
 
 # ---------------------------------------------------------------------------------------------- user errors
@@ -273,7 +279,7 @@ def test_bad_sources(tmp_path, monkeypatch):
     }
     (tmp_path / "nothing").mkdir()
     write(tmp_path / "nothing" / "data.csv", "a,b\n")
-    cases[str(tmp_path / "nothing")] = r"no \.txt or \.md files"
+    cases[str(tmp_path / "nothing")] = r"no \.txt, \.md, \.jsonl or \.parquet files"
     write(tmp_path / "empties" / "a.txt", "")
     cases[str(tmp_path / "empties")] = r"the corpus is empty"
     write(tmp_path / "mixed" / "a.txt", "fine text\n")
@@ -339,9 +345,12 @@ def test_failed_prepare_keeps_the_old_data(tmp_path, monkeypatch):
     write(tmp_path / "corpus" / "b.txt", b"\x00\x01binary")
     with pytest.raises(UserError, match="binary"):
         prepare(str(tmp_path / "corpus"), out, overwrite=True, progress=False)
-    assert snapshot(out) == before and leftovers(tmp_path) == []
+    # a user mistake leaves nothing behind, not even a work dir to resume from
+    assert snapshot(out) == before and leftovers(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "corpus", "data"]
 
     (tmp_path / "corpus" / "b.txt").unlink()
+    write_splits = prep._write_splits
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # e.g. Ctrl-C while the splits are written
@@ -349,15 +358,22 @@ def test_failed_prepare_keeps_the_old_data(tmp_path, monkeypatch):
     monkeypatch.setattr(prep, "_write_splits", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare(str(src), out, overwrite=True, progress=False)
-    assert snapshot(out) == before and leftovers(tmp_path) == []
+    # an interruption keeps the encoded tokens in DATA_DIR.partial, and only there
+    assert snapshot(out) == before and leftovers(tmp_path) == [] and (tmp_path / "data.partial").is_dir()
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device", "val.bin")
 
     monkeypatch.setattr(prep, "_write_splits", disk_full)
-    with pytest.raises(UserError, match=r"preparing .*data failed: No space left on device \(val\.bin\)"):
+    with pytest.raises(UserError, match=r"preparing .*data failed: No space left on device \(val\.bin\); "
+                                        r"re-run the same command to resume from .*data\.partial$"):
         prepare(str(src), out, overwrite=True, progress=False)
     assert snapshot(out) == before and leftovers(tmp_path) == []
+
+    monkeypatch.setattr(prep, "_write_splits", write_splits)
+    m = prepare(str(src), out, overwrite=True, progress=False)
+    assert m["inputs"][0]["name"] == "a.txt" and load_tokenizer(out).decode(all_tokens(out)) == src.read_text()
+    assert leftovers(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "data"]
 
 
 def test_progress_goes_to_stderr_only_when_asked(tmp_path, capfd):
@@ -375,7 +391,7 @@ def test_progress_goes_to_stderr_only_when_asked(tmp_path, capfd):
 def test_shakespeare_download_and_cache(shakespeare_path, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("GPTFORGE_CACHE", str(cache))
-    monkeypatch.setattr(prep, "SHAKESPEARE_URL", shakespeare_path.as_uri())
+    monkeypatch.setattr(sources, "SHAKESPEARE_URL", shakespeare_path.as_uri())
     m = prepare("shakespeare", tmp_path / "out", progress=False)
     assert m["source"] == "shakespeare"
     assert m["inputs"] == [{"name": "tinyshakespeare.txt", "bytes": 1_115_394, "sha256": SHAKESPEARE_SHA256}]
@@ -384,18 +400,18 @@ def test_shakespeare_download_and_cache(shakespeare_path, tmp_path, monkeypatch)
     assert cached.read_bytes() == shakespeare_path.read_bytes()
     assert sorted(p.name for p in cache.iterdir()) == ["tinyshakespeare.txt"]
     # second time: from the cache, even with no network
-    monkeypatch.setattr(prep, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    monkeypatch.setattr(sources, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
     assert prep.fetch_shakespeare() == cached
     # a corrupted cache is fetched again, not trusted
     cached.write_text("truncated")
-    monkeypatch.setattr(prep, "SHAKESPEARE_URL", shakespeare_path.as_uri())
+    monkeypatch.setattr(sources, "SHAKESPEARE_URL", shakespeare_path.as_uri())
     assert prep.fetch_shakespeare().read_bytes() == shakespeare_path.read_bytes()
 
 
 def test_shakespeare_wrong_hash_is_not_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "cache"))
     impostor = write(tmp_path / "input.txt", "not shakespeare\n")
-    monkeypatch.setattr(prep, "SHAKESPEARE_URL", impostor.as_uri())
+    monkeypatch.setattr(sources, "SHAKESPEARE_URL", impostor.as_uri())
     digest = hashlib.sha256(impostor.read_bytes()).hexdigest()
     with pytest.raises(UserError, match=f"has sha256 {digest}, expected {SHAKESPEARE_SHA256}"):
         prepare("shakespeare", tmp_path / "out", progress=False)
@@ -406,7 +422,7 @@ def test_shakespeare_wrong_hash_is_not_cached(tmp_path, monkeypatch):
 def test_shakespeare_offline_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "cache"))
     for url in ("http://127.0.0.1:9/input.txt", (tmp_path / "nowhere.txt").as_uri()):
-        monkeypatch.setattr(prep, "SHAKESPEARE_URL", url)
+        monkeypatch.setattr(sources, "SHAKESPEARE_URL", url)
         with pytest.raises(UserError) as info:
             prepare("shakespeare", tmp_path / "out", progress=False)
         msg = str(info.value)

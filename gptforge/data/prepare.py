@@ -1,31 +1,39 @@
-"""`gptforge prepare`: a text corpus -> token files + tokenizer + manifest, written atomically.
+"""`gptforge prepare`: a corpus -> token shards + tokenizer + manifest, resumable, written atomically.
 
-Owns: reading sources (a text file, a folder of .txt/.md files, a .jsonl file, or a built-in corpus),
-building the tokenizer on them, streaming the encoded tokens to disk with an end-of-text token *between*
-documents, splitting train / test / val by token count, and the layout of a data directory:
+Owns building the tokenizer on the corpus, encoding it in parallel (in order, so the output never depends
+on the number of processes) with an end-of-text token *between* documents, cutting the token stream into
+fixed-size shards, splitting train / test / val by token count, and the layout of a data directory:
 
-    DATA_DIR/train.bin, val.bin, [test.bin]   flat uint16 (or uint32) arrays, np.memmap-able
-    DATA_DIR/tokenizer.json                   the complete tokenizer (gptforge.tokenizer)
-    DATA_DIR/manifest.json                    format, tokenizer, dtype, split sizes, input hashes
+    DATA_DIR/train.bin, val.bin, [test.bin]    flat uint16 (or uint32) arrays, np.memmap-able; a split
+    DATA_DIR/train-000000.bin, ...             longer than --shard-tokens is several files of that size
+    DATA_DIR/tokenizer.json                    the complete tokenizer (gptforge.tokenizer)
+    DATA_DIR/manifest.json                     format, tokenizer, dtype, splits and their shards, inputs
 
-The output is a pure function of the input: no timestamps, no absolute paths, so preparing the same
-corpus twice gives byte-identical files. Memory stays bounded by one batch of chunks, not the corpus.
+Reading SOURCE is gptforge.data.sources'. The work happens in DATA_DIR.partial/ (the token stream as
+fixed-size files plus progress.json), so a killed run resumes after its last finished shard; DATA_DIR
+appears, complete, in one rename at the end. The output is a pure function of the input and the options
+(no timestamps, no absolute paths, not the process count): preparing twice gives byte-identical files.
+Memory stays flat: a bounded number of batches is in flight, whatever the size of the corpus.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import http.client
 import itertools
 import json
+import multiprocessing
 import os
+import re
 import secrets
 import shutil
+import signal
 import sys
-import urllib.request
+import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,25 +43,27 @@ from tqdm import tqdm
 
 from gptforge import __version__
 from gptforge.config import save_json
+from gptforge.data import sources
+# BUILTINS, cache_dir and fetch_shakespeare lived here before sources.py: still importable from here.
+from gptforge.data.sources import BUILTINS, Corpus, cache_dir, fetch_shakespeare, open_source  # noqa: F401
 from gptforge.errors import UserError
-from gptforge.tokenizer import CharTokenizer, Tokenizer, check_tokenizer_args, train_tokenizer, train_bpe
+from gptforge.tokenizer import (TOKENIZER_FILE, CharTokenizer, Tokenizer, check_tokenizer_args, load_tokenizer,
+                                train_bpe, train_tokenizer)
 
 MANIFEST_FORMAT = "gptforge-tokens/1"
 MANIFEST_FILE = "manifest.json"
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-DOWNLOAD_TIMEOUT_S = 30
-BUILTINS = ("shakespeare", "pydoc")
-TEXT_SUFFIXES = (".txt", ".md")
+PROGRESS_FORMAT = "gptforge-prepare-progress/1"
+PROGRESS_FILE = "progress.json"
+DEFAULT_SHARD_TOKENS = 100_000_000
+DEFAULT_VAL_FRACTION = 0.1
+MAX_DEFAULT_PROCS = 8
 
-# Text files are read and encoded in chunks of about this many bytes, so a multi-GB file never sits
-# in memory; a batch of chunks is encoded at once so tiktoken / HF tokenizers can use their threads.
-CHUNK_BYTES = 1 << 18
-MAX_CHUNK_BYTES = 4 * CHUNK_BYTES
-BATCH_CHARS = 1 << 22
+# A batch of chunks is encoded at once (one task for a worker, or tiktoken / HF threads in-process);
+# at most INFLIGHT_PER_PROC batches per process are read ahead, which is what bounds memory.
+BATCH_CHARS = 1 << 20
 BATCH_ITEMS = 1024
-COPY_TOKENS = 1 << 22  # tokens per block when splitting the all-tokens file
-SNIFF_BYTES = 8192
+INFLIGHT_PER_PROC = 2
+COPY_TOKENS = 1 << 20  # tokens per block when copying the boundary shards into splits
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -61,290 +71,47 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def cache_dir() -> Path:
-    """$GPTFORGE_CACHE, else $XDG_CACHE_HOME/gptforge, else ~/.cache/gptforge."""
-    if os.environ.get("GPTFORGE_CACHE"):
-        return Path(os.environ["GPTFORGE_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptforge"
+def _lengths(tok: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes of each token id, in the smallest dtype that holds them (a cheaper gather)."""
+    lengths = tok.token_bytes()
+    return lengths.astype(np.uint16 if lengths.max(initial=0) < 1 << 16 else np.int64)
 
 
-# ----------------------------------------------------------------------------------------------
-# Sources: what the corpus is made of, and how it reads as documents of text chunks.
+def _utf8_bytes(ids: np.ndarray, lengths: np.ndarray) -> int:
+    """How many bytes of text `ids` stand for, in blocks so the temporary arrays stay small."""
+    return sum(int(np.take(lengths, ids[i: i + COPY_TOKENS]).sum(dtype=np.int64))
+               for i in range(0, len(ids), COPY_TOKENS))
 
 
-@dataclass
-class _Input:
-    """One input: a file on disk, or in-memory documents of a built-in corpus."""
-
-    name: str  # in the manifest: path relative to a source folder, a file name, or a built-in's name
-    display: str  # in error messages: the path as the user can find it
-    size: int  # bytes, for the progress bar
-    path: Path | None = None
-    jsonl: bool = False
-    texts: list[str] | None = None
+class _KeepWork(UserError):
+    """A user error found once the tokens are encoded: the work dir is kept, so fixing it costs no re-encoding."""
 
 
-@dataclass
-class _Corpus:
-    inputs: list[_Input]
-    text_field: str
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(i.size for i in self.inputs)
-
-    def documents(self, tally: Callable[[int, bytes], None]) -> Iterator[Iterator[str]]:
-        """Each document as an iterator of text chunks; `tally(input_index, raw)` sees every byte read.
-
-        A document's chunks must be consumed before asking for the next document."""
-        for index, inp in enumerate(self.inputs):
-            seen = functools.partial(tally, index)
-            if inp.texts is not None:
-                for text in inp.texts:
-                    seen(text.encode("utf-8"))
-                    yield iter((text,))
-            elif inp.jsonl:
-                yield from _jsonl_documents(inp, seen, self.text_field)
-            else:
-                yield _text_chunks(inp, seen)
+def _empty(source: str) -> UserError:
+    return UserError(f"{source}: the corpus is empty (no text to tokenize)")
 
 
-def _open_text(inp: _Input) -> Any:
-    """The input opened for binary reading, after checking it is not a binary file."""
-    assert inp.path is not None
-    try:
-        f = open(inp.path, "rb")
-    except OSError as e:
-        raise UserError(f"{inp.display}: cannot read it ({e.strerror})") from None
-    if b"\0" in f.read(SNIFF_BYTES):
-        f.close()
-        raise UserError(f"{inp.display}: looks like a binary file (NUL bytes); only UTF-8 text is supported")
-    f.seek(0)
-    return f
-
-
-def _decode(data: bytes, inp: _Input, offset: int) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{inp.display}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {offset + e.start}); "
-                        "convert it to UTF-8 first") from None
-
-
-def _is_plain(byte: int) -> bool:
-    return 0x21 <= byte <= 0x7E  # printable ASCII other than space
-
-
-_ASCII_SPACE = frozenset(b" \t\n\r\x0b\x0c")
-
-
-def _cut(buf: bytes) -> int:
-    """Where to end a chunk in `buf` (0 = keep reading).
-
-    Best: at a "\n" followed by printable ASCII. GPT-2's pre-tokenizer regex (tiktoken's and HF
-    ByteLevel's) makes such a newline a piece of its own, and a whitespace run before it ("\r", "\n",
-    spaces) a piece of its own too, so cutting after the newline (when printable ASCII precedes it) or
-    before it (when ASCII whitespace does) gives exactly the tokens of the uncut text. Only without
-    such a newline in MAX_CHUNK_BYTES do we cut at any newline, then at any character boundary, which
-    may change a few gpt2/bpe tokens at the cut. char tokens never depend on chunking."""
-    pos = buf.rfind(b"\n", 1, len(buf) - 1)
-    while pos > 0:
-        if _is_plain(buf[pos + 1]):
-            if _is_plain(buf[pos - 1]):
-                return pos + 1
-            if buf[pos - 1] in _ASCII_SPACE:
-                return pos
-        pos = buf.rfind(b"\n", 1, pos)
-    if len(buf) < MAX_CHUNK_BYTES:
-        return 0
-    pos = buf.rfind(b"\n")
-    if pos >= 0:
-        return pos + 1
-    end = len(buf) - 1
-    while end > 0 and buf[end] & 0xC0 == 0x80:  # back up over UTF-8 continuation bytes
-        end -= 1
-    return end or len(buf)
-
-
-def _text_chunks(inp: _Input, seen: Callable[[bytes], None]) -> Iterator[str]:
-    with _open_text(inp) as f:
-        buf, offset = b"", 0
-        while block := f.read(CHUNK_BYTES):
-            seen(block)
-            buf += block
-            if cut := _cut(buf):
-                yield _decode(buf[:cut], inp, offset)
-                buf, offset = buf[cut:], offset + cut
-        if buf:
-            yield _decode(buf, inp, offset)
-
-
-def _jsonl_documents(inp: _Input, seen: Callable[[bytes], None], field: str) -> Iterator[Iterator[str]]:
-    with _open_text(inp) as f:
-        for lineno, raw in enumerate(f, 1):
-            seen(raw)
-            if not raw.strip():
-                continue
-            where = f"{inp.display}:{lineno}"
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise UserError(f"{where}: not UTF-8 text") from None
-            except ValueError as e:
-                raise UserError(f"{where}: invalid JSON ({getattr(e, 'msg', e)})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                raise UserError(f"{where}: no string field {field!r} (pick the field with --text-field)")
-            yield iter((obj[field],))
-
-
-def _folder_inputs(root: Path, source: str) -> list[_Input]:
-    found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in TEXT_SUFFIXES:
-                path = Path(dirpath) / name
-                found.append((path.relative_to(root).as_posix(), path))
-    if not found:
-        raise UserError(f"{source}: no .txt or .md files in this folder (hidden files are skipped)")
-    found.sort()
-    return [_Input(name=rel, display=os.path.join(source, rel), size=path.stat().st_size, path=path)
-            for rel, path in found]
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fetch_shakespeare() -> Path:
-    """The tinyshakespeare file, from the cache or downloaded (sha256-checked) into it."""
-    cached = cache_dir() / "tinyshakespeare.txt"
-    if cached.is_file() and _sha256_file(cached) == SHAKESPEARE_SHA256:
-        return cached
-    try:
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            data = response.read()
-    except (OSError, http.client.HTTPException, ValueError) as e:
-        reason = " ".join(str(getattr(e, "reason", e)).split())
-        raise UserError(f"could not download tinyshakespeare from {SHAKESPEARE_URL} (offline?): {reason}; "
-                        "download it yourself and pass the file's path as SOURCE") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != SHAKESPEARE_SHA256:
-        raise UserError(f"the downloaded tinyshakespeare has sha256 {digest}, expected {SHAKESPEARE_SHA256}; "
-                        f"not using it (from {SHAKESPEARE_URL})")
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.parent / f".tinyshakespeare.{secrets.token_hex(6)}.tmp"
-        try:
-            with open(tmp, "xb") as f:
-                f.write(data)
-            os.replace(tmp, cached)
-        finally:
-            tmp.unlink(missing_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write the download cache {cached.parent} ({e.strerror}); "
-                        "set GPTFORGE_CACHE to a writable folder") from None
-    return cached
-
-
-def _open_source(source: str, text_field: str) -> _Corpus:
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return _Corpus(_folder_inputs(path, source), text_field)
-    if path.is_file():
-        inp = _Input(name=path.name, display=source, size=path.stat().st_size, path=path,
-                     jsonl=path.suffix.lower() == ".jsonl")
-        return _Corpus([inp], text_field)
-    if source == "shakespeare":
-        file = fetch_shakespeare()
-        return _Corpus([_Input("tinyshakespeare.txt", str(file), file.stat().st_size, path=file)], text_field)
-    if source == "pydoc":
-        try:
-            from pydoc_data.topics import topics
-        except ImportError:
-            raise UserError("this Python has no pydoc_data module (some distributions strip it); "
-                            "pass a file or folder as SOURCE") from None
-        texts = [topics[key] for key in sorted(topics)]
-        size = sum(len(t.encode("utf-8")) for t in texts)
-        return _Corpus([_Input("pydoc_data.topics", "pydoc_data.topics", size, texts=texts)], text_field)
-    raise UserError(f"{source}: no such file or folder, and not a built-in source ({', '.join(BUILTINS)})")
-
-
-# ----------------------------------------------------------------------------------------------
-# Encoding
-
-
-class _TokenWriter:
-    """Encodes batches of chunks and appends the ids to a file, with EOT between documents."""
-
-    def __init__(self, f: Any, tok: Tokenizer, dtype: np.dtype):
-        self.f, self.tok, self.dtype = f, tok, dtype
-        self.n_tokens = 0
-        self.n_docs = 0
-        self._texts: list[str] = []
-        self._starts: list[bool] = []
-        self._chars = 0
-
-    def add(self, text: str, doc_start: bool) -> None:
-        self._texts.append(text)
-        self._starts.append(doc_start)
-        self._chars += len(text)
-        if self._chars >= BATCH_CHARS or len(self._texts) >= BATCH_ITEMS:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._texts:
-            return
-        pieces: list[np.ndarray] = []
-        for doc_start, ids in zip(self._starts, self.tok.encode_arrays(self._texts), strict=True):
-            if doc_start:
-                if self.n_docs:
-                    if self.tok.eot_id is None:  # only a char vocab of a 1-document corpus lacks it
-                        raise RuntimeError("the tokenizer has no end-of-text token for a multi-document corpus")
-                    pieces.append(np.array([self.tok.eot_id], dtype=np.int64))
-                self.n_docs += 1
-            pieces.append(ids)
-        arr = np.concatenate(pieces).astype(self.dtype)
-        self.f.write(arr.tobytes())
-        self.n_tokens += len(arr)
-        self._texts, self._starts, self._chars = [], [], 0
-
-
-def _chunks(corpus: _Corpus, tally: Callable[[int, bytes], None]) -> Iterator[tuple[str, bool]]:
-    """(chunk, starts_a_document) over the corpus; empty documents and chunks are skipped."""
-    for doc in corpus.documents(tally):
-        first = True
-        for chunk in doc:
-            if chunk:
-                yield chunk, first
-                first = False
-
-
-def _bar(corpus: _Corpus, desc: str, progress: bool) -> tqdm:
-    return tqdm(total=corpus.total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+def _bar(total: int | None, desc: str, progress: bool, initial: int = 0) -> tqdm:
+    return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                 disable=not progress, file=sys.stderr, dynamic_ncols=True)
 
 
-def _build_tokenizer(corpus: _Corpus, source: str, kind: str, vocab_size: int | None, progress: bool) -> Tokenizer:
+def _build_tokenizer(corpus: Corpus, kind: str, vocab_size: int | None, progress: bool) -> Tokenizer:
     if kind == "gpt2":
         return train_tokenizer("gpt2", [])
     n_docs = 0
     desc = "char vocabulary" if kind == "char" else f"train bpe ({vocab_size})"
-    with _bar(corpus, desc, progress) as bar:
-        chunks = _chunks(corpus, lambda _index, raw: bar.update(len(raw)))
+    with _bar(corpus.total_bytes, desc, progress) as bar:
+        chunks = sources.read(corpus, bar.update)
         first = next(chunks, None)
         if first is None:  # say so before HF trains a tokenizer on nothing
-            raise _empty(source)
+            raise _empty(corpus.source)
 
         def texts() -> Iterator[str]:
             nonlocal n_docs
-            for chunk, doc_start in itertools.chain([first], chunks):
+            for text, doc_start, _, _ in itertools.chain([first], chunks):
                 n_docs += doc_start
-                yield chunk
+                yield text
 
         if kind == "bpe":
             return train_bpe(texts(), vocab_size)  # type: ignore[arg-type]
@@ -355,79 +122,366 @@ def _build_tokenizer(corpus: _Corpus, source: str, kind: str, vocab_size: int | 
     return CharTokenizer(chars, eot=n_docs > 1)
 
 
-def _empty(source: str) -> UserError:
-    return UserError(f"{source}: the corpus is empty (no text to tokenize)")
+# ----------------------------------------------------------------------------------------------
+# Encoding: batches of chunks, encoded in order in this process or in a pool of worker processes
 
 
-def _encode(corpus: _Corpus, tok: Tokenizer, path: Path, dtype: np.dtype, progress: bool
-            ) -> tuple[_TokenWriter, list[dict[str, Any]]]:
-    hashes = [hashlib.sha256() for _ in corpus.inputs]
-    sizes = [0] * len(corpus.inputs)
-    with open(path, "wb") as f, _bar(corpus, f"encode ({tok.kind})", progress) as bar:
+@dataclass
+class _Batch:
+    texts: list[str]
+    seps: list[bool]  # an end-of-text token goes before this chunk (it starts a document, not the first)
+    end: tuple[int, int]  # (input, chunks read of it) after the last chunk: where a resume starts
+    documents: int  # documents started so far, this batch included
+    n_bytes: int  # source bytes read while it was gathered (the progress bar)
 
-        def tally(index: int, raw: bytes) -> None:
-            hashes[index].update(raw)
-            sizes[index] += len(raw)
-            bar.update(len(raw))
 
-        writer = _TokenWriter(f, tok, dtype)
-        for chunk, doc_start in _chunks(corpus, tally):
-            writer.add(chunk, doc_start)
-        writer.flush()
-        f.flush()
-        os.fsync(f.fileno())
-    inputs = [{"name": inp.name, "bytes": size, "sha256": h.hexdigest()}
-              for inp, size, h in zip(corpus.inputs, sizes, hashes, strict=True)]
-    return writer, inputs
+def _batches(corpus: Corpus, start: tuple[int, int], documents: int,
+             on_input_done: Callable[[int, dict[str, Any]], None]) -> Iterator[_Batch]:
+    texts: list[str] = []
+    seps: list[bool] = []
+    chars = 0
+    read = [0]
+
+    def tally(n: int) -> None:
+        read[0] += n
+
+    for text, doc_start, index, n_read in sources.read(corpus, tally, start, on_input_done):
+        seps.append(doc_start and documents > 0)
+        documents += doc_start
+        texts.append(text)
+        chars += len(text)
+        if chars >= BATCH_CHARS or len(texts) >= BATCH_ITEMS:
+            yield _Batch(texts, seps, (index, n_read), documents, read[0])
+            texts, seps, chars, read[0] = [], [], 0, 0
+    if texts:
+        yield _Batch(texts, seps, (index, n_read), documents, read[0])
+
+
+def _encode_batch(tok: Tokenizer, dtype: np.dtype, texts: list[str], seps: list[bool]) -> np.ndarray:
+    """The batch's tokens, end-of-text tokens included, as `dtype`: a pure function of its arguments."""
+    pieces: list[np.ndarray] = []
+    for sep, ids in zip(seps, tok.encode_arrays(texts), strict=True):
+        if sep:
+            if tok.eot_id is None:  # only a char vocab of a 1-document corpus lacks it
+                raise UserError("the corpus changed while it was prepared (a second document appeared); "
+                                "prepare it again")
+            pieces.append(np.array([tok.eot_id], dtype=np.int64))
+        pieces.append(ids)
+    return np.concatenate(pieces).astype(dtype) if pieces else np.empty(0, dtype=dtype)
+
+
+_WORKER: tuple[Tokenizer, np.dtype] | None = None
+
+
+def _worker_init(tokenizer: Path, dtype: str, parent: int) -> None:
+    global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # HF's threads: we already run one process per core
+    _WORKER = (load_tokenizer(tokenizer), np.dtype(dtype))
+
+    def exit_with_parent() -> None:
+        # A killed parent never tells the pool; its workers would wait for work forever.
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+
+
+def _worker_encode(texts: list[str], seps: list[bool]) -> np.ndarray:
+    assert _WORKER is not None
+    return _encode_batch(*_WORKER, texts, seps)
+
+
+@contextlib.contextmanager
+def _encoder(tok: Tokenizer, dtype: np.dtype, num_proc: int, tok_file: Path
+             ) -> Iterator[Callable[[Iterator[_Batch]], Iterator[tuple[_Batch, np.ndarray]]]]:
+    """encode(batches) -> (batch, tokens), in the batches' order, with at most
+    INFLIGHT_PER_PROC * num_proc batches read ahead. num_proc 1 encodes here, with the tokenizer's own
+    threads (tiktoken's pool, HF's rayon); more start that many spawned worker processes, which load
+    the tokenizer from `tok_file` (tok's saved form; a path keeps what is sent to a starting worker
+    small: a big payload blocks the parent for good if the worker dies before reading it)."""
+    pools: list[ProcessPoolExecutor] = []
+
+    def encode(batches: Iterator[_Batch]) -> Iterator[tuple[_Batch, np.ndarray]]:
+        ahead = list(itertools.islice(batches, 2))
+        if num_proc == 1 or len(ahead) < 2:  # one batch: starting processes would cost more than it saves
+            yield from ((b, _encode_batch(tok, dtype, b.texts, b.seps)) for b in itertools.chain(ahead, batches))
+            return
+        pools.append(ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_worker_init, initargs=(tok_file, dtype.str, os.getpid())))
+        pending: deque = deque()
+        for batch in itertools.chain(ahead, batches):
+            pending.append((batch, pools[0].submit(_worker_encode, batch.texts, batch.seps)))
+            if len(pending) >= INFLIGHT_PER_PROC * num_proc:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+
+    try:
+        yield encode
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The work dir: the token stream in fixed-size files, and the progress that makes it resumable
+
+
+def _token_file(work: Path, index: int) -> Path:
+    return work / f"tokens-{index:06d}.bin"
+
+
+class _Shards:
+    """Appends tokens to work/tokens-NNNNNN.bin files of exactly `size` tokens (the last one: fewer),
+    continuing from the last checkpoint: anything written after it is cut off."""
+
+    def __init__(self, work: Path, size: int, dtype: np.dtype, token_bytes: np.ndarray, state: dict[str, Any]):
+        self.work, self.size, self.dtype, self.token_bytes = work, size, dtype, token_bytes
+        self.shard_bytes: list[int] = list(state["shard_bytes"])  # UTF-8 bytes of each finished file
+        self.tail, self.tail_bytes = state["tail_tokens"], state["tail_bytes"]
+        for path in work.glob("tokens-*.bin"):
+            if int(path.stem.split("-")[1]) > len(self.shard_bytes):
+                path.unlink()
+        self.f: Any = None
+        if self.tail:
+            self.f = open(_token_file(work, len(self.shard_bytes)), "r+b")
+            self.f.truncate(self.tail * dtype.itemsize)
+            self.f.seek(0, os.SEEK_END)
+        elif (path := _token_file(work, len(self.shard_bytes))).exists():
+            path.unlink()
+
+    @property
+    def tokens(self) -> int:
+        return len(self.shard_bytes) * self.size + self.tail
+
+    def write(self, ids: np.ndarray) -> bool:
+        """Append `ids`; True if that finished at least one file."""
+        finished, pos = False, 0
+        while pos < len(ids):
+            piece = ids[pos: pos + self.size - self.tail]
+            if self.f is None:
+                self.f = open(_token_file(self.work, len(self.shard_bytes)), "wb")
+            self.f.write(piece.tobytes())
+            self.tail += len(piece)
+            self.tail_bytes += _utf8_bytes(piece, self.token_bytes)
+            pos += len(piece)
+            if self.tail == self.size:
+                self.sync()
+                self.f.close()
+                self.f = None
+                self.shard_bytes.append(self.tail_bytes)
+                self.tail = self.tail_bytes = 0
+                finished = True
+        return finished
+
+    def sync(self) -> None:
+        if self.f is not None:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+
+def _save_state(work: Path, state: dict[str, Any]) -> None:
+    save_json(state, work / PROGRESS_FILE)
+
+
+def _encode(corpus: Corpus, tok: Tokenizer, work: Path, state: dict[str, Any], num_proc: int,
+            progress: bool) -> None:
+    """Encode the corpus from the state's position to its end into the work dir, checkpointing the
+    state each time a shard file is finished; on return the state is complete."""
+    dtype = np.dtype(state["dtype"])
+    records = list(state["inputs"])  # manifest records of the inputs read to their end
+
+    def input_done(index: int, record: dict[str, Any]) -> None:
+        assert index == len(records)
+        records.append(record)
+
+    shards = _Shards(work, state["options"]["shard_tokens"], dtype, _lengths(tok), state)
+    documents, start_tokens, t0 = state["documents"], shards.tokens, time.perf_counter()
+    batches = _batches(corpus, tuple(state["position"]), documents, input_done)  # type: ignore[arg-type]
+    skipped = sum(r.get("bytes", 0) for r in records) if corpus.total_bytes is not None else 0
+    try:
+        with _bar(corpus.total_bytes, f"encode ({tok.kind})", progress, skipped) as bar, \
+                _encoder(tok, dtype, num_proc, work / TOKENIZER_FILE) as encode:
+            for batch, ids in encode(batches):
+                if shards.write(ids):
+                    shards.sync()
+                    state.update(position=list(batch.end), documents=batch.documents, inputs=records[:batch.end[0]],
+                                 shard_bytes=shards.shard_bytes, tail_tokens=shards.tail, tail_bytes=shards.tail_bytes)
+                    _save_state(work, state)
+                documents = batch.documents
+                rate = (shards.tokens - start_tokens) / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{documents:,} docs, {tqdm.format_sizeof(rate)} tok/s", refresh=False)
+                bar.update(batch.n_bytes)
+        shards.sync()
+    finally:
+        shards.close()
+    state.update(complete=True, position=[len(corpus.inputs), 0], documents=documents, inputs=records,
+                 shard_bytes=shards.shard_bytes, tail_tokens=shards.tail, tail_bytes=shards.tail_bytes)
+    _save_state(work, state)
+
+
+_OURS = re.compile(r"(lock|progress\.json(\.tmp)?|tokenizer\.json|\.tokenizer\.json\..*\.tmp|tokens-\d{6}\.bin)")
+
+
+def _damage(work: Path, state: dict[str, Any]) -> str | None:
+    """What is wrong with a work dir's files, or None."""
+    try:
+        item = np.dtype(state["dtype"]).itemsize
+        size = state["options"]["shard_tokens"]
+        for i in range(len(state["shard_bytes"])):
+            if _token_file(work, i).stat().st_size != size * item:
+                return f"{_token_file(work, i).name} has the wrong size"
+        tail = _token_file(work, len(state["shard_bytes"]))
+        if state["tail_tokens"] and (not tail.exists() or tail.stat().st_size < state["tail_tokens"] * item):
+            return f"{tail.name} is shorter than recorded"
+        load_tokenizer(work)
+    except (OSError, KeyError, TypeError, ValueError, UserError) as e:
+        return sources.one_line(e)
+    return None
+
+
+def _open_work(work: Path, options: dict[str, Any], overwrite: bool) -> tuple[dict[str, Any] | None, Any]:
+    """(the saved state to resume from, or None to start afresh; a lock held on the work dir)."""
+    if work.is_dir():
+        entries = [p.name for p in work.iterdir()]
+        if not all(_OURS.fullmatch(name) for name in entries):
+            raise UserError(f"{work} exists and is not a gptforge work folder; move it away or choose another --out")
+    elif work.exists() or work.is_symlink():
+        raise UserError(f"{work} exists and is not a folder; move it away or choose another --out")
+    work.mkdir(parents=True, exist_ok=True)
+    lock = open(work / "lock", "a+b")
+    try:
+        import fcntl
+
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no fcntl (Windows): no lock
+        pass
+    except OSError:
+        lock.close()
+        raise UserError(f"another gptforge prepare is writing {work}; wait for it to finish") from None
+    try:
+        state = json.loads((work / PROGRESS_FILE).read_text(encoding="utf-8"))
+        assert isinstance(state, dict) and state.get("format") == PROGRESS_FORMAT
+    except FileNotFoundError:
+        state = None
+    except (OSError, ValueError, AssertionError):
+        state = {"options": None}
+    if state is not None:
+        problem = None
+        if state.get("options") != options:
+            old = state.get("options") or {}
+            diff = [k for k in options if old.get(k) != options[k]] or ["format"]
+            problem = f"was started with other options or inputs ({', '.join(diff)} differ)"
+        elif damage := _damage(work, state):
+            problem = f"is damaged ({damage})"
+        if problem:
+            if not overwrite:
+                lock.close()
+                raise UserError(f"{work} holds an interrupted preparation that {problem}; pass --overwrite to "
+                                "discard it and start afresh")
+            state = None
+    if state is None:  # start afresh: clear what an earlier attempt left (all of it ours, checked above)
+        for path in work.iterdir():
+            if path.name != "lock":
+                path.unlink()
+    return state, lock
+
+
+def _fresh_state(options: dict[str, Any], dtype: np.dtype) -> dict[str, Any]:
+    return {"format": PROGRESS_FORMAT, "options": options, "dtype": dtype.name, "complete": False,
+            "position": [0, 0], "documents": 0, "shard_bytes": [], "tail_tokens": 0, "tail_bytes": 0,
+            "inputs": []}
 
 
 # ----------------------------------------------------------------------------------------------
 # Splits and the data directory
 
 
-def split_sizes(n: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
-    """Token counts in file order train, test, val (a split with fraction 0 is left out).
+def split_sizes(n: int, val_fraction: float = DEFAULT_VAL_FRACTION, test_fraction: float = 0.0,
+                val_tokens: int | None = None, test_tokens: int | None = None) -> dict[str, int]:
+    """Token counts in file order train, test, val (a split of fraction or count 0 is left out).
 
     val is the last int-rounded fraction of the corpus exactly as in nanoGPT (it starts at
-    int(n * (1 - val_fraction))), and test is the int(n * test_fraction) tokens just before it. So val
-    is identical whether or not a test split is asked for, which int(n * (1 - val - test)) for train
-    would not guarantee (the two roundings can move the val boundary by one token)."""
-    val_start = int(n * (1 - val_fraction)) if val_fraction > 0 else n
-    n_test = int(n * test_fraction) if test_fraction > 0 else 0
-    sizes = {"train": val_start - n_test}
-    if test_fraction > 0:
+    int(n * (1 - val_fraction))), or its last `val_tokens`; test is the int(n * test_fraction) (or
+    `test_tokens`) tokens just before it. So val is identical whether or not a test split is asked for,
+    which int(n * (1 - val - test)) for train would not guarantee (two roundings can move the boundary)."""
+    if val_tokens is not None:
+        n_val = val_tokens
+    else:
+        n_val = n - int(n * (1 - val_fraction)) if val_fraction > 0 else 0
+    if test_tokens is not None:
+        n_test = test_tokens
+    else:
+        n_test = int(n * test_fraction) if test_fraction > 0 else 0
+    sizes = {"train": n - n_val - n_test}
+    if (test_tokens if test_tokens is not None else test_fraction) > 0:
         sizes["test"] = n_test
-    if val_fraction > 0:
-        sizes["val"] = n - val_start
+    if (val_tokens if val_tokens is not None else val_fraction) > 0:
+        sizes["val"] = n_val
     return sizes
 
 
-def _write_splits(tmp: Path, all_path: Path, sizes: dict[str, int], tok: Tokenizer,
-                  dtype: np.dtype) -> dict[str, dict[str, Any]]:
-    """Copy test/val out of the all-tokens file, then truncate it into train.bin (no copy of train)."""
-    token_bytes = tok.token_bytes()
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # no copy of a finished shard: it becomes a train shard as it is
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _copy_tokens(work: Path, lo: int, hi: int, size: int, dtype: np.dtype, token_bytes: np.ndarray,
+                 dst: Path) -> int:
+    """Copy tokens [lo, hi) of the stream into `dst` in blocks (memory: one block); their UTF-8 bytes."""
+    n_bytes = 0
+    with open(dst, "wb") as out:
+        pos = lo
+        while pos < hi:
+            index, offset = divmod(pos, size)
+            count = min(hi - pos, size - offset)
+            with open(_token_file(work, index), "rb") as f:
+                f.seek(offset * dtype.itemsize)
+                for done in range(0, count, COPY_TOKENS):
+                    block = np.fromfile(f, dtype=dtype, count=min(COPY_TOKENS, count - done))
+                    n_bytes += _utf8_bytes(block, token_bytes)
+                    out.write(block.tobytes())
+            pos += count
+        out.flush()
+        os.fsync(out.fileno())
+    return n_bytes
+
+
+def _write_splits(work: Path, tmp: Path, sizes: dict[str, int], state: dict[str, Any],
+                  token_bytes: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Each split as shards of at most shard_tokens tokens in `tmp`; the work dir is only read.
+
+    train starts at token 0, so its full shards are the work dir's files themselves (hard-linked);
+    only the shards that straddle a split boundary are copied."""
+    size, dtype = state["options"]["shard_tokens"], np.dtype(state["dtype"])
     info: dict[str, dict[str, Any]] = {}
     start = 0
-    with open(all_path, "r+b") as f:
-        for name, count in sizes.items():
-            n_bytes = 0
-            f.seek(start * dtype.itemsize)
-            with contextlib.nullcontext() if name == "train" else open(tmp / f"{name}.bin", "wb") as out:
-                # np.fromfile blocks rather than a memmap: memory stays one block even for huge corpora.
-                for lo in range(0, count, COPY_TOKENS):
-                    block = np.fromfile(f, dtype=dtype, count=min(COPY_TOKENS, count - lo))
-                    n_bytes += int(token_bytes[block].sum())
-                    if out is not None:
-                        out.write(block.tobytes())
-                if out is not None:
-                    out.flush()
-                    os.fsync(out.fileno())
-            info[name] = {"file": f"{name}.bin", "tokens": count, "bytes": n_bytes}
-            start += count
-        f.truncate(sizes["train"] * dtype.itemsize)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(all_path, tmp / "train.bin")
+    for name, count in sizes.items():
+        n_files = -(-count // size)
+        shards, n_bytes = [], 0
+        for j in range(n_files):
+            lo, hi = start + j * size, min(start + (j + 1) * size, start + count)
+            file = f"{name}.bin" if n_files == 1 else f"{name}-{j:06d}.bin"
+            if lo % size == 0 and hi - lo == size:
+                _link_or_copy(_token_file(work, lo // size), tmp / file)
+                n_bytes += state["shard_bytes"][lo // size]
+            else:
+                n_bytes += _copy_tokens(work, lo, hi, size, dtype, token_bytes, tmp / file)
+            shards.append({"file": file, "tokens": hi - lo})
+        info[name] = {**({"file": shards[0]["file"]} if n_files == 1 else {}), "tokens": count, "bytes": n_bytes,
+                      "shards": shards}
+        start += count
     return {name: info[name] for name in ("train", "val", "test") if name in info}
 
 
@@ -481,74 +535,153 @@ def _install(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+# ----------------------------------------------------------------------------------------------
+# prepare
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_splits(val_fraction: float | None, test_fraction: float | None, val_tokens: int | None,
+                  test_tokens: int | None) -> tuple[float, float]:
+    """The fractions to use (0 where a token count is given instead), after checking every value."""
+    for split, fraction, tokens in (("val", val_fraction, val_tokens), ("test", test_fraction, test_tokens)):
+        if fraction is not None and tokens is not None:
+            raise UserError(f"--{split}-fraction and --{split}-tokens both given; pass one of them")
+        if tokens is not None and not (_is_count(tokens) and tokens >= 0):
+            raise UserError(f"--{split}-tokens must be a whole number >= 0, got {tokens!r}")
+    if val_fraction is None:
+        val_fraction = DEFAULT_VAL_FRACTION if val_tokens is None else 0.0
+    test_fraction = test_fraction or 0.0
     for flag, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise UserError(f"{flag} must be a number in [0, 1), got {value!r}")
     if val_fraction + test_fraction >= 1:
         raise UserError(f"--val-fraction + --test-fraction must be below 1 (leaving tokens to train on), "
                         f"got {val_fraction} + {test_fraction}")
+    return val_fraction, test_fraction
+
+
+def default_num_proc() -> int:
+    return max(1, min(MAX_DEFAULT_PROCS, os.cpu_count() or 1))
 
 
 def prepare(source: str, out: str | Path, tokenizer: str = "char", vocab_size: int | None = None,
-            val_fraction: float = 0.1, test_fraction: float = 0.0, text_field: str = "text",
-            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+            val_fraction: float | None = None, test_fraction: float | None = None, text_field: str = "text",
+            overwrite: bool = False, progress: bool = True, *, num_proc: int | None = None,
+            shard_tokens: int = DEFAULT_SHARD_TOKENS, val_tokens: int | None = None,
+            test_tokens: int | None = None) -> dict[str, Any]:
     """Tokenize SOURCE into DATA_DIR `out`; returns the manifest (also written to out/manifest.json).
 
-    SOURCE is a text file (one document), a folder (every *.txt / *.md under it, sorted by relative
-    path, hidden entries skipped; one document each), a .jsonl file (one document per line, from
-    `text_field`), or a built-in name: "shakespeare" (downloaded once into the cache) or "pydoc"
-    (CPython's bundled reference docs, one document per topic). An existing path wins over a name.
+    SOURCE: see gptforge.data.sources (a file, a folder, hf:NAME[:CONFIG][@SPLIT], shakespeare, pydoc).
+    val is the last `val_fraction` (default 0.1) or the last `val_tokens` tokens of the corpus, test the
+    `test_fraction` / `test_tokens` before it. `num_proc` encoding processes (default min(8, CPUs)); the
+    output does not depend on it. Splits longer than `shard_tokens` are written as numbered shards.
+    Interrupted, the same call resumes from `out`.partial after the last finished shard.
     """
     source = os.fspath(source)
     check_tokenizer_args(tokenizer, vocab_size)
-    _check_fractions(val_fraction, test_fraction)
+    val_fraction, test_fraction = _check_splits(val_fraction, test_fraction, val_tokens, test_tokens)
+    num_proc = default_num_proc() if num_proc is None else num_proc
+    if not _is_count(num_proc) or num_proc < 1:
+        raise UserError(f"--num-proc must be a whole number >= 1, got {num_proc!r}")
+    if not _is_count(shard_tokens) or shard_tokens < 1:
+        raise UserError(f"--shard-tokens must be a whole number >= 1, got {shard_tokens!r}")
     shown = os.fspath(out)
     out = Path(os.path.abspath(Path(out).expanduser()))
     _check_out(out, shown, overwrite)
-    corpus = _open_source(source, text_field)
-
+    corpus = open_source(source, text_field)
+    # What the tokens depend on; the split options do not, so they may change on a resume.
+    options = {"source": source, "tokenizer": tokenizer, "vocab_size": vocab_size, "text_field": text_field,
+               "shard_tokens": shard_tokens, "gptforge_version": __version__,
+               "chunking": [sources.CHUNK_BYTES, sources.MAX_CHUNK_BYTES],
+               "inputs": [inp.stamp() for inp in corpus.inputs]}
+    work = out.parent / f"{out.name}.partial"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # Built next to DATA_DIR (same filesystem, so the final rename is atomic) and hidden.
-        tmp = _new_hidden_dir(out, "tmp")
+        state, lock = _open_work(work, options, overwrite)
     except OSError as e:
         raise UserError(f"cannot write next to {shown}: {e.strerror or e}") from None
     try:
-        tok = _build_tokenizer(corpus, source, tokenizer, vocab_size, progress)
+        if state is None:
+            tok = _build_tokenizer(corpus, tokenizer, vocab_size, progress)
+            tok.save(work)
+            state = _fresh_state(options, token_dtype(tok.vocab_size))
+            _save_state(work, state)
+        else:
+            tok = load_tokenizer(work)
+        if not state["complete"]:
+            _encode(corpus, tok, work, state, num_proc, progress)
+        manifest = _finish(work, state, tok, out, shown, overwrite, val_fraction, test_fraction, val_tokens,
+                           test_tokens)
+        shutil.rmtree(work, ignore_errors=True)
+        return manifest
+    except BaseException as e:
+        # A user mistake (bad data, too small a corpus) leaves nothing behind; an interruption or a
+        # failing disk leaves the work dir, and the same command resumes from it.
+        kept = (not isinstance(e, UserError) or isinstance(e, _KeepWork)) and (work / PROGRESS_FILE).is_file()
+        if not kept:
+            shutil.rmtree(work, ignore_errors=True)
+        again = f"; re-run the same command to resume from {work}" if kept else ""
+        if isinstance(e, OSError):  # disk full, I/O error, a file vanishing: not a bug, one line
+            raise UserError(f"preparing {shown} failed: {e.strerror or e} ({e.filename or 'no file'}){again}") from None
+        if isinstance(e, BrokenProcessPool):
+            raise UserError(f"preparing {shown} failed: a tokenizer process died (out of memory? called from Python, "
+                            "the main module must be importable and guard its code with if __name__ == '__main__', "
+                            f"or pass num_proc=1){again}") from None
+        if isinstance(e, KeyboardInterrupt) and kept:
+            print(f"gptforge: prepare stopped{again}", file=sys.stderr)
+        raise
+    finally:
+        lock.close()
+
+
+def _finish(work: Path, state: dict[str, Any], tok: Tokenizer, out: Path, shown: str, overwrite: bool,
+            val_fraction: float, test_fraction: float, val_tokens: int | None, test_tokens: int | None
+            ) -> dict[str, Any]:
+    """Split the finished token stream, write the manifest, and install DATA_DIR in one rename."""
+    source = state["options"]["source"]
+    if state["documents"] == 0:
+        raise _empty(source)
+    n = len(state["shard_bytes"]) * state["options"]["shard_tokens"] + state["tail_tokens"]
+    sizes = split_sizes(n, val_fraction, test_fraction, val_tokens, test_tokens)
+    for name, count in sizes.items():
+        if count < 2:
+            msg = (f"corpus too small for a {name} split: {n} tokens in all leave it {max(count, 0)} "
+                   "(it needs at least 2); use more text or change the split sizes")
+            if not state["shard_bytes"]:  # a small corpus: encoding it again costs nothing
+                raise UserError(msg)
+            raise _KeepWork(f"{msg} (re-run with other split sizes to finish from {work} without encoding again)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_hidden_dir(out, "tmp")  # next to DATA_DIR (same filesystem: the final rename is atomic), hidden
+    try:
+        splits = _write_splits(work, tmp, sizes, state, _lengths(tok))
         tok.save(tmp)
-        dtype = token_dtype(tok.vocab_size)
-        all_path = tmp / "all-tokens.bin"
-        writer, inputs = _encode(corpus, tok, all_path, dtype, progress)
-        if writer.n_docs == 0:
-            raise _empty(source)
-        n = writer.n_tokens
-        sizes = split_sizes(n, val_fraction, test_fraction)
-        for name, count in sizes.items():
-            if count < 2:
-                raise UserError(f"corpus too small for a {name} split: {n} tokens in all leave it {count} "
-                                "(it needs at least 2); use more text or change the split fractions")
-        splits = _write_splits(tmp, all_path, sizes, tok, dtype)
         manifest = {
             "format": MANIFEST_FORMAT,
             "gptforge_version": __version__,
             "source": source,
-            "documents": writer.n_docs,
-            "inputs": inputs,
+            "documents": state["documents"],
+            "inputs": state["inputs"],
             "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
                           "fingerprint": tok.fingerprint(), "file": "tokenizer.json"},
-            "dtype": dtype.name,
+            "dtype": state["dtype"],
             "tokens": n,
-            "val_fraction": val_fraction,
-            "test_fraction": test_fraction,
+            "val_fraction": None if val_tokens is not None else val_fraction,
+            "test_fraction": None if test_tokens is not None else test_fraction,
+            "val_tokens": val_tokens,
+            "test_tokens": test_tokens,
+            "shard_tokens": state["options"]["shard_tokens"],
             "splits": splits,
         }
         save_json(manifest, tmp / MANIFEST_FILE)
-        _check_out(out, shown, overwrite)  # it may have changed while we worked
+        try:
+            _check_out(out, shown, overwrite)  # it may have changed while we worked
+        except UserError as e:
+            raise _KeepWork(f"{e}; the tokens are ready in {work}: move {shown} away and re-run the same "
+                            "command to finish") from None
         _install(tmp, out)
-    except BaseException as e:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):  # disk full, I/O error, a file vanishing: not a bug, one line
-            raise UserError(f"preparing {shown} failed: {e.strerror or e} ({e.filename or 'no file'})") from None
         raise
     return manifest
