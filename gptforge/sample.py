@@ -302,6 +302,7 @@ def sample_checkpoint(run, prompt: str = "\n", *, num_samples: int = 1, max_new_
     when the batch is done, separated by a line of dashes. Returns the samples, prompt included.
     """
     from gptforge.checkpoint import load_checkpoint
+    from gptforge.hf import is_hf_source, load_pretrained_checkpoint
     from gptforge.device import autocast, pick_device, pick_dtype
 
     if num_samples < 1:
@@ -309,7 +310,7 @@ def sample_checkpoint(run, prompt: str = "\n", *, num_samples: int = 1, max_new_
     sample_next(torch.zeros(1, 2), temperature, top_k, top_p)  # bad settings fail before any work or output
     _check_args(torch.zeros(1, 1), max_new_tokens)
     dev = pick_device(device)
-    ck = load_checkpoint(run, device=dev, which=which)
+    ck = load_pretrained_checkpoint(run, dev) if is_hf_source(run) else load_checkpoint(run, device=dev, which=which)
     tok = ck.tokenizer
     ids = tok.encode(prompt)
     if not ids:

@@ -1,0 +1,497 @@
+"""Hugging Face interop: GPT-2 and Llama-family weights in, `transformers` model directories out.
+
+This module owns the translation between our `GPT` and two `transformers` architectures:
+  classic block (learned positions, LayerNorm, GELU, n_kv_head == n_head)  <->  GPT2LMHeadModel
+  modern block (RoPE, RMSNorm, SwiGLU, any n_kv_head)                        <->  LlamaForCausalLM
+- `load_pretrained(name_or_dir)`: a GPT-2 name (gpt2 ... gpt2-xl), a hub id or a local HF directory as
+  (GPT, GPTConfig, Tokenizer); what `train --init-from` and `sample gpt2` use.
+- `import_hf(src, out_dir)`: the same, written as a gptforge checkpoint directory.
+- `export_hf(run_or_checkpoint, out_dir)`: a checkpoint as a `transformers` directory (safetensors).
+Mapping notes. GPT-2 keeps its weights in Conv1D layers, (in, out): the transpose of nn.Linear; our
+parameter names are GPT-2's, so that transpose is the whole conversion. Llama keeps q/k/v and gate/up
+apart where we fuse them (c_attn = [q | k | v], c_fc = [gate | up]); both rotate the pairs (i, i + hs/2)
+of each head (`rotate_half`), so the projections map row for row with no permutation.
+Vocabulary sizes are never changed: an imported model keeps the HF vocabulary exactly (padding GPT-2's
+50257 with zero rows would give the padded ids logit 0 and change the loss), and an export keeps our
+padded one so HF computes the same logits and loss; `generation_config.json` suppresses the padded ids.
+`transformers` is an optional extra (`pip install 'gptforge[hf]'`), imported only inside functions.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from gptforge.config import GPTConfig, RunConfig
+from gptforge.errors import UserError
+from gptforge.tokenizer import EOT_TEXT, BPETokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
+
+GPT2_HUB_IDS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+OWN_TOKENIZER = "gptforge_tokenizer.json"  # our tokenizer, complete, next to the HF files of an export
+INSTALL_HINT = "pip install 'gptforge[hf]'"
+_HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+              "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", OWN_TOKENIZER]
+_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+_MAPPED = {"block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "dropout", "bias",
+           "pos", "rope_theta", "norm", "norm_eps", "mlp", "qk_norm", "tie_embeddings", "attention"}  # GPTConfig fields
+_GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(f"Hugging Face interop needs the transformers package: {INSTALL_HINT}") from None
+    return transformers
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the weights are
+
+
+def hub_id(name: str) -> str:
+    """The hub repository of a model name: gpt2 -> openai-community/gpt2 (the ids transformers 5 uses)."""
+    return GPT2_HUB_IDS.get(name, name)
+
+
+def is_hf_source(name_or_dir: str | Path) -> bool:
+    """True for a GPT-2 name that is not a local path, or a local directory holding an HF config.json
+    (`sample` and `eval` use this to tell GPT-2 and HF directories from gptforge runs, with no imports)."""
+    p = Path(name_or_dir)
+    if p.is_dir():
+        try:
+            return "model_type" in json.loads((p / "config.json").read_text())
+        except (OSError, ValueError, TypeError):
+            return False
+    return not p.exists() and str(name_or_dir) in GPT2_HUB_IDS
+
+
+def resolve_hf_source(name_or_dir: str | Path) -> Path:
+    """A local HF model directory: the directory itself, or the hub files of a name, downloaded once
+    into the Hugging Face cache (weights, config and tokenizer only)."""
+    p = Path(name_or_dir)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError(f"{p} is not a Hugging Face model directory (no config.json)")
+        return p
+    repo = hub_id(str(name_or_dir))
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        raise UserError(f"{name_or_dir} is neither a local directory nor a model name "
+                        f"({', '.join(GPT2_HUB_IDS)}, or OWNER/NAME on the Hugging Face hub)")
+    _transformers()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=_HUB_FILES))
+    except Exception as e:  # offline, unknown repo, gated repo, disk full: all end the same way
+        where = "" if str(name_or_dir) in GPT2_HUB_IDS else f"{name_or_dir} is not a local directory, and "
+        raise UserError(f"{where}cannot download {repo} from the Hugging Face hub ({_one_line(e, 160)}); "
+                        f"pass a local directory saved with save_pretrained instead") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture and weight names
+
+
+def hf_architecture(cfg: GPTConfig) -> str:
+    """'gpt2' or 'llama': the `transformers` architecture that computes exactly what `cfg` does, or a
+    UserError naming what has no counterpart there."""
+    unmapped = [f.name for f in dataclasses.fields(cfg) if f.name not in _MAPPED and getattr(cfg, f.name) != f.default]
+    if unmapped:  # a rung added to the ladder after this module was written: refuse rather than drop it
+        raise UserError(f"cannot export to Hugging Face: model.{unmapped[0]} is not mapped to transformers")
+    if cfg.qk_norm:
+        raise UserError("cannot export to Hugging Face: qk_norm has no counterpart in GPT2LMHeadModel "
+                        "or LlamaForCausalLM")
+    if cfg.pos == "learned":
+        why = [w for bad, w in ((cfg.norm != "layernorm", "rmsnorm with learned positions (GPT-2 has layernorm)"),
+                                (cfg.mlp == "swiglu", "swiglu with learned positions (GPT-2 has a gelu MLP)"),
+                                (cfg.n_kv_head != cfg.n_head, "grouped-query attention with learned positions "
+                                 "(GPT-2 has n_kv_head == n_head)")) if bad]
+        arch = "gpt2"
+    else:
+        why = [w for bad, w in ((cfg.norm != "rmsnorm", "rope with layernorm (Llama has rmsnorm)"),
+                                (cfg.mlp != "swiglu", f"rope with a {cfg.mlp} MLP (Llama has swiglu)")) if bad]
+        arch = "llama"
+    if why:
+        raise UserError(f"cannot export to Hugging Face: {'; '.join(why)}")
+    return arch
+
+
+def _gpt2_keys(cfg: GPTConfig) -> list[str]:
+    """GPT2LMHeadModel's tensors; ours have the same names (biases only with cfg.bias)."""
+    keys = ["transformer.wte.weight", "transformer.wpe.weight"]
+    for i in range(cfg.n_layer):
+        for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
+            keys += [f"transformer.h.{i}.{m}.weight", f"transformer.h.{i}.{m}.bias"]
+    keys += ["transformer.ln_f.weight", "transformer.ln_f.bias"]
+    return keys + ([] if cfg.tie_embeddings else ["lm_head.weight"])
+
+
+def _llama_pairs(cfg: GPTConfig) -> list[tuple[str, list[str]]]:
+    """(our key, LlamaForCausalLM keys): one key, or the parts our fused tensor concatenates on dim 0."""
+    pairs = [("transformer.wte.weight", ["model.embed_tokens.weight"])]
+    for i in range(cfg.n_layer):
+        ours, hf = f"transformer.h.{i}.", f"model.layers.{i}."
+        pairs += [(ours + "ln_1.weight", [hf + "input_layernorm.weight"]),
+                  (ours + "ln_2.weight", [hf + "post_attention_layernorm.weight"])]
+        for s in ("weight", "bias") if cfg.bias else ("weight",):
+            pairs += [(ours + f"attn.c_attn.{s}", [hf + f"self_attn.{x}_proj.{s}" for x in "qkv"]),
+                      (ours + f"attn.c_proj.{s}", [hf + f"self_attn.o_proj.{s}"]),
+                      (ours + f"mlp.c_fc.{s}", [hf + f"mlp.{x}_proj.{s}" for x in ("gate", "up")]),
+                      (ours + f"mlp.c_proj.{s}", [hf + f"mlp.down_proj.{s}"])]
+    pairs.append(("transformer.ln_f.weight", ["model.norm.weight"]))
+    return pairs + ([] if cfg.tie_embeddings else [("lm_head.weight", ["lm_head.weight"])])
+
+
+def _to_ours(cfg: GPTConfig, arch: str, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if arch == "gpt2":
+        keys = [k for k in _gpt2_keys(cfg) if cfg.bias or not k.endswith(".bias")]
+        return {k: hf[k].t().contiguous() if k.endswith(_CONV1D) else hf[k] for k in keys}
+    return {ours: torch.cat([hf[k] for k in parts]) for ours, parts in _llama_pairs(cfg)}
+
+
+def _to_hf(cfg: GPTConfig, arch: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    if arch == "gpt2":
+        for k in _gpt2_keys(cfg):
+            if k in sd:
+                out[k] = sd[k].t().contiguous() if k.endswith(_CONV1D) else sd[k].contiguous()
+            else:  # bias=False: a zero bias computes the same as none
+                out[k] = torch.zeros(sd[k[:-len("bias")] + "weight"].shape[0], dtype=sd["transformer.wte.weight"].dtype)
+        return out
+    hs, kv = cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    for ours, parts in _llama_pairs(cfg):
+        sizes = {1: [sd[ours].shape[0]], 2: [cfg.mlp_hidden] * 2, 3: [cfg.n_head * hs, kv, kv]}[len(parts)]
+        out.update({k: t.contiguous() for k, t in zip(parts, sd[ours].split(sizes))})
+    return out
+
+
+def _check_fits(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> None:
+    """The converted tensors have exactly the names and shapes of GPT(cfg) (built on the meta device: free)."""
+    from gptforge.model import GPT
+
+    with torch.device("meta"):
+        ref = GPT(cfg).state_dict()
+    if cfg.tie_embeddings:
+        ref.pop("lm_head.weight")
+    bad = sorted(set(ref) ^ set(sd)) + [k for k in ref if k in sd and ref[k].shape != sd[k].shape]
+    if bad:
+        raise UserError(f"the Hugging Face weights do not fit the model of their config (first mismatch: {bad[0]})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+
+
+def _config_from_hf(c: Any) -> tuple[GPTConfig, str]:
+    """Our GPTConfig for a transformers config object, or a UserError naming what we cannot compute."""
+    def refuse(why: str):
+        raise UserError(f"cannot import this {c.model_type} model: {why}")
+
+    if c.model_type == "gpt2":
+        mlp = _GPT2_ACT.get(c.activation_function) or refuse(f"activation_function {c.activation_function!r}")
+        if c.scale_attn_by_inverse_layer_idx or not c.scale_attn_weights or c.add_cross_attention:
+            refuse("its attention scaling or cross-attention differs from GPT-2's")
+        cfg = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                        n_embd=c.n_embd, mlp_hidden=c.n_inner or 4 * c.n_embd, bias=True, pos="learned",
+                        norm="layernorm", norm_eps=c.layer_norm_epsilon, mlp=mlp,
+                        tie_embeddings=bool(c.tie_word_embeddings))
+        return cfg, "gpt2"
+    if c.model_type == "llama":
+        rope = getattr(c, "rope_parameters", None) or {"rope_theta": getattr(c, "rope_theta", 10000.0),
+                                                       **(getattr(c, "rope_scaling", None) or {})}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            refuse(f"rope_type {rope.get('rope_type')!r} (only plain RoPE, rope_type 'default', is supported)")
+        if c.hidden_act != "silu":
+            refuse(f"hidden_act {c.hidden_act!r} (the SwiGLU MLP needs silu)")
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        if head_dim * c.num_attention_heads != c.hidden_size:
+            refuse("head_dim * num_attention_heads != hidden_size")
+        if bool(c.attention_bias) != bool(getattr(c, "mlp_bias", False)):
+            refuse("attention_bias and mlp_bias differ (gptforge's bias covers both)")
+        cfg = GPTConfig(block_size=c.max_position_embeddings, vocab_size=c.vocab_size, n_layer=c.num_hidden_layers,
+                        n_head=c.num_attention_heads, n_kv_head=c.num_key_value_heads or c.num_attention_heads,
+                        n_embd=c.hidden_size, mlp_hidden=c.intermediate_size, bias=bool(c.attention_bias),
+                        pos="rope", rope_theta=float(rope["rope_theta"]), norm="rmsnorm", norm_eps=c.rms_norm_eps,
+                        mlp="swiglu", tie_embeddings=bool(c.tie_word_embeddings))
+        return cfg, "llama"
+    raise UserError(f"cannot import model_type {c.model_type!r}: gptforge reads GPT-2 (gpt2) and Llama (llama) models")
+
+
+def _hf_config(cfg: GPTConfig, arch: str, eot_id: Optional[int]):
+    tf = _transformers()
+    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eot_id,
+                  eos_token_id=eot_id, pad_token_id=None)
+    if arch == "gpt2":
+        extra = {} if cfg.bias else {"gptforge": {"bias": False}}  # tells import_hf the zero biases are "none"
+        return tf.GPT2Config(architectures=["GPT2LMHeadModel"], n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                             n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.mlp_hidden,
+                             activation_function="gelu_new" if cfg.mlp == "gelu_tanh" else "gelu",
+                             layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+                             attn_pdrop=cfg.dropout, **common, **extra)
+    # rope_theta as a keyword: transformers 5 files it under rope_parameters, 4.x kept it as is
+    return tf.LlamaConfig(architectures=["LlamaForCausalLM"], hidden_size=cfg.n_embd,
+                          intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
+                          num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+                          hidden_act="silu", max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
+                          rope_theta=cfg.rope_theta, attention_bias=cfg.bias, mlp_bias=cfg.bias,
+                          attention_dropout=cfg.dropout, **common)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def _byte_chars() -> list[str]:
+    """The byte-level BPE alphabet (GPT-2's): printable latin-1 bytes stand for themselves, the other
+    68 bytes for the characters from U+0100 on, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable} | {b: chr(0x100 + i) for i, b in enumerate(others)}
+    return [chars[b] for b in range(256)]
+
+
+def _gpt2_vocab(tok: GPT2Tokenizer) -> tuple[dict[str, int], list[bytes]]:
+    """GPT-2's vocabulary in HF's byte-level spelling, from the ranks our tokenizer embeds."""
+    spell = {b: c for b, c in enumerate(_byte_chars())}  # str.translate table: latin-1 code point = byte
+    tokens = [base64.b64decode(t) for t in tok.to_dict()["mergeable_ranks"]]
+    return {t.decode("latin-1").translate(spell): rank for rank, t in enumerate(tokens)}, tokens
+
+
+def _merges(tokens: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """The merge that made each multi-byte token, in rank order: BPE over its bytes with only the
+    lower-ranked tokens stops at exactly two parts (tiktoken stores ranks, HF wants merges)."""
+    rank = {t: r for r, t in enumerate(tokens)}
+    merges = []
+    for r, t in enumerate(tokens):
+        if len(t) < 2:
+            continue
+        parts = [t[i:i + 1] for i in range(len(t))]
+        while len(parts) > 2:
+            i = min(range(len(parts) - 1), key=lambda j: rank.get(parts[j] + parts[j + 1], len(tokens)))
+            if rank.get(parts[i] + parts[i + 1], len(tokens)) >= r:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise UserError(f"cannot derive a BPE merge for token {r}; the tokenizer's ranks are not BPE ranks")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def gpt2_hf_tokenizer_json(tok: GPT2Tokenizer) -> str:
+    """A `tokenizers` JSON equal to GPT-2's HF tokenizer, built from our embedded ranks (no network)."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab, tokens = _gpt2_vocab(tok)
+    vocab[EOT_TEXT] = tok.eot_id  # in the vocabulary too, as in OpenAI's encoder.json
+    table = {b: c for b, c in enumerate(_byte_chars())}
+    spell = lambda b: b.decode("latin-1").translate(table)  # noqa: E731
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[(spell(a), spell(b)) for a, b in _merges(tokens)]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # its regex is GPT-2's pattern
+    hf.decoder = decoders.ByteLevel()
+    hf.post_processor = processors.ByteLevel(trim_offsets=False)
+    hf.add_special_tokens([AddedToken(EOT_TEXT, special=True)])  # id 50256, right after the ranks
+    return hf.to_str()
+
+
+def _hf_tokenizer_json(src: Path) -> Optional[dict[str, Any]]:
+    """The directory's tokenizer as `tokenizers` JSON: tokenizer.json, or vocab.json + merges.txt (GPT-2's layout)."""
+    if (src / "tokenizer.json").is_file():
+        return json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    if (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+        hf = HFTokenizer(models.BPE.from_file(str(src / "vocab.json"), str(src / "merges.txt")))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        return json.loads(hf.to_str())
+    return None
+
+
+def _is_byte_level_bpe(j: dict[str, Any]) -> bool:
+    def types(node) -> list[str]:
+        if not node:
+            return []
+        subs = node.get("pretokenizers", node.get("decoders", []))  # a Sequence's members
+        return [node.get("type")] + [t for sub in subs for t in types(sub)]
+    return (j.get("model", {}).get("type") == "BPE" and not j["model"].get("byte_fallback")
+            and "ByteLevel" in types(j.get("pre_tokenizer")) and "ByteLevel" in types(j.get("decoder")))
+
+
+def _looks_like_gpt2(j: dict[str, Any]) -> bool:
+    ids = {**j["model"]["vocab"], **{t["content"]: t["id"] for t in j.get("added_tokens", [])}}
+    if len(ids) != 50257 or ids.get(EOT_TEXT) != 50256:  # cheap: only then ask tiktoken for the real thing
+        return False
+    vocab, _ = _gpt2_vocab(GPT2Tokenizer())
+    return all(ids.get(s) == r for s, r in vocab.items())
+
+
+def _tokenizer_from_hf(src: Path, cfg: GPTConfig, arch: str) -> Tokenizer:
+    """gptforge's own tokenizer if we exported this directory; GPT-2's (tiktoken) for GPT-2's vocabulary;
+    any other byte-level BPE wrapped as our bpe kind; anything else refused."""
+    if (src / OWN_TOKENIZER).is_file():
+        return load_tokenizer(src / OWN_TOKENIZER)
+    j = _hf_tokenizer_json(src)
+    if j is None:
+        if arch == "gpt2" and cfg.vocab_size == 50257:
+            return GPT2Tokenizer()  # OpenAI's GPT-2 vocabulary size: its tokenizer
+        raise UserError(f"{src} has no tokenizer.json (or vocab.json + merges.txt); "
+                        "gptforge needs a byte-level BPE tokenizer")
+    if not _is_byte_level_bpe(j):
+        raise UserError(f"the tokenizer in {src} is not a byte-level BPE (model {j.get('model', {}).get('type')}, "
+                        f"pre-tokenizer {(j.get('pre_tokenizer') or {}).get('type')}); gptforge can only use "
+                        "GPT-2-style byte-level BPE tokenizers (SentencePiece ones are not supported)")
+    tok: Tokenizer = GPT2Tokenizer() if _looks_like_gpt2(j) else BPETokenizer(j)
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"the tokenizer in {src} has {tok.vocab_size} tokens but the model only {cfg.vocab_size} rows")
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------
+# Import
+
+
+def _read_hf(name_or_dir: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer, Path]:
+    src = resolve_hf_source(name_or_dir)
+    tf = _transformers()
+    try:
+        hf_cfg = tf.AutoConfig.from_pretrained(src)
+    except Exception as e:
+        raise UserError(f"cannot read the config of {src}: {_one_line(e)}") from None
+    cfg, arch = _config_from_hf(hf_cfg)
+    tok = _tokenizer_from_hf(src, cfg, arch)  # before the weights: a refusal should be quick
+    try:
+        hf, info = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, output_loading_info=True)
+    except Exception as e:
+        raise UserError(f"cannot load the weights in {src}: {_one_line(e)}") from None
+    if info.get("missing_keys"):
+        raise UserError(f"the weights in {src} are incomplete (missing {sorted(info['missing_keys'])[0]}, ...)")
+    hf_sd = hf.state_dict()
+    del hf
+    if arch == "gpt2" and (getattr(hf_cfg, "gptforge", None) or {}).get("bias") is False:
+        # exported by us from a model without biases: the zeros stand for none (unless trained since)
+        cfg.bias = any(bool(t.any()) for k, t in hf_sd.items() if k.endswith(".bias"))
+    sd = _to_ours(cfg, arch, hf_sd)
+    _check_fits(cfg, sd)
+    return cfg, sd, tok, src
+
+
+def load_pretrained(name_or_dir: str | Path, device: str | torch.device = "cpu", *, block_size: Optional[int] = None,
+                    dropout: float = 0.0, attention: str = "sdpa") -> tuple[torch.nn.Module, GPTConfig, Tokenizer]:
+    """GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a hub id, or a local HF directory as our GPT
+    (eval mode, float32), its config and its tokenizer. block_size shortens the context (learned
+    position embeddings are cut to it; they cannot be lengthened); dropout and attention are ours to pick."""
+    from gptforge.model import GPT
+
+    cfg, sd, tok, _ = _read_hf(name_or_dir)
+    if block_size is not None and block_size != cfg.block_size and cfg.pos == "learned":
+        if block_size > cfg.block_size:
+            raise UserError(f"block_size {block_size} exceeds the {cfg.block_size} positions the model learned")
+        sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:block_size]
+    cfg = dataclasses.replace(cfg, block_size=block_size or cfg.block_size, dropout=dropout, attention=attention)
+    model = GPT(cfg)
+    model.load_state_dict({**sd, **({"lm_head.weight": sd["transformer.wte.weight"]} if cfg.tie_embeddings else {})})
+    return model.to(device).eval(), cfg, tok
+
+
+def load_pretrained_checkpoint(name_or_dir: str | Path, device: str | torch.device = "cpu"):
+    """`load_pretrained` as a `gptforge.checkpoint.Checkpoint`, for `sample` and `eval`."""
+    from gptforge.checkpoint import Checkpoint
+
+    model, cfg, tok = load_pretrained(name_or_dir, device)
+    return Checkpoint(model=model, tokenizer=tok, config=RunConfig(model=cfg), path=Path(str(name_or_dir)),
+                      state={"source": str(name_or_dir)})
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"{out} already exists and is not empty; choose another directory or pass --overwrite")
+
+
+def import_hf(name_or_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Write a GPT-2 or Llama-family model (name, hub id or local HF directory) as a gptforge
+    checkpoint directory that `load_checkpoint`, `gptforge sample` and `gptforge eval` read."""
+    from gptforge.checkpoint import write_checkpoint
+
+    out = Path(out_dir)
+    _refuse_existing(out, overwrite)
+    cfg, sd, tok, src = _read_hf(name_or_dir)
+    arch = "GPT2LMHeadModel" if cfg.pos == "learned" else "LlamaForCausalLM"
+    write_checkpoint(out, sd, RunConfig(model=cfg), tok, {"step": 0, "source": str(name_or_dir), "imported_from": arch})
+    return {"path": str(out), "source": str(src), "architecture": arch, "model": dataclasses.asdict(cfg),
+            "tokenizer": tok.kind, "vocab_size": cfg.vocab_size, "tokenizer_vocab_size": tok.vocab_size}
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str = "latest",
+              overwrite: bool = False) -> dict[str, Any]:
+    """Write a checkpoint as a `transformers` directory: config.json, model.safetensors,
+    generation_config.json, a tokenizer `AutoTokenizer` reads (gpt2 and bpe kinds), our own tokenizer
+    as gptforge_tokenizer.json, and README.md. Refuses architectures HF cannot compute exactly."""
+    from safetensors.torch import save_file
+
+    from gptforge import __version__
+    from gptforge.checkpoint import load_checkpoint, model_state, umask_mode, write_dir_atomically
+
+    _transformers()
+    out = Path(out_dir)
+    _refuse_existing(out, overwrite)
+    ck = load_checkpoint(run_or_checkpoint, "cpu", which)
+    cfg, tok = ck.config.model, ck.tokenizer
+    arch = hf_architecture(cfg)
+    hf_config = _hf_config(cfg, arch, tok.eot_id)
+    weights = _to_hf(cfg, arch, model_state(ck.model))
+    padded = list(range(tok.vocab_size, cfg.vocab_size))
+    notes = []
+    if padded:
+        notes.append(f"The model has {cfg.vocab_size} vocabulary rows for the tokenizer's {tok.vocab_size} tokens "
+                     f"(padded to a multiple of 64, as trained). Ids {tok.vocab_size}..{cfg.vocab_size - 1} were never "
+                     "targets; generation_config.json suppresses them, and logits and loss equal gptforge's.")
+    hf_tok = {"gpt2": lambda: gpt2_hf_tokenizer_json(tok), "bpe": lambda: json.dumps(tok.to_dict()["hf_tokenizer"])}
+    if tok.kind in hf_tok:
+        notes.append(f"tokenizer.json holds the {tok.kind} tokenizer for transformers' AutoTokenizer.")
+    else:
+        notes.append(f"No Hugging Face tokenizer: gptforge's {tok.kind} tokenizer has no transformers counterpart. "
+                     f"Encode and decode with gptforge.tokenizer.load_tokenizer('{OWN_TOKENIZER}').")
+    name = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[arch]
+
+    def write(tmp: Path) -> None:
+        hf_config.save_pretrained(tmp)
+        _transformers().GenerationConfig(bos_token_id=tok.eot_id, eos_token_id=tok.eot_id,
+                                         suppress_tokens=padded or None).save_pretrained(tmp)
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        umask_mode(tmp / "model.safetensors")
+        tok.save(tmp)
+        (tmp / "tokenizer.json").rename(tmp / OWN_TOKENIZER)
+        if tok.kind in hf_tok:
+            (tmp / "tokenizer.json").write_text(hf_tok[tok.kind](), encoding="utf-8")
+            special = EOT_TEXT if tok.eot_id is not None else None
+            (tmp / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
+                 "bos_token": special, "eos_token": special, "add_prefix_space": False,
+                 "clean_up_tokenization_spaces": False}, indent=2) + "\n")
+        (tmp / "README.md").write_text(
+            f"# Exported by gptforge {__version__}\n\nFrom `{ck.path}`: a `{name}` for `transformers`.\n\n"
+            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"model = AutoModelForCausalLM.from_pretrained(\"{out}\")\n"
+            + (f"tokenizer = AutoTokenizer.from_pretrained(\"{out}\")\n" if tok.kind in hf_tok else "")
+            + "```\n\n" + "\n\n".join(notes) + "\n\n"
+            f"`gptforge import {out} CHECKPOINT_DIR` turns it back into a gptforge checkpoint.\n")
+
+    write_dir_atomically(out, write)
+    return {"path": str(out), "architecture": name, "vocab_size": cfg.vocab_size,
+            "tokenizer": tok.kind if tok.kind in hf_tok else None, "notes": notes}
