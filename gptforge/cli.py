@@ -17,8 +17,8 @@ from typing import Any, Optional
 from jsonargparse import ArgumentParser, set_parsing_settings
 
 from gptforge import __version__
-from gptforge.config import (ConfigError, DataConfig, GPTConfig, OptimConfig, PRESETS, RunConfig, TrainConfig,
-                             preset)
+from gptforge.config import (ConfigError, DataConfig, EvalConfig, GPTConfig, OptimConfig, PRESETS, RunConfig,
+                             TrainConfig, preset)
 from gptforge.errors import UserError
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -106,10 +106,13 @@ def _train_parser(defaults: dict[str, Any]) -> ArgumentParser:
     p.add_argument("--resume", help="continue the run in this directory from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--device", help="shortcut for --train.device: auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--dist", choices=["ddp", "fsdp"], help="shortcut for --train.dist (under torchrun)")
+    p.add_argument("--init-from", help="shortcut for --train.init_from: gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+                                       "a Hugging Face model directory, or a gptforge run directory")
     p.add_argument("--json", action="store_true", help="print the final result as one JSON object")
-    for key, cls in (("model", GPTConfig), ("optim", OptimConfig), ("train", TrainConfig)):
+    for key, cls in (("model", GPTConfig), ("optim", OptimConfig), ("train", TrainConfig), ("eval", EvalConfig)):
         p.add_class_arguments(cls, key)
-    p.set_defaults({f"{section}.{k}": v for section in ("model", "optim", "train")
+    p.set_defaults({f"{section}.{k}": v for section in ("model", "optim", "train", "eval")
                     for k, v in defaults[section].items()})
     p.set_defaults(data=defaults["data"]["dir"] or None)
     return p
@@ -121,24 +124,42 @@ def build_parser(train_defaults_: Optional[dict[str, Any]] = None) -> ArgumentPa
     verbs = parser.add_subcommands(dest="verb")
 
     prep = _parser(description="Tokenize a corpus into train/val(/test) token files plus a manifest.")
-    prep.add_argument("source", help="a text file, a folder of .txt/.md files, a .jsonl file, "
-                                     "or a built-in corpus: shakespeare (downloaded once), pydoc (offline)")
+    prep.add_argument("source", help="a text file (.txt/.md/.txt.gz), a .jsonl(.gz) or .parquet file, a folder of "
+                                     "them, hf:NAME[:CONFIG][@SPLIT] (a Hugging Face dataset, streamed; needs "
+                                     "gptforge[hf]), or a built-in corpus: shakespeare (downloaded once), pydoc (offline)")
     prep.add_argument("--out", required=True, help="data directory to write")
     prep.add_argument("--tokenizer", choices=["char", "gpt2", "bpe"], default="char")
     prep.add_argument("--vocab-size", type=Optional[int], default=None, help="vocabulary size (bpe only)")
-    prep.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of the corpus kept for validation")
-    prep.add_argument("--test-fraction", type=float, default=0.0, help="fraction kept for a test split (before val)")
-    prep.add_argument("--text-field", default="text", help="field holding the text in .jsonl sources")
-    prep.add_argument("--overwrite", action="store_true", help="replace an existing data directory")
+    prep.add_argument("--val-fraction", type=Optional[float], default=None,
+                      help="last fraction of the corpus kept for validation (default 0.1 unless --val-tokens)")
+    prep.add_argument("--test-fraction", type=Optional[float], default=None,
+                      help="fraction kept for a test split, just before val (default 0)")
+    prep.add_argument("--val-tokens", type=Optional[int], default=None,
+                      help="keep the last N tokens for validation instead of a fraction")
+    prep.add_argument("--test-tokens", type=Optional[int], default=None,
+                      help="keep N tokens just before val for test instead of a fraction")
+    prep.add_argument("--shard-tokens", type=int, default=100_000_000,
+                      help="tokens per file; longer splits become NAME-000000.bin, NAME-000001.bin, ...")
+    prep.add_argument("--num-proc", type=Optional[int], default=None,
+                      help="encoding processes (default min(8, CPUs)); the output does not depend on it")
+    prep.add_argument("--text-field", default="text", help="JSON field or parquet/dataset column holding the text")
+    prep.add_argument("--overwrite", action="store_true",
+                      help="replace an existing data directory, or discard an interrupted preparation made with other options")
     prep.add_argument("--json", action="store_true", help="print the manifest as JSON")
     verbs.add_subcommand("prepare", prep, help="tokenize a corpus into token shards")
 
     verbs.add_subcommand("train", _train_parser(train_defaults_ or RunConfig().to_dict()), help="train a model")
 
-    ev = _parser(description="Loss, perplexity and bits per byte of a checkpoint on a data split.")
-    ev.add_argument("run", help="run directory or checkpoint directory")
+    ev = _parser(description="Loss, perplexity and bits per byte of a checkpoint on a data split "
+                             "(--task loss), or its HellaSwag accuracy (--task hellaswag).")
+    ev.add_argument("run", help="run directory, checkpoint directory, gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a Hugging Face model directory")
     ev.add_argument("--data", help="data directory (default: the one the run trained on)")
     ev.add_argument("--split", default="val", help="split to evaluate: val, test or train")
+    ev.add_argument("--task", choices=["loss", "hellaswag"], default="loss",
+                    help="loss: loss, perplexity, bits per byte on --data; hellaswag: accuracy on HellaSwag val "
+                         "(the official file, downloaded once into ~/.cache/gptforge, or --file)")
+    ev.add_argument("--file", help="hellaswag: a local hellaswag_val.jsonl instead of the download")
+    ev.add_argument("--limit", type=Optional[int], default=None, help="hellaswag: only the first N examples")
     ev.add_argument("--max-tokens", type=Optional[int], default=None, help="evaluate at most this many tokens")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--best", action="store_true", help="use the best-val checkpoint instead of the latest")
@@ -146,8 +167,15 @@ def build_parser(train_defaults_: Optional[dict[str, Any]] = None) -> ArgumentPa
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     verbs.add_subcommand("eval", ev, help="evaluate a checkpoint")
 
+    rp = _parser(description="Write RUN_DIR/report.png (loss, learning rate, HellaSwag; needs matplotlib) and "
+                             "RUN_DIR/report.md (model, tokens, throughput, MFU, best and final losses) "
+                             "from the run's metrics.jsonl and config.json.")
+    rp.add_argument("run", help="run directory written by `gptforge train`")
+    rp.add_argument("--json", action="store_true", help="print the paths and the summary as one JSON object")
+    verbs.add_subcommand("report", rp, help="plot and summarise a training run")
+
     sa = _parser(description="Generate text from a checkpoint, streamed as it is produced.")
-    sa.add_argument("run", help="run directory or checkpoint directory")
+    sa.add_argument("run", help="run directory, checkpoint directory, gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a Hugging Face model directory")
     sa.add_argument("--prompt", default="\n", help="prompt text, or FILE:path to read it from a file")
     sa.add_argument("--num-samples", type=int, default=1, help="samples, decoded together as one batch")
     sa.add_argument("--max-new-tokens", type=int, default=500)
@@ -161,6 +189,26 @@ def build_parser(train_defaults_: Optional[dict[str, Any]] = None) -> ArgumentPa
     sa.add_argument("--device", default="auto")
     sa.add_argument("--json", action="store_true", help="print the samples as one JSON object instead of streaming")
     verbs.add_subcommand("sample", sa, help="generate text")
+
+    ex = _parser(description="Write a checkpoint as a Hugging Face transformers directory (safetensors): "
+                             "GPT2LMHeadModel for the classic block, LlamaForCausalLM for RoPE + RMSNorm + SwiGLU. "
+                             "Needs gptforge[hf].")
+    ex.add_argument("run", help="run directory or checkpoint directory")
+    ex.add_argument("--to", choices=["hf"], default="hf", help="target format (Hugging Face transformers)")
+    ex.add_argument("out", help="directory to write: config.json, model.safetensors, tokenizer, README.md")
+    ex.add_argument("--best", action="store_true", help="export the best-val checkpoint instead of the latest")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    ex.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    verbs.add_subcommand("export", ex, help="export a checkpoint for Hugging Face transformers")
+
+    im = _parser(description="Turn GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded once), a hub id "
+                             "OWNER/NAME or a local transformers directory (GPT-2 or Llama architecture) into a "
+                             "gptforge checkpoint. Needs gptforge[hf].")
+    im.add_argument("source", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | OWNER/NAME | a local directory")
+    im.add_argument("--out", required=True, help="checkpoint directory to write")
+    im.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    im.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    verbs.add_subcommand("import", im, help="import GPT-2 or a Hugging Face model as a checkpoint")
 
     qs = _parser(description="Prepare CPython's bundled docs at character level, train the tiny CPU preset "
                              "on them, and print samples. Needs no network.")
@@ -183,7 +231,8 @@ def _run_prepare(a) -> int:
 
     manifest = prepare(a.source, a.out, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
                        val_fraction=a.val_fraction, test_fraction=a.test_fraction, text_field=a.text_field,
-                       overwrite=a.overwrite, progress=not a.json)
+                       overwrite=a.overwrite, progress=not a.json, num_proc=a.num_proc, shard_tokens=a.shard_tokens,
+                       val_tokens=a.val_tokens, test_tokens=a.test_tokens)
     if a.json:
         print(json.dumps(manifest))
     else:
@@ -196,10 +245,14 @@ def _run_train(a) -> int:
     from gptforge.train import train
 
     d = a.as_dict()
-    cfg = RunConfig.from_dict({"model": d["model"], "optim": d["optim"], "train": d["train"],
+    cfg = RunConfig.from_dict({"model": d["model"], "optim": d["optim"], "train": d["train"], "eval": d["eval"],
                                "data": {"dir": d["data"] or ""}})
     if a.device:
         cfg.train.device = a.device
+    if a.dist:
+        cfg.train.dist = a.dist
+    if a.init_from:
+        cfg.train.init_from = a.init_from
     if a.resume:
         run_dir = Path(a.resume)
         if a.out and Path(a.out) != run_dir:
@@ -212,14 +265,26 @@ def _run_train(a) -> int:
     result = train(cfg, run_dir, resume=bool(a.resume), overwrite=a.overwrite, log=log)
     if a.json:
         print(json.dumps(result.to_dict()))
-    if result.interrupted:
-        return 130 if result.interrupted == "SIGINT" else 143
-    return 0
+    return {"SIGINT": 130, "SIGTERM": 143}.get(result.interrupted, 0)  # stop_after is a normal end
 
 
 def _run_eval(a) -> int:
     from gptforge.evaluate import evaluate_checkpoint
 
+    if a.task == "hellaswag":
+        from gptforge.hellaswag import evaluate_hellaswag_checkpoint
+
+        out = evaluate_hellaswag_checkpoint(a.run, file=a.file, limit=a.limit, batch_size=a.batch_size,
+                                            which="best" if a.best else "latest", device=a.device,
+                                            progress=not a.json)
+        if a.json:
+            print(json.dumps(out))
+        else:
+            print(f"hellaswag: acc {out['acc']:.4f} | acc_norm {out['acc_norm']:.4f} | {out['n']:,} examples "
+                  f"| {out['checkpoint']}")
+        return 0
+    if a.file or a.limit is not None:
+        raise UserError("--file and --limit apply to --task hellaswag")
     out = evaluate_checkpoint(a.run, data=a.data, split=a.split, max_tokens=a.max_tokens, batch_size=a.batch_size,
                               which="best" if a.best else "latest", device=a.device)
     if a.json:
@@ -249,6 +314,24 @@ def _run_sample(a) -> int:
     return 0
 
 
+def _run_export(a) -> int:
+    from gptforge.hf import export_hf
+
+    out = export_hf(a.run, a.out, which="best" if a.best else "latest", overwrite=a.overwrite)
+    print(json.dumps(out) if a.json else f"wrote {out['path']}: {out['architecture']}, vocab {out['vocab_size']:,}, "
+          f"tokenizer {out['tokenizer'] or 'none (see README.md there)'}")
+    return 0
+
+
+def _run_import(a) -> int:
+    from gptforge.hf import import_hf
+
+    out = import_hf(a.source, a.out, overwrite=a.overwrite)
+    print(json.dumps(out) if a.json else f"wrote {out['path']}: {out['architecture']} as a gptforge checkpoint, "
+          f"vocab {out['vocab_size']:,}, {out['tokenizer']} tokenizer; try `gptforge sample {out['path']}`")
+    return 0
+
+
 def _run_quickstart(a) -> int:
     from gptforge.quickstart import quickstart
 
@@ -264,8 +347,21 @@ def _run_presets(a) -> int:
     return 0
 
 
-VERBS = {"prepare": _run_prepare, "train": _run_train, "eval": _run_eval, "sample": _run_sample,
-         "quickstart": _run_quickstart, "presets": _run_presets}
+def _run_report(a) -> int:
+    from gptforge.report import write_report
+
+    out = write_report(a.run)
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print(f"wrote {out['markdown']}" + (f" and {out['png']}" if out["png"] else
+                                             " (no plot: pip install matplotlib for report.png)"))
+    return 0
+
+
+VERBS = {"prepare": _run_prepare, "train": _run_train, "eval": _run_eval, "report": _run_report,
+         "sample": _run_sample,
+         "export": _run_export, "import": _run_import, "quickstart": _run_quickstart, "presets": _run_presets}
 
 
 def _one_line(msg: str) -> str:

@@ -22,6 +22,8 @@ def readme_commands(verb: str) -> list[list[str]]:
             line = line.split("#")[0].strip()
             if line.startswith(f"gptforge {verb}"):
                 commands.append(shlex.split(line)[1:])
+            elif line.startswith("torchrun") and f"-m gptforge {verb}" in line:  # torchrun ... -m gptforge VERB ...
+                commands.append(shlex.split(line.split("-m gptforge", 1)[1]))
     return commands
 
 
@@ -31,7 +33,7 @@ def test_ci_runs_the_readme_test_command():
     assert test_line in ci
 
 
-@pytest.mark.parametrize("verb", ["prepare", "train", "eval", "sample"])
+@pytest.mark.parametrize("verb", ["prepare", "train", "eval", "sample", "export", "import"])
 def test_every_readme_command_parses(verb):
     commands = readme_commands(verb)
     assert commands, f"the README shows no `gptforge {verb}` command"
