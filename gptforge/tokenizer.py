@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,13 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` of each text; parallel where the backend offers it."""
         return [self.encode(t) for t in texts]
+
+    def set_threads(self, n: int) -> None:
+        """Have `encode_batch` use `n` threads (1: the calling thread only) where the tokenizer runs
+        threads of its own: gpt2. char runs none; bpe's are HF's process-wide pool, which only the
+        TOKENIZERS_PARALLELISM and RAYON_NUM_THREADS environment variables control."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"the number of threads must be a whole number >= 1, got {n!r}")
 
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         """`encode_batch` as int64 arrays: what `prepare` streams to disk (char overrides it to skip lists)."""
@@ -173,6 +181,28 @@ def _encoding_from_tiktoken() -> Any:
         ) from None
 
 
+def _slices(texts: list[str], n: int) -> list[list[str]]:
+    """`texts` as at most `n` contiguous, non-empty runs of about equal length in characters (so no
+    thread gets all the long texts of a batch), in order: their concatenation is `texts`."""
+    n = min(n, len(texts))
+    if n <= 1:
+        return [texts] if texts else []
+    total = sum(map(len, texts))
+    runs: list[list[str]] = []
+    start = done = 0
+    k = 1  # the run being filled ends once `done` reaches k/n of `total`
+    for i, text in enumerate(texts):
+        done += len(text)
+        if k < n and done * n >= total * k:
+            runs.append(texts[start: i + 1])
+            start = i + 1
+            while k < n and done * n >= total * k:  # a long text may cover several runs' share
+                k += 1
+    if start < len(texts):
+        runs.append(texts[start:])
+    return runs
+
+
 class GPT2Tokenizer(Tokenizer):
     """GPT-2's byte-level BPE via tiktoken. The dict form embeds the ranks, so loading it is offline."""
 
@@ -192,14 +222,26 @@ class GPT2Tokenizer(Tokenizer):
         self._state = state
         self.vocab_size = encoding.n_vocab
         self.eot_id = encoding.eot_token
-        # tiktoken releases the GIL, so a thread pool encodes a batch in parallel.
-        self._threads = max(1, min(16, os.cpu_count() or 1))
+        # tiktoken releases the GIL, so threads encode a batch in parallel: by default one per core, up to 16.
+        self.threads = max(1, min(16, os.cpu_count() or 1))
+
+    def set_threads(self, n: int) -> None:
+        super().set_threads(n)
+        self.threads = n
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._enc.encode_ordinary_batch(list(texts), num_threads=self._threads)
+        # Not tiktoken's encode_ordinary_batch: it makes one thread-pool task per text, and on many
+        # short texts that overhead costs more than the encoding. One task per thread, each a
+        # contiguous slice, costs a few tasks per batch; concatenating the slices keeps the order.
+        encode = self._enc.encode_ordinary
+        slices = _slices(list(texts), self.threads)
+        if len(slices) <= 1:
+            return [encode(t) for s in slices for t in s]
+        with ThreadPoolExecutor(len(slices)) as pool:
+            return [ids for part in pool.map(lambda s: [encode(t) for t in s], slices) for ids in part]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode(np.asarray(ids, dtype=np.int64).tolist())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gptforge.data import prepare as prep
-from gptforge.data import sources
+from gptforge.data import shards, sources
 from gptforge.data.prepare import prepare, split_sizes, token_dtype
 from gptforge.errors import UserError
 from gptforge.tokenizer import EOT_TEXT, load_tokenizer
@@ -350,12 +350,12 @@ def test_failed_prepare_keeps_the_old_data(tmp_path, monkeypatch):
         "corpus", "data"]
 
     (tmp_path / "corpus" / "b.txt").unlink()
-    write_splits = prep._write_splits
+    write_splits = shards.write_splits
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # e.g. Ctrl-C while the splits are written
 
-    monkeypatch.setattr(prep, "_write_splits", crash)
+    monkeypatch.setattr(shards, "write_splits", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare(str(src), out, overwrite=True, progress=False)
     # an interruption keeps the encoded tokens in DATA_DIR.partial, and only there
@@ -364,13 +364,13 @@ def test_failed_prepare_keeps_the_old_data(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device", "val.bin")
 
-    monkeypatch.setattr(prep, "_write_splits", disk_full)
+    monkeypatch.setattr(shards, "write_splits", disk_full)
     with pytest.raises(UserError, match=r"preparing .*data failed: No space left on device \(val\.bin\); "
                                         r"re-run the same command to resume from .*data\.partial$"):
         prepare(str(src), out, overwrite=True, progress=False)
     assert snapshot(out) == before and leftovers(tmp_path) == []
 
-    monkeypatch.setattr(prep, "_write_splits", write_splits)
+    monkeypatch.setattr(shards, "write_splits", write_splits)
     m = prepare(str(src), out, overwrite=True, progress=False)
     assert m["inputs"][0]["name"] == "a.txt" and load_tokenizer(out).decode(all_tokens(out)) == src.read_text()
     assert leftovers(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "data"]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from gptforge.data import prepare as prep
+from gptforge.data import shards
 from gptforge.data.prepare import prepare
 from gptforge.errors import UserError
 from gptforge.tokenizer import EOT_TEXT, load_tokenizer
@@ -325,7 +326,7 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path):
 
 
 def kill_after_shards(monkeypatch, k: int) -> None:
-    write = prep._Shards.write
+    write = shards.TokenStream.write
 
     def dying(self, ids):
         finished = write(self, ids)
@@ -333,7 +334,7 @@ def kill_after_shards(monkeypatch, k: int) -> None:
             raise KeyboardInterrupt
         return finished
 
-    monkeypatch.setattr(prep._Shards, "write", dying)
+    monkeypatch.setattr(shards.TokenStream, "write", dying)
 
 
 def test_resume_after_an_interrupt_equals_an_uninterrupted_run(corpus, tmp_path, monkeypatch, capfd):
@@ -368,14 +369,14 @@ def test_resume_after_sigkill_with_worker_processes(tiktoken_cache, corpus, tmp_
     opts = dict(tokenizer="gpt2", val_fraction=0.05, shard_tokens=1500, num_proc=2, progress=False)
     script = textwrap.dedent(f"""
         import os, signal, sys
-        from gptforge.data import prepare as prep
+        from gptforge.data import prepare as prep, shards
         prep.BATCH_CHARS = 4000
-        save = prep._save_state
+        save = shards.save_state
         def save_then_die(work, state):
             save(work, state)
             if len(state["shard_bytes"]) >= 4:
                 os.kill(os.getpid(), signal.SIGKILL)
-        prep._save_state = save_then_die
+        shards.save_state = save_then_die
         if __name__ == "__main__":
             prep.prepare(sys.argv[1], sys.argv[2], **{opts!r})
     """)

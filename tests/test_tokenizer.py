@@ -48,6 +48,8 @@ def test_char_tinyshakespeare_is_nanogpts_vocab(shakespeare):
     assert ids[:5] == [18, 47, 56, 57, 58]
     roundtrip_checks(tok, shakespeare)
     assert tok.encode_batch(["First", "", "Citizen"]) == [tok.encode("First"), [], tok.encode("Citizen")]
+    tok.set_threads(1)  # char runs no threads: accepted, nothing changes
+    assert tok.encode_batch(["First", "", "Citizen"]) == [tok.encode("First"), [], tok.encode("Citizen")]
 
 
 def test_char_eot_only_with_several_documents():
@@ -100,6 +102,43 @@ def test_gpt2_roundtrip_and_known_ids(tiktoken_cache, shakespeare):
     assert 50256 not in tok.encode("a" + EOT_TEXT + "b")
     assert tok.decode([50256]) == EOT_TEXT
     assert tok.token_bytes()[50256] == 0 and tok.token_bytes()[31373] == len(b"hello")
+
+
+def test_gpt2_encode_batch_equals_encode_per_text(tiktoken_cache, shakespeare):
+    """Slices of the batch on threads: the same ids in the same order, whatever the thread count."""
+    tok = train_tokenizer("gpt2", [])
+    paragraphs = shakespeare[:100_000].split("\n\n")  # hundreds of short texts
+    texts = (["", "a", " ", EOT_TEXT, NON_ASCII, "lone \ud800 surrogate"] + paragraphs[:300]
+             + [shakespeare[100_000:160_000]] + paragraphs[300:] + [shakespeare[-30_000:], ""])
+    expected = [tok.encode(t) for t in texts]
+    for threads in (1, 2, 3, 7, 64):
+        tok.set_threads(threads)
+        assert tok.threads == threads
+        assert tok.encode_batch(texts) == expected, threads
+        assert tok.encode_batch(texts[-threads:]) == expected[-threads:], threads  # as many texts as threads
+        assert tok.encode_batch(texts[:2]) == expected[:2] and tok.encode_batch([]) == []
+        assert [a.tolist() for a in tok.encode_arrays(texts[:40])] == expected[:40]
+    with pytest.raises(ValueError, match="whole number >= 1"):
+        tok.set_threads(0)
+
+
+def test_batch_slices_keep_order_and_share_the_length():
+    from gptforge.tokenizer import _slices
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        lengths = rng.integers(0, 50, size=int(rng.integers(0, 40)))
+        if trial % 3 == 0 and len(lengths):
+            lengths[rng.integers(0, len(lengths))] = 5000  # one long text among short ones
+        texts = ["x" * int(n) for n in lengths]
+        for n in (1, 2, 3, 4, 8, 100):
+            runs = _slices(texts, n)
+            assert [t for run in runs for t in run] == texts and all(runs) and len(runs) <= n
+            total, longest, share = sum(lengths), max(lengths, default=0), max(min(n, len(texts)), 1)
+            assert all(sum(map(len, run)) <= total / share + longest for run in runs)
+    assert [len(run) for run in _slices(["abc"] * 1024, 4)] == [256] * 4
+    # the long texts of a batch go to different threads
+    assert [len(run) for run in _slices(["x" * 1000] * 4 + ["y"] * 1000, 4)] == [2, 1, 1, 1000]
 
 
 def test_gpt2_dict_rebuilds_offline(tiktoken_cache, shakespeare, tmp_path, monkeypatch):

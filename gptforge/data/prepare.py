@@ -1,30 +1,28 @@
 """`gptforge prepare`: a corpus -> token shards + tokenizer + manifest, resumable, written atomically.
 
-Owns building the tokenizer on the corpus, encoding it in parallel (in order, so the output never depends
-on the number of processes) with an end-of-text token *between* documents, cutting the token stream into
-fixed-size shards, splitting train / test / val by token count, and the layout of a data directory:
+The verb itself, stage by stage: read SOURCE (gptforge.data.sources), build the tokenizer on it, encode
+it in parallel (in order, so the output never depends on the number of processes) with an end-of-text
+token *between* documents, append the tokens to the resumable stream in DATA_DIR.partial/, cut that
+stream into train / test / val and write the manifest (gptforge.data.shards does the files). Here live
+the options, the tokenizer, the encoding and what the manifest says. A data directory is
 
     DATA_DIR/train.bin, val.bin, [test.bin]    flat uint16 (or uint32) arrays, np.memmap-able; a split
     DATA_DIR/train-000000.bin, ...             longer than --shard-tokens is several files of that size
     DATA_DIR/tokenizer.json                    the complete tokenizer (gptforge.tokenizer)
     DATA_DIR/manifest.json                     format, tokenizer, dtype, splits and their shards, inputs
 
-Reading SOURCE is gptforge.data.sources'. The work happens in DATA_DIR.partial/ (the token stream as
-fixed-size files plus progress.json), so a killed run resumes after its last finished shard; DATA_DIR
-appears, complete, in one rename at the end. The output is a pure function of the input and the options
-(no timestamps, no absolute paths, not the process count): preparing twice gives byte-identical files.
-Memory stays flat: a bounded number of batches is in flight, whatever the size of the corpus.
+A killed run resumes after its last finished shard; DATA_DIR appears, complete, in one rename at the
+end. The output is a pure function of the input and the options (no timestamps, no absolute paths, not
+the process count): preparing twice gives byte-identical files. Memory stays flat: a bounded number of
+batches is in flight, whatever the size of the corpus.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import multiprocessing
 import os
-import re
-import secrets
 import shutil
 import signal
 import sys
@@ -43,7 +41,8 @@ from tqdm import tqdm
 
 from gptforge import __version__
 from gptforge.config import save_json
-from gptforge.data import sources
+from gptforge.data import shards, sources
+from gptforge.data.shards import DEFAULT_VAL_FRACTION, MANIFEST_FILE, PROGRESS_FILE, split_sizes
 # BUILTINS, cache_dir and fetch_shakespeare lived here before sources.py: still importable from here.
 from gptforge.data.sources import BUILTINS, Corpus, cache_dir, fetch_shakespeare, open_source  # noqa: F401
 from gptforge.errors import UserError
@@ -51,11 +50,7 @@ from gptforge.tokenizer import (TOKENIZER_FILE, CharTokenizer, Tokenizer, check_
                                 train_bpe, train_tokenizer)
 
 MANIFEST_FORMAT = "gptforge-tokens/1"
-MANIFEST_FILE = "manifest.json"
-PROGRESS_FORMAT = "gptforge-prepare-progress/1"
-PROGRESS_FILE = "progress.json"
 DEFAULT_SHARD_TOKENS = 100_000_000
-DEFAULT_VAL_FRACTION = 0.1
 MAX_DEFAULT_PROCS = 8
 
 # A batch of chunks is encoded at once (one task for a worker, or tiktoken / HF threads in-process);
@@ -63,7 +58,6 @@ MAX_DEFAULT_PROCS = 8
 BATCH_CHARS = 1 << 20
 BATCH_ITEMS = 1024
 INFLIGHT_PER_PROC = 2
-COPY_TOKENS = 1 << 20  # tokens per block when copying the boundary shards into splits
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -71,16 +65,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def _lengths(tok: Tokenizer) -> np.ndarray:
-    """UTF-8 bytes of each token id, in the smallest dtype that holds them (a cheaper gather)."""
-    lengths = tok.token_bytes()
-    return lengths.astype(np.uint16 if lengths.max(initial=0) < 1 << 16 else np.int64)
-
-
-def _utf8_bytes(ids: np.ndarray, lengths: np.ndarray) -> int:
-    """How many bytes of text `ids` stand for, in blocks so the temporary arrays stay small."""
-    return sum(int(np.take(lengths, ids[i: i + COPY_TOKENS]).sum(dtype=np.int64))
-               for i in range(0, len(ids), COPY_TOKENS))
+def default_num_proc() -> int:
+    return max(1, min(MAX_DEFAULT_PROCS, os.cpu_count() or 1))
 
 
 class _KeepWork(UserError):
@@ -94,477 +80,6 @@ def _empty(source: str) -> UserError:
 def _bar(total: int | None, desc: str, progress: bool, initial: int = 0) -> tqdm:
     return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                 disable=not progress, file=sys.stderr, dynamic_ncols=True)
-
-
-def _build_tokenizer(corpus: Corpus, kind: str, vocab_size: int | None, progress: bool) -> Tokenizer:
-    if kind == "gpt2":
-        return train_tokenizer("gpt2", [])
-    n_docs = 0
-    desc = "char vocabulary" if kind == "char" else f"train bpe ({vocab_size})"
-    with _bar(corpus.total_bytes, desc, progress) as bar:
-        chunks = sources.read(corpus, bar.update)
-        first = next(chunks, None)
-        if first is None:  # say so before HF trains a tokenizer on nothing
-            raise _empty(corpus.source)
-
-        def texts() -> Iterator[str]:
-            nonlocal n_docs
-            for text, doc_start, _, _ in itertools.chain([first], chunks):
-                n_docs += doc_start
-                yield text
-
-        if kind == "bpe":
-            return train_bpe(texts(), vocab_size)  # type: ignore[arg-type]
-        chars: set[str] = set()
-        for text in texts():
-            chars.update(text)
-    # EOT only separates documents, so a one-document corpus needs none (nanoGPT's 65 chars).
-    return CharTokenizer(chars, eot=n_docs > 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Encoding: batches of chunks, encoded in order in this process or in a pool of worker processes
-
-
-@dataclass
-class _Batch:
-    texts: list[str]
-    seps: list[bool]  # an end-of-text token goes before this chunk (it starts a document, not the first)
-    end: tuple[int, int]  # (input, chunks read of it) after the last chunk: where a resume starts
-    documents: int  # documents started so far, this batch included
-    n_bytes: int  # source bytes read while it was gathered (the progress bar)
-
-
-def _batches(corpus: Corpus, start: tuple[int, int], documents: int,
-             on_input_done: Callable[[int, dict[str, Any]], None]) -> Iterator[_Batch]:
-    texts: list[str] = []
-    seps: list[bool] = []
-    chars = 0
-    read = [0]
-
-    def tally(n: int) -> None:
-        read[0] += n
-
-    for text, doc_start, index, n_read in sources.read(corpus, tally, start, on_input_done):
-        seps.append(doc_start and documents > 0)
-        documents += doc_start
-        texts.append(text)
-        chars += len(text)
-        if chars >= BATCH_CHARS or len(texts) >= BATCH_ITEMS:
-            yield _Batch(texts, seps, (index, n_read), documents, read[0])
-            texts, seps, chars, read[0] = [], [], 0, 0
-    if texts:
-        yield _Batch(texts, seps, (index, n_read), documents, read[0])
-
-
-def _encode_batch(tok: Tokenizer, dtype: np.dtype, texts: list[str], seps: list[bool]) -> np.ndarray:
-    """The batch's tokens, end-of-text tokens included, as `dtype`: a pure function of its arguments."""
-    pieces: list[np.ndarray] = []
-    for sep, ids in zip(seps, tok.encode_arrays(texts), strict=True):
-        if sep:
-            if tok.eot_id is None:  # only a char vocab of a 1-document corpus lacks it
-                raise UserError("the corpus changed while it was prepared (a second document appeared); "
-                                "prepare it again")
-            pieces.append(np.array([tok.eot_id], dtype=np.int64))
-        pieces.append(ids)
-    return np.concatenate(pieces).astype(dtype) if pieces else np.empty(0, dtype=dtype)
-
-
-_WORKER: tuple[Tokenizer, np.dtype] | None = None
-
-
-def _worker_init(tokenizer: Path, dtype: str, parent: int) -> None:
-    global _WORKER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # HF's threads: we already run one process per core
-    _WORKER = (load_tokenizer(tokenizer), np.dtype(dtype))
-
-    def exit_with_parent() -> None:
-        # A killed parent never tells the pool; its workers would wait for work forever.
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=exit_with_parent, daemon=True).start()
-
-
-def _worker_encode(texts: list[str], seps: list[bool]) -> np.ndarray:
-    assert _WORKER is not None
-    return _encode_batch(*_WORKER, texts, seps)
-
-
-@contextlib.contextmanager
-def _encoder(tok: Tokenizer, dtype: np.dtype, num_proc: int, tok_file: Path
-             ) -> Iterator[Callable[[Iterator[_Batch]], Iterator[tuple[_Batch, np.ndarray]]]]:
-    """encode(batches) -> (batch, tokens), in the batches' order, with at most
-    INFLIGHT_PER_PROC * num_proc batches read ahead. num_proc 1 encodes here, with the tokenizer's own
-    threads (tiktoken's pool, HF's rayon); more start that many spawned worker processes, which load
-    the tokenizer from `tok_file` (tok's saved form; a path keeps what is sent to a starting worker
-    small: a big payload blocks the parent for good if the worker dies before reading it)."""
-    pools: list[ProcessPoolExecutor] = []
-
-    def encode(batches: Iterator[_Batch]) -> Iterator[tuple[_Batch, np.ndarray]]:
-        ahead = list(itertools.islice(batches, 2))
-        if num_proc == 1 or len(ahead) < 2:  # one batch: starting processes would cost more than it saves
-            yield from ((b, _encode_batch(tok, dtype, b.texts, b.seps)) for b in itertools.chain(ahead, batches))
-            return
-        pools.append(ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_worker_init, initargs=(tok_file, dtype.str, os.getpid())))
-        pending: deque = deque()
-        for batch in itertools.chain(ahead, batches):
-            pending.append((batch, pools[0].submit(_worker_encode, batch.texts, batch.seps)))
-            if len(pending) >= INFLIGHT_PER_PROC * num_proc:
-                done, future = pending.popleft()
-                yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
-
-    try:
-        yield encode
-    finally:
-        for pool in pools:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# The work dir: the token stream in fixed-size files, and the progress that makes it resumable
-
-
-def _token_file(work: Path, index: int) -> Path:
-    return work / f"tokens-{index:06d}.bin"
-
-
-class _Shards:
-    """Appends tokens to work/tokens-NNNNNN.bin files of exactly `size` tokens (the last one: fewer),
-    continuing from the last checkpoint: anything written after it is cut off."""
-
-    def __init__(self, work: Path, size: int, dtype: np.dtype, token_bytes: np.ndarray, state: dict[str, Any]):
-        self.work, self.size, self.dtype, self.token_bytes = work, size, dtype, token_bytes
-        self.shard_bytes: list[int] = list(state["shard_bytes"])  # UTF-8 bytes of each finished file
-        self.tail, self.tail_bytes = state["tail_tokens"], state["tail_bytes"]
-        for path in work.glob("tokens-*.bin"):
-            if int(path.stem.split("-")[1]) > len(self.shard_bytes):
-                path.unlink()
-        self.f: Any = None
-        if self.tail:
-            self.f = open(_token_file(work, len(self.shard_bytes)), "r+b")
-            self.f.truncate(self.tail * dtype.itemsize)
-            self.f.seek(0, os.SEEK_END)
-        elif (path := _token_file(work, len(self.shard_bytes))).exists():
-            path.unlink()
-
-    @property
-    def tokens(self) -> int:
-        return len(self.shard_bytes) * self.size + self.tail
-
-    def write(self, ids: np.ndarray) -> bool:
-        """Append `ids`; True if that finished at least one file."""
-        finished, pos = False, 0
-        while pos < len(ids):
-            piece = ids[pos: pos + self.size - self.tail]
-            if self.f is None:
-                self.f = open(_token_file(self.work, len(self.shard_bytes)), "wb")
-            self.f.write(piece.tobytes())
-            self.tail += len(piece)
-            self.tail_bytes += _utf8_bytes(piece, self.token_bytes)
-            pos += len(piece)
-            if self.tail == self.size:
-                self.sync()
-                self.f.close()
-                self.f = None
-                self.shard_bytes.append(self.tail_bytes)
-                self.tail = self.tail_bytes = 0
-                finished = True
-        return finished
-
-    def sync(self) -> None:
-        if self.f is not None:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-            self.f = None
-
-
-def _save_state(work: Path, state: dict[str, Any]) -> None:
-    save_json(state, work / PROGRESS_FILE)
-
-
-def _encode(corpus: Corpus, tok: Tokenizer, work: Path, state: dict[str, Any], num_proc: int,
-            progress: bool) -> None:
-    """Encode the corpus from the state's position to its end into the work dir, checkpointing the
-    state each time a shard file is finished; on return the state is complete."""
-    dtype = np.dtype(state["dtype"])
-    records = list(state["inputs"])  # manifest records of the inputs read to their end
-
-    def input_done(index: int, record: dict[str, Any]) -> None:
-        assert index == len(records)
-        records.append(record)
-
-    shards = _Shards(work, state["options"]["shard_tokens"], dtype, _lengths(tok), state)
-    documents, start_tokens, t0 = state["documents"], shards.tokens, time.perf_counter()
-    batches = _batches(corpus, tuple(state["position"]), documents, input_done)  # type: ignore[arg-type]
-    skipped = sum(r.get("bytes", 0) for r in records) if corpus.total_bytes is not None else 0
-    try:
-        with _bar(corpus.total_bytes, f"encode ({tok.kind})", progress, skipped) as bar, \
-                _encoder(tok, dtype, num_proc, work / TOKENIZER_FILE) as encode:
-            for batch, ids in encode(batches):
-                if shards.write(ids):
-                    shards.sync()
-                    state.update(position=list(batch.end), documents=batch.documents, inputs=records[:batch.end[0]],
-                                 shard_bytes=shards.shard_bytes, tail_tokens=shards.tail, tail_bytes=shards.tail_bytes)
-                    _save_state(work, state)
-                documents = batch.documents
-                rate = (shards.tokens - start_tokens) / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix_str(f"{documents:,} docs, {tqdm.format_sizeof(rate)} tok/s", refresh=False)
-                bar.update(batch.n_bytes)
-        shards.sync()
-    finally:
-        shards.close()
-    state.update(complete=True, position=[len(corpus.inputs), 0], documents=documents, inputs=records,
-                 shard_bytes=shards.shard_bytes, tail_tokens=shards.tail, tail_bytes=shards.tail_bytes)
-    _save_state(work, state)
-
-
-_OURS = re.compile(r"(lock|progress\.json(\.tmp)?|tokenizer\.json|\.tokenizer\.json\..*\.tmp|tokens-\d{6}\.bin)")
-
-
-def _damage(work: Path, state: dict[str, Any]) -> str | None:
-    """What is wrong with a work dir's files, or None."""
-    try:
-        item = np.dtype(state["dtype"]).itemsize
-        size = state["options"]["shard_tokens"]
-        for i in range(len(state["shard_bytes"])):
-            if _token_file(work, i).stat().st_size != size * item:
-                return f"{_token_file(work, i).name} has the wrong size"
-        tail = _token_file(work, len(state["shard_bytes"]))
-        if state["tail_tokens"] and (not tail.exists() or tail.stat().st_size < state["tail_tokens"] * item):
-            return f"{tail.name} is shorter than recorded"
-        load_tokenizer(work)
-    except (OSError, KeyError, TypeError, ValueError, UserError) as e:
-        return sources.one_line(e)
-    return None
-
-
-def _open_work(work: Path, options: dict[str, Any], overwrite: bool) -> tuple[dict[str, Any] | None, Any]:
-    """(the saved state to resume from, or None to start afresh; a lock held on the work dir)."""
-    if work.is_dir():
-        entries = [p.name for p in work.iterdir()]
-        if not all(_OURS.fullmatch(name) for name in entries):
-            raise UserError(f"{work} exists and is not a gptforge work folder; move it away or choose another --out")
-    elif work.exists() or work.is_symlink():
-        raise UserError(f"{work} exists and is not a folder; move it away or choose another --out")
-    work.mkdir(parents=True, exist_ok=True)
-    lock = open(work / "lock", "a+b")
-    try:
-        import fcntl
-
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # no fcntl (Windows): no lock
-        pass
-    except OSError:
-        lock.close()
-        raise UserError(f"another gptforge prepare is writing {work}; wait for it to finish") from None
-    try:
-        state = json.loads((work / PROGRESS_FILE).read_text(encoding="utf-8"))
-        assert isinstance(state, dict) and state.get("format") == PROGRESS_FORMAT
-    except FileNotFoundError:
-        state = None
-    except (OSError, ValueError, AssertionError):
-        state = {"options": None}
-    if state is not None:
-        problem = None
-        if state.get("options") != options:
-            old = state.get("options") or {}
-            diff = [k for k in options if old.get(k) != options[k]] or ["format"]
-            problem = f"was started with other options or inputs ({', '.join(diff)} differ)"
-        elif damage := _damage(work, state):
-            problem = f"is damaged ({damage})"
-        if problem:
-            if not overwrite:
-                lock.close()
-                raise UserError(f"{work} holds an interrupted preparation that {problem}; pass --overwrite to "
-                                "discard it and start afresh")
-            state = None
-    if state is None:  # start afresh: clear what an earlier attempt left (all of it ours, checked above)
-        for path in work.iterdir():
-            if path.name != "lock":
-                path.unlink()
-    return state, lock
-
-
-def _fresh_state(options: dict[str, Any], dtype: np.dtype) -> dict[str, Any]:
-    return {"format": PROGRESS_FORMAT, "options": options, "dtype": dtype.name, "complete": False,
-            "position": [0, 0], "documents": 0, "shard_bytes": [], "tail_tokens": 0, "tail_bytes": 0,
-            "inputs": []}
-
-
-# ----------------------------------------------------------------------------------------------
-# Splits and the data directory
-
-
-def split_sizes(n: int, val_fraction: float = DEFAULT_VAL_FRACTION, test_fraction: float = 0.0,
-                val_tokens: int | None = None, test_tokens: int | None = None) -> dict[str, int]:
-    """Token counts in file order train, test, val (a split of fraction or count 0 is left out).
-
-    val is the last int-rounded fraction of the corpus exactly as in nanoGPT (it starts at
-    int(n * (1 - val_fraction))), or its last `val_tokens`; test is the int(n * test_fraction) (or
-    `test_tokens`) tokens just before it. So val is identical whether or not a test split is asked for,
-    which int(n * (1 - val - test)) for train would not guarantee (two roundings can move the boundary)."""
-    if val_tokens is not None:
-        n_val = val_tokens
-    else:
-        n_val = n - int(n * (1 - val_fraction)) if val_fraction > 0 else 0
-    if test_tokens is not None:
-        n_test = test_tokens
-    else:
-        n_test = int(n * test_fraction) if test_fraction > 0 else 0
-    sizes = {"train": n - n_val - n_test}
-    if (test_tokens if test_tokens is not None else test_fraction) > 0:
-        sizes["test"] = n_test
-    if (val_tokens if val_tokens is not None else val_fraction) > 0:
-        sizes["val"] = n_val
-    return sizes
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)  # no copy of a finished shard: it becomes a train shard as it is
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
-def _copy_tokens(work: Path, lo: int, hi: int, size: int, dtype: np.dtype, token_bytes: np.ndarray,
-                 dst: Path) -> int:
-    """Copy tokens [lo, hi) of the stream into `dst` in blocks (memory: one block); their UTF-8 bytes."""
-    n_bytes = 0
-    with open(dst, "wb") as out:
-        pos = lo
-        while pos < hi:
-            index, offset = divmod(pos, size)
-            count = min(hi - pos, size - offset)
-            with open(_token_file(work, index), "rb") as f:
-                f.seek(offset * dtype.itemsize)
-                for done in range(0, count, COPY_TOKENS):
-                    block = np.fromfile(f, dtype=dtype, count=min(COPY_TOKENS, count - done))
-                    n_bytes += _utf8_bytes(block, token_bytes)
-                    out.write(block.tobytes())
-            pos += count
-        out.flush()
-        os.fsync(out.fileno())
-    return n_bytes
-
-
-def _write_splits(work: Path, tmp: Path, sizes: dict[str, int], state: dict[str, Any],
-                  token_bytes: np.ndarray) -> dict[str, dict[str, Any]]:
-    """Each split as shards of at most shard_tokens tokens in `tmp`; the work dir is only read.
-
-    train starts at token 0, so its full shards are the work dir's files themselves (hard-linked);
-    only the shards that straddle a split boundary are copied."""
-    size, dtype = state["options"]["shard_tokens"], np.dtype(state["dtype"])
-    info: dict[str, dict[str, Any]] = {}
-    start = 0
-    for name, count in sizes.items():
-        n_files = -(-count // size)
-        shards, n_bytes = [], 0
-        for j in range(n_files):
-            lo, hi = start + j * size, min(start + (j + 1) * size, start + count)
-            file = f"{name}.bin" if n_files == 1 else f"{name}-{j:06d}.bin"
-            if lo % size == 0 and hi - lo == size:
-                _link_or_copy(_token_file(work, lo // size), tmp / file)
-                n_bytes += state["shard_bytes"][lo // size]
-            else:
-                n_bytes += _copy_tokens(work, lo, hi, size, dtype, token_bytes, tmp / file)
-            shards.append({"file": file, "tokens": hi - lo})
-        info[name] = {**({"file": shards[0]["file"]} if n_files == 1 else {}), "tokens": count, "bytes": n_bytes,
-                      "shards": shards}
-        start += count
-    return {name: info[name] for name in ("train", "val", "test") if name in info}
-
-
-def _is_data_dir(path: Path) -> bool:
-    try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("gptforge-tokens/")
-
-
-def _check_out(out: Path, shown: str, overwrite: bool) -> None:
-    if not out.exists() and not out.is_symlink():
-        return
-    if not out.is_dir():
-        raise UserError(f"{shown} exists and is not a folder; choose another --out")
-    if _is_data_dir(out):
-        if not overwrite:
-            raise UserError(f"{shown} already holds prepared data; pass --overwrite to replace it")
-        return
-    if any(out.iterdir()):
-        # Never delete a folder we did not write, --overwrite or not.
-        raise UserError(f"{shown} is not empty and is not a gptforge data folder (no valid {MANIFEST_FILE}); "
-                        "refusing to replace it, choose another --out")
-
-
-def _new_hidden_dir(out: Path, tag: str) -> Path:
-    """A fresh hidden sibling of `out`. Not mkdtemp: its 0700 mode would end up on DATA_DIR itself."""
-    while True:
-        path = out.parent / f".{out.name}.{secrets.token_hex(6)}.{tag}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Swap the finished temp dir into place; the old DATA_DIR is removed only once the new one is in."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = _new_hidden_dir(out, "old")
-    os.rename(out, old / "data")
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old / "data", out)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# prepare
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_splits(val_fraction: float | None, test_fraction: float | None, val_tokens: int | None,
-                  test_tokens: int | None) -> tuple[float, float]:
-    """The fractions to use (0 where a token count is given instead), after checking every value."""
-    for split, fraction, tokens in (("val", val_fraction, val_tokens), ("test", test_fraction, test_tokens)):
-        if fraction is not None and tokens is not None:
-            raise UserError(f"--{split}-fraction and --{split}-tokens both given; pass one of them")
-        if tokens is not None and not (_is_count(tokens) and tokens >= 0):
-            raise UserError(f"--{split}-tokens must be a whole number >= 0, got {tokens!r}")
-    if val_fraction is None:
-        val_fraction = DEFAULT_VAL_FRACTION if val_tokens is None else 0.0
-    test_fraction = test_fraction or 0.0
-    for flag, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise UserError(f"{flag} must be a number in [0, 1), got {value!r}")
-    if val_fraction + test_fraction >= 1:
-        raise UserError(f"--val-fraction + --test-fraction must be below 1 (leaving tokens to train on), "
-                        f"got {val_fraction} + {test_fraction}")
-    return val_fraction, test_fraction
-
-
-def default_num_proc() -> int:
-    return max(1, min(MAX_DEFAULT_PROCS, os.cpu_count() or 1))
 
 
 def prepare(source: str, out: str | Path, tokenizer: str = "char", vocab_size: int | None = None,
@@ -590,7 +105,7 @@ def prepare(source: str, out: str | Path, tokenizer: str = "char", vocab_size: i
         raise UserError(f"--shard-tokens must be a whole number >= 1, got {shard_tokens!r}")
     shown = os.fspath(out)
     out = Path(os.path.abspath(Path(out).expanduser()))
-    _check_out(out, shown, overwrite)
+    shards.check_out(out, shown, overwrite)
     corpus = open_source(source, text_field)
     # What the tokens depend on; the split options do not, so they may change on a resume.
     options = {"source": source, "tokenizer": tokenizer, "vocab_size": vocab_size, "text_field": text_field,
@@ -599,15 +114,15 @@ def prepare(source: str, out: str | Path, tokenizer: str = "char", vocab_size: i
                "inputs": [inp.stamp() for inp in corpus.inputs]}
     work = out.parent / f"{out.name}.partial"
     try:
-        state, lock = _open_work(work, options, overwrite)
+        state, lock = shards.open_work(work, options, overwrite)
     except OSError as e:
         raise UserError(f"cannot write next to {shown}: {e.strerror or e}") from None
     try:
         if state is None:
             tok = _build_tokenizer(corpus, tokenizer, vocab_size, progress)
             tok.save(work)
-            state = _fresh_state(options, token_dtype(tok.vocab_size))
-            _save_state(work, state)
+            state = shards.fresh_state(options, token_dtype(tok.vocab_size))
+            shards.save_state(work, state)
         else:
             tok = load_tokenizer(work)
         if not state["complete"]:
@@ -653,9 +168,9 @@ def _finish(work: Path, state: dict[str, Any], tok: Tokenizer, out: Path, shown:
                 raise UserError(msg)
             raise _KeepWork(f"{msg} (re-run with other split sizes to finish from {work} without encoding again)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_hidden_dir(out, "tmp")  # next to DATA_DIR (same filesystem: the final rename is atomic), hidden
+    tmp = shards.new_hidden_dir(out, "tmp")  # next to DATA_DIR (same filesystem: the final rename is atomic), hidden
     try:
-        splits = _write_splits(work, tmp, sizes, state, _lengths(tok))
+        splits = shards.write_splits(work, tmp, sizes, state, _lengths(tok))
         tok.save(tmp)
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -676,12 +191,217 @@ def _finish(work: Path, state: dict[str, Any], tok: Tokenizer, out: Path, shown:
         }
         save_json(manifest, tmp / MANIFEST_FILE)
         try:
-            _check_out(out, shown, overwrite)  # it may have changed while we worked
+            shards.check_out(out, shown, overwrite)  # it may have changed while we worked
         except UserError as e:
             raise _KeepWork(f"{e}; the tokens are ready in {work}: move {shown} away and re-run the same "
                             "command to finish") from None
-        _install(tmp, out)
+        shards.install(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Options
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_splits(val_fraction: float | None, test_fraction: float | None, val_tokens: int | None,
+                  test_tokens: int | None) -> tuple[float, float]:
+    """The fractions to use (0 where a token count is given instead), after checking every value."""
+    for split, fraction, tokens in (("val", val_fraction, val_tokens), ("test", test_fraction, test_tokens)):
+        if fraction is not None and tokens is not None:
+            raise UserError(f"--{split}-fraction and --{split}-tokens both given; pass one of them")
+        if tokens is not None and not (_is_count(tokens) and tokens >= 0):
+            raise UserError(f"--{split}-tokens must be a whole number >= 0, got {tokens!r}")
+    if val_fraction is None:
+        val_fraction = DEFAULT_VAL_FRACTION if val_tokens is None else 0.0
+    test_fraction = test_fraction or 0.0
+    for flag, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise UserError(f"{flag} must be a number in [0, 1), got {value!r}")
+    if val_fraction + test_fraction >= 1:
+        raise UserError(f"--val-fraction + --test-fraction must be below 1 (leaving tokens to train on), "
+                        f"got {val_fraction} + {test_fraction}")
+    return val_fraction, test_fraction
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer
+
+
+def _lengths(tok: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes of each token id, in the smallest dtype that holds them (a cheaper gather)."""
+    lengths = tok.token_bytes()
+    return lengths.astype(np.uint16 if lengths.max(initial=0) < 1 << 16 else np.int64)
+
+
+def _build_tokenizer(corpus: Corpus, kind: str, vocab_size: int | None, progress: bool) -> Tokenizer:
+    if kind == "gpt2":
+        return train_tokenizer("gpt2", [])
+    n_docs = 0
+    desc = "char vocabulary" if kind == "char" else f"train bpe ({vocab_size})"
+    with _bar(corpus.total_bytes, desc, progress) as bar:
+        chunks = sources.read(corpus, bar.update)
+        first = next(chunks, None)
+        if first is None:  # say so before HF trains a tokenizer on nothing
+            raise _empty(corpus.source)
+
+        def texts() -> Iterator[str]:
+            nonlocal n_docs
+            for text, doc_start, _, _ in itertools.chain([first], chunks):
+                n_docs += doc_start
+                yield text
+
+        if kind == "bpe":
+            return train_bpe(texts(), vocab_size)  # type: ignore[arg-type]
+        chars: set[str] = set()
+        for text in texts():
+            chars.update(text)
+    # EOT only separates documents, so a one-document corpus needs none (nanoGPT's 65 chars).
+    return CharTokenizer(chars, eot=n_docs > 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding: batches of chunks, encoded in order in this process or in a pool of worker processes
+
+
+@dataclass
+class _Batch:
+    texts: list[str]
+    seps: list[bool]  # an end-of-text token goes before this chunk (it starts a document, not the first)
+    end: tuple[int, int]  # (input, chunks read of it) after the last chunk: where a resume starts
+    documents: int  # documents started so far, this batch included
+    n_bytes: int  # source bytes read while it was gathered (the progress bar)
+
+
+def _encode(corpus: Corpus, tok: Tokenizer, work: Path, state: dict[str, Any], num_proc: int,
+            progress: bool) -> None:
+    """Encode the corpus from the state's position to its end into the work dir's token stream,
+    checkpointing the state each time a shard file is finished; on return the state is complete."""
+    dtype = np.dtype(state["dtype"])
+    records = list(state["inputs"])  # manifest records of the inputs read to their end
+
+    def input_done(index: int, record: dict[str, Any]) -> None:
+        assert index == len(records)
+        records.append(record)
+
+    stream = shards.TokenStream(work, state["options"]["shard_tokens"], dtype, _lengths(tok), state)
+    documents, start_tokens, t0 = state["documents"], stream.tokens, time.perf_counter()
+    batches = _batches(corpus, tuple(state["position"]), documents, input_done)  # type: ignore[arg-type]
+    skipped = sum(r.get("bytes", 0) for r in records) if corpus.total_bytes is not None else 0
+    try:
+        with _bar(corpus.total_bytes, f"encode ({tok.kind})", progress, skipped) as bar, \
+                _encoder(tok, dtype, num_proc, work / TOKENIZER_FILE) as encode:
+            for batch, ids in encode(batches):
+                if stream.write(ids):
+                    stream.checkpoint(state, position=list(batch.end), documents=batch.documents,
+                                      inputs=records[:batch.end[0]])
+                documents = batch.documents
+                rate = (stream.tokens - start_tokens) / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{documents:,} docs, {tqdm.format_sizeof(rate)} tok/s", refresh=False)
+                bar.update(batch.n_bytes)
+        stream.checkpoint(state, complete=True, position=[len(corpus.inputs), 0], documents=documents,
+                          inputs=records)
+    finally:
+        stream.close()
+
+
+def _batches(corpus: Corpus, start: tuple[int, int], documents: int,
+             on_input_done: Callable[[int, dict[str, Any]], None]) -> Iterator[_Batch]:
+    texts: list[str] = []
+    seps: list[bool] = []
+    chars = 0
+    read = [0]
+
+    def tally(n: int) -> None:
+        read[0] += n
+
+    for text, doc_start, index, n_read in sources.read(corpus, tally, start, on_input_done):
+        seps.append(doc_start and documents > 0)
+        documents += doc_start
+        texts.append(text)
+        chars += len(text)
+        if chars >= BATCH_CHARS or len(texts) >= BATCH_ITEMS:
+            yield _Batch(texts, seps, (index, n_read), documents, read[0])
+            texts, seps, chars, read[0] = [], [], 0, 0
+    if texts:
+        yield _Batch(texts, seps, (index, n_read), documents, read[0])
+
+
+def _encode_batch(tok: Tokenizer, dtype: np.dtype, texts: list[str], seps: list[bool]) -> np.ndarray:
+    """The batch's tokens, end-of-text tokens included, as `dtype`: a pure function of its arguments."""
+    pieces: list[np.ndarray] = []
+    for sep, ids in zip(seps, tok.encode_arrays(texts), strict=True):
+        if sep:
+            if tok.eot_id is None:  # only a char vocab of a 1-document corpus lacks it
+                raise UserError("the corpus changed while it was prepared (a second document appeared); "
+                                "prepare it again")
+            pieces.append(np.array([tok.eot_id], dtype=np.int64))
+        pieces.append(ids)
+    return np.concatenate(pieces).astype(dtype) if pieces else np.empty(0, dtype=dtype)
+
+
+_WORKER: tuple[Tokenizer, np.dtype] | None = None
+
+
+def _worker_init(tokenizer: Path, dtype: str, parent: int) -> None:
+    global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
+    # We already run one process per core: a tokenizer's own threads would only compete for them.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # HF's (bpe)
+    tok = load_tokenizer(tokenizer)
+    tok.set_threads(1)  # tiktoken's (gpt2)
+    _WORKER = (tok, np.dtype(dtype))
+
+    def exit_with_parent() -> None:
+        # A killed parent never tells the pool; its workers would wait for work forever.
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+
+
+def _worker_encode(texts: list[str], seps: list[bool]) -> np.ndarray:
+    assert _WORKER is not None
+    return _encode_batch(*_WORKER, texts, seps)
+
+
+@contextlib.contextmanager
+def _encoder(tok: Tokenizer, dtype: np.dtype, num_proc: int, tok_file: Path
+             ) -> Iterator[Callable[[Iterator[_Batch]], Iterator[tuple[_Batch, np.ndarray]]]]:
+    """encode(batches) -> (batch, tokens), in the batches' order, with at most
+    INFLIGHT_PER_PROC * num_proc batches read ahead. num_proc 1 encodes here, with the tokenizer's own
+    threads (gpt2: a slice of the batch per core; bpe: HF's rayon pool); more start that many spawned
+    worker processes of one thread each, which load the tokenizer from `tok_file` (tok's saved form; a
+    path keeps what is sent to a starting worker small: a big payload blocks the parent for good if the
+    worker dies before reading it)."""
+    pools: list[ProcessPoolExecutor] = []
+
+    def encode(batches: Iterator[_Batch]) -> Iterator[tuple[_Batch, np.ndarray]]:
+        ahead = list(itertools.islice(batches, 2))
+        if num_proc == 1 or len(ahead) < 2:  # one batch: starting processes would cost more than it saves
+            yield from ((b, _encode_batch(tok, dtype, b.texts, b.seps)) for b in itertools.chain(ahead, batches))
+            return
+        pools.append(ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_worker_init, initargs=(tok_file, dtype.str, os.getpid())))
+        pending: deque = deque()
+        for batch in itertools.chain(ahead, batches):
+            pending.append((batch, pools[0].submit(_worker_encode, batch.texts, batch.seps)))
+            if len(pending) >= INFLIGHT_PER_PROC * num_proc:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+
+    try:
+        yield encode
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -11,7 +11,8 @@ Owns what a SOURCE may be and how each kind of input is read with bounded memory
 
 and what the manifest says about each input: name, bytes and sha256 for a file; for a dataset its name,
 config, split, revision and fingerprint. `read` walks the inputs from any (input, chunk) position, which
-is how an interrupted `prepare` skips what it already encoded without tokenizing it again.
+is how an interrupted `prepare` skips what it already encoded without tokenizing it again. The hf:
+reader (the optional `datasets` package, its errors and its records) is gptforge.data.hf_dataset.
 
 Long documents are cut at newlines where GPT-2's pre-tokenizer would split anyway (see `_cut`), so a
 chunk never changes the tokens while a 10 GB file or a 100 MB row never sits in memory whole.
@@ -25,7 +26,6 @@ import http.client
 import io
 import json
 import os
-import re
 import secrets
 import urllib.request
 import zlib
@@ -50,7 +50,6 @@ CHUNK_BYTES = 1 << 18
 MAX_CHUNK_BYTES = 4 * CHUNK_BYTES
 SNIFF_BYTES = 8192
 PARQUET_BATCH_ROWS = 1024
-HF_BATCH_ROWS = 1024
 
 Tally = Callable[[int], None]  # told how many source bytes were just read (for the progress bar)
 Chunks = Generator[tuple[str, bool], None, dict[str, Any]]  # (text, starts a document); returns the record
@@ -98,7 +97,9 @@ class Input:
         if self.kind == "parquet":
             return _parquet_chunks(self, text_field, tally)
         if self.kind == "hf":
-            return _hf_chunks(self, text_field, tally)
+            from gptforge.data import hf_dataset  # imported here, not above: it builds on this module
+
+            return hf_dataset.hf_chunks(self, text_field, tally)
         return _file_chunks(self, text_field, tally)
 
 
@@ -201,7 +202,7 @@ def _pieces(text: str) -> Iterator[str]:
     yield from _cut_blocks(blocks, lambda b, _offset: b.decode("utf-8", "surrogatepass"))
 
 
-def _document(text: str) -> Iterator[tuple[str, bool]]:
+def document_chunks(text: str) -> Iterator[tuple[str, bool]]:
     """(chunk, starts_the_document) for one document; an empty document has none."""
     first = True
     for piece in _pieces(text):
@@ -279,7 +280,7 @@ def _file_chunks(inp: Input, text_field: str, tally: Tally) -> Chunks:
         if inp.kind == "jsonl":
             for lineno, raw in enumerate(_gzip_errors(inp, iter(stream)), 1):
                 if raw.strip():
-                    yield from _document(_json_text(raw, f"{inp.display}:{lineno}", text_field))
+                    yield from document_chunks(_json_text(raw, f"{inp.display}:{lineno}", text_field))
         else:
             def decode(data: bytes, offset: int) -> str:
                 try:
@@ -350,7 +351,7 @@ def _parquet_chunks(inp: Input, text_field: str, tally: Tally) -> Chunks:
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field], use_threads=False):
             for text in batch.column(0).to_pylist():
                 if text:  # null and "" are empty documents, skipped like empty files
-                    yield from _document(text)
+                    yield from document_chunks(text)
             done += batch.num_rows
             share = (inp.size or 0) * done // max(rows, 1)  # progress in file bytes, by rows read
             tally(share - told)
@@ -414,7 +415,7 @@ def _texts_chunks(inp: Input, tally: Tally) -> Chunks:
         data = text.encode("utf-8")
         h.update(data)
         tally(len(data))
-        yield from _document(text)
+        yield from document_chunks(text)
     return {"name": inp.name, "bytes": inp.size, "sha256": h.hexdigest()}
 
 
@@ -450,116 +451,15 @@ def fetch_shakespeare() -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# Hugging Face datasets, streamed
-
-
-def parse_hf(source: str) -> tuple[str, str | None, str]:
-    """hf:NAME[:CONFIG][@SPLIT] -> (NAME, CONFIG or None, SPLIT, default "train"). NAME may be a local path."""
-    rest, config, split = source[len(HF_PREFIX):], None, "train"
-    if "@" in rest and "/" not in rest.rsplit("@", 1)[1]:
-        rest, split = rest.rsplit("@", 1)
-    if ":" in rest and "/" not in rest.rsplit(":", 1)[1]:
-        rest, config = rest.rsplit(":", 1)
-    if not rest or not split or config == "":
-        raise UserError(f"{source}: expected hf:NAME[:CONFIG][@SPLIT], e.g. hf:HuggingFaceFW/fineweb-edu:sample-10BT")
-    return rest, config, split
-
-
-def _hf_error(source: str, e: Exception) -> UserError:
-    if isinstance(e, ConnectionError) or "offline" in type(e).__name__.lower():
-        offline = "offline" in str(e).lower() or any(
-            os.environ.get(v, "") not in ("", "0") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
-        hint = ("it is not in the local Hugging Face cache and offline mode is on" if offline else
-                "check the name and your network, or set HF_DATASETS_OFFLINE=1 to use the local cache")
-        return UserError(f"{source}: cannot reach the dataset on the Hugging Face Hub ({one_line(e)}); {hint}, "
-                         "or pass a local file or folder as SOURCE")
-    if isinstance(e, FileNotFoundError):
-        return UserError(f"{source}: no such dataset ({one_line(e)}); check hf:NAME[:CONFIG][@SPLIT] "
-                         "or pass a local file or folder as SOURCE")
-    if isinstance(e, ValueError):  # an unknown config or split: datasets lists the ones there are
-        return UserError(f"{source}: {one_line(e)}")
-    return UserError(f"{source}: cannot open this dataset ({type(e).__name__}: {one_line(e)})")
-
-
-def _hf_meta(builder: Any, name: str, split: str) -> dict[str, Any]:
-    meta: dict[str, Any] = {"dataset": name, "config": builder.config.name, "split": split}
-    files = [str(f) for files in (builder.config.data_files or {}).values() for f in files]
-    revision = next((m.group(1) for f in files if (m := re.search(r"@([0-9a-f]{40})/", f))), None)
-    if revision:  # Hub data files are addressed by commit: the exact revision streamed
-        meta["revision"] = revision
-    meta["fingerprint"] = builder.hash
-    return meta
-
-
-def _hf_stamp(builder: Any) -> list[Any]:
-    """The data files (and, for local ones, their sizes and times): resuming needs the same data."""
-    stamp: list[Any] = []
-    for files in (builder.config.data_files or {}).values():
-        for f in files:
-            f = str(f)
-            try:
-                st = os.stat(f)
-                stamp.append([f, st.st_size, st.st_mtime_ns])
-            except OSError:
-                stamp.append([f])
-    return stamp
-
-
-def open_hf(source: str, text_field: str) -> Input:
-    name, config, split = parse_hf(source)
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"{source}: reading Hugging Face datasets needs the datasets package: "
-                        "pip install 'gptforge[hf]'") from None
-    try:
-        # What datasets.load_dataset(name, config, split=split, streaming=True) does, keeping the
-        # builder so the manifest can say which revision was read.
-        builder = datasets.load_dataset_builder(name, config)
-        dataset = builder.as_streaming_dataset(split=split)
-    except Exception as e:  # every failure here is about the name, the network or the cache
-        raise _hf_error(source, e) from None
-    features = dataset.features
-    if features is not None:
-        if text_field not in features:
-            raise UserError(f"{source}: no column {text_field!r} (columns: {', '.join(features)}); "
-                            "pick the column with --text-field")
-        if getattr(features[text_field], "dtype", None) not in ("string", "large_string"):
-            raise UserError(f"{source}: column {text_field!r} holds {features[text_field]}, not text; "
-                            "pick the text column with --text-field")
-        dataset = dataset.select_columns([text_field])
-    meta = _hf_meta(builder, name, split)
-    return Input(name=source, display=source, kind="hf", size=None, dataset=dataset,
-                 meta={**meta, "files": _hf_stamp(builder)})
-
-
-def _hf_chunks(inp: Input, text_field: str, tally: Tally) -> Chunks:
-    n_bytes = 0
-    for batch in inp.dataset.iter(batch_size=HF_BATCH_ROWS):
-        if text_field not in batch:
-            raise UserError(f"{inp.display}: no column {text_field!r} (columns: {', '.join(batch)}); "
-                            "pick the column with --text-field")
-        for text in batch[text_field]:
-            if not text:
-                continue
-            if not isinstance(text, str):
-                raise UserError(f"{inp.display}: column {text_field!r} holds {type(text).__name__}, not text")
-            size = len(text.encode("utf-8", "surrogatepass"))
-            n_bytes += size
-            tally(size)
-            yield from _document(text)
-    meta = {k: v for k, v in inp.meta.items() if k != "files"}
-    return {"name": inp.name, **meta, "bytes": n_bytes}
-
-
-# ----------------------------------------------------------------------------------------------
 # SOURCE
 
 
 def open_source(source: str, text_field: str) -> Corpus:
     """SOURCE -> Corpus. An existing path wins over a built-in name; "hf:" always means a dataset."""
     if source.startswith(HF_PREFIX):
-        return Corpus(source, [open_hf(source, text_field)], text_field)
+        from gptforge.data import hf_dataset  # imported here, not above: it builds on this module
+
+        return Corpus(source, [hf_dataset.open_hf(source, text_field)], text_field)
     path = Path(source).expanduser()
     if path.is_dir():
         inputs = _folder_inputs(path, source)

@@ -1,0 +1,119 @@
+"""SOURCE hf:NAME[:CONFIG][@SPLIT]: a Hugging Face dataset, streamed through `datasets` (optional: [hf]).
+
+Owns naming a dataset and its split, opening it as a stream (from the Hub or a local folder) with the
+failures of that (offline, no such dataset, config or split, no text column) turned into one-line user
+errors, what the manifest records of it (name, config, split, revision, fingerprint), what a resume
+checks has not changed (its data files), and its rows as document chunks. The rest of reading a
+corpus (Input, chunking, the other kinds of input) is gptforge.data.sources', which imports this
+module only for hf: sources.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from gptforge.data.sources import HF_PREFIX, Chunks, Input, Tally, document_chunks, one_line
+from gptforge.errors import UserError
+
+HF_BATCH_ROWS = 1024
+
+
+def parse_hf(source: str) -> tuple[str, str | None, str]:
+    """hf:NAME[:CONFIG][@SPLIT] -> (NAME, CONFIG or None, SPLIT, default "train"). NAME may be a local path."""
+    rest, config, split = source[len(HF_PREFIX):], None, "train"
+    if "@" in rest and "/" not in rest.rsplit("@", 1)[1]:
+        rest, split = rest.rsplit("@", 1)
+    if ":" in rest and "/" not in rest.rsplit(":", 1)[1]:
+        rest, config = rest.rsplit(":", 1)
+    if not rest or not split or config == "":
+        raise UserError(f"{source}: expected hf:NAME[:CONFIG][@SPLIT], e.g. hf:HuggingFaceFW/fineweb-edu:sample-10BT")
+    return rest, config, split
+
+
+def _hf_error(source: str, e: Exception) -> UserError:
+    if isinstance(e, ConnectionError) or "offline" in type(e).__name__.lower():
+        offline = "offline" in str(e).lower() or any(
+            os.environ.get(v, "") not in ("", "0") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+        hint = ("it is not in the local Hugging Face cache and offline mode is on" if offline else
+                "check the name and your network, or set HF_DATASETS_OFFLINE=1 to use the local cache")
+        return UserError(f"{source}: cannot reach the dataset on the Hugging Face Hub ({one_line(e)}); {hint}, "
+                         "or pass a local file or folder as SOURCE")
+    if isinstance(e, FileNotFoundError):
+        return UserError(f"{source}: no such dataset ({one_line(e)}); check hf:NAME[:CONFIG][@SPLIT] "
+                         "or pass a local file or folder as SOURCE")
+    if isinstance(e, ValueError):  # an unknown config or split: datasets lists the ones there are
+        return UserError(f"{source}: {one_line(e)}")
+    return UserError(f"{source}: cannot open this dataset ({type(e).__name__}: {one_line(e)})")
+
+
+def _hf_meta(builder: Any, name: str, split: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {"dataset": name, "config": builder.config.name, "split": split}
+    files = [str(f) for files in (builder.config.data_files or {}).values() for f in files]
+    revision = next((m.group(1) for f in files if (m := re.search(r"@([0-9a-f]{40})/", f))), None)
+    if revision:  # Hub data files are addressed by commit: the exact revision streamed
+        meta["revision"] = revision
+    meta["fingerprint"] = builder.hash
+    return meta
+
+
+def _hf_stamp(builder: Any) -> list[Any]:
+    """The data files (and, for local ones, their sizes and times): resuming needs the same data."""
+    stamp: list[Any] = []
+    for files in (builder.config.data_files or {}).values():
+        for f in files:
+            f = str(f)
+            try:
+                st = os.stat(f)
+                stamp.append([f, st.st_size, st.st_mtime_ns])
+            except OSError:
+                stamp.append([f])
+    return stamp
+
+
+def open_hf(source: str, text_field: str) -> Input:
+    name, config, split = parse_hf(source)
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{source}: reading Hugging Face datasets needs the datasets package: "
+                        "pip install 'gptforge[hf]'") from None
+    try:
+        # What datasets.load_dataset(name, config, split=split, streaming=True) does, keeping the
+        # builder so the manifest can say which revision was read.
+        builder = datasets.load_dataset_builder(name, config)
+        dataset = builder.as_streaming_dataset(split=split)
+    except Exception as e:  # every failure here is about the name, the network or the cache
+        raise _hf_error(source, e) from None
+    features = dataset.features
+    if features is not None:
+        if text_field not in features:
+            raise UserError(f"{source}: no column {text_field!r} (columns: {', '.join(features)}); "
+                            "pick the column with --text-field")
+        if getattr(features[text_field], "dtype", None) not in ("string", "large_string"):
+            raise UserError(f"{source}: column {text_field!r} holds {features[text_field]}, not text; "
+                            "pick the text column with --text-field")
+        dataset = dataset.select_columns([text_field])
+    meta = _hf_meta(builder, name, split)
+    return Input(name=source, display=source, kind="hf", size=None, dataset=dataset,
+                 meta={**meta, "files": _hf_stamp(builder)})
+
+
+def hf_chunks(inp: Input, text_field: str, tally: Tally) -> Chunks:
+    n_bytes = 0
+    for batch in inp.dataset.iter(batch_size=HF_BATCH_ROWS):
+        if text_field not in batch:
+            raise UserError(f"{inp.display}: no column {text_field!r} (columns: {', '.join(batch)}); "
+                            "pick the column with --text-field")
+        for text in batch[text_field]:
+            if not text:
+                continue
+            if not isinstance(text, str):
+                raise UserError(f"{inp.display}: column {text_field!r} holds {type(text).__name__}, not text")
+            size = len(text.encode("utf-8", "surrogatepass"))
+            n_bytes += size
+            tally(size)
+            yield from document_chunks(text)
+    meta = {k: v for k, v in inp.meta.items() if k != "files"}
+    return {"name": inp.name, **meta, "bytes": n_bytes}
