@@ -125,7 +125,8 @@ class CausalSelfAttention(nn.Module):
                 mask = causal_mask(T, Tk, x.device)
             y = manual_attention(q, k, v, mask, dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, q_size)  # (B, T, nh * hs): heads side by side
-        return self.resid_dropout(self.c_proj(y))
+        y = self.c_proj(y)
+        return self.resid_dropout(y) if self.training else y  # dropout is the identity in eval: skip the call
 
 
 class MLP(nn.Module):
@@ -146,7 +147,8 @@ class MLP(nn.Module):
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate=self.gelu_approx)
-        return self.dropout(self.c_proj(h))
+        h = self.c_proj(h)
+        return self.dropout(h) if self.training else h
 
 
 class Block(nn.Module):
@@ -224,12 +226,15 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
-        if self.config.pos == "learned":
+        if self.config.pos == "learned" and kv_cache is not None:
+            x = x + self.transformer.wpe.weight[start:start + T]  # the same rows, without building an index per token
+        elif self.config.pos == "learned":
             pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
             x = x + self.transformer.wpe(pos)  # (B, T, C)
         else:
             rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))  # (T, hs)
-        x = self.transformer.drop(x)
+        if self.training:
+            x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, kv_cache)
         x = self.transformer.ln_f(x)

@@ -377,3 +377,24 @@ def test_streamer_decodes_only_a_bounded_tail():
 
     stream_text(TextStreamer(decode, context=4), list(range(300)))
     assert max(lengths) <= 5
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode layout
+
+
+@pytest.mark.parametrize("variant", ["learned", "rope-gqa-qknorm"])
+def test_decode_layout_keeps_shapes_ties_logits_and_greedy_tokens(variant):
+    from gptforge.sample import use_decode_layout
+
+    model = tiny_model(**VARIANTS[variant])
+    moved = tiny_model(**VARIANTS[variant])
+    use_decode_layout(moved)
+    assert all(a.shape == b.shape for a, b in zip(model.parameters(), moved.parameters()))
+    assert not moved.lm_head.weight.is_contiguous()  # stored (in, out)
+    assert (moved.lm_head.weight is moved.transformer.wte.weight) == (variant == "learned")  # a tie survives
+    idx = prompt(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(moved(idx), model(idx), atol=1e-5, rtol=1e-5)
+    assert torch.equal(generate(moved, idx, 20, temperature=0.0), generate(model, idx, 20, temperature=0.0))
+    assert all(v.shape == model.state_dict()[k].shape for k, v in moved.state_dict().items())
