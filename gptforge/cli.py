@@ -110,11 +110,49 @@ def _train_parser(defaults: dict[str, Any]) -> ArgumentParser:
     p.add_argument("--init-from", help="shortcut for --train.init_from: gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
                                        "a Hugging Face model directory, or a gptforge run directory")
     p.add_argument("--json", action="store_true", help="print the final result as one JSON object")
-    for key, cls in (("model", GPTConfig), ("optim", OptimConfig), ("train", TrainConfig), ("eval", EvalConfig)):
-        p.add_class_arguments(cls, key)
-    p.set_defaults({f"{section}.{k}": v for section in ("model", "optim", "train", "eval")
-                    for k, v in defaults[section].items()})
+    _add_config_flags(p, defaults, ("model", "optim", "train", "eval"))
     p.set_defaults(data=defaults["data"]["dir"] or None)
+    return p
+
+
+def _add_config_flags(p: ArgumentParser, defaults: dict[str, Any], sections: tuple[str, ...]) -> None:
+    """--section.field flags for the config sections, defaulting to the layered `defaults`."""
+    classes = {"model": GPTConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig}
+    for key in sections:
+        p.add_class_arguments(classes[key], key)
+    p.set_defaults({f"{section}.{k}": v for section in sections for k, v in defaults[section].items()})
+
+
+def _bench_parser(defaults: dict[str, Any]) -> ArgumentParser:
+    p = _parser(description="Measure this machine on random tokens and random weights (no data needed). By default "
+                            "the training step: ms/step, tokens/s, MFU against a matmul timed here, peak memory. "
+                            "With --generate: greedy decoding with the KV cache, prefill and decode tokens/s, "
+                            "memory bandwidth and the decode speed it bounds; --compare-hf runs Hugging Face "
+                            "generate on the same weights. --preset and --model.* / --train.* / --optim.* "
+                            "flags work as for train.")
+    p.add_argument("--preset", help=f"named recipe whose model (and training settings) to measure: {', '.join(PRESETS)}")
+    p.add_argument("--config", help="a YAML or JSON file of sections applied after --preset, as for train")
+    p.add_argument("--device", help="shortcut for --train.device: auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--steps", type=Optional[int], default=None, help="timed training steps (default 10)")
+    p.add_argument("--warmup", type=Optional[int], default=None, help="untimed training steps first (default 2)")
+    p.add_argument("--generate", action="store_true",
+                   help="measure decoding instead of training; without --preset or --model.* flags, two shapes: "
+                        "tiny (nanoGPT's shakespeare-char CPU model) and GPT-2 124M")
+    p.add_argument("--batch-sizes", default=None, help="--generate: comma-separated batch sizes (default 1,8)")
+    p.add_argument("--prompt-len", type=Optional[int], default=None,
+                   help="--generate: prompt tokens (default min(64, block_size / 4))")
+    p.add_argument("--new-tokens", type=Optional[int], default=None,
+                   help="--generate: tokens generated per run (default: up to 64, within block_size)")
+    p.add_argument("--compare-hf", action="store_true",
+                   help="--generate: also run Hugging Face transformers' generate on the same weights (greedy, "
+                        "use_cache, float32, batch 1) and check it gives the same tokens; needs gptforge[hf]")
+    p.add_argument("--repeats", type=int, default=3, help="--generate: timed runs per figure, at least (median)")
+    p.add_argument("--min-time", type=float, default=1.0,
+                   help="--generate: keep repeating a figure's runs until this many seconds have passed")
+    p.add_argument("--threads", type=Optional[int], default=None,
+                   help="CPU threads for PyTorch (default: its own choice, usually the number of cores)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _add_config_flags(p, defaults, ("model", "optim", "train"))
     return p
 
 
@@ -217,6 +255,9 @@ def build_parser(train_defaults_: Optional[dict[str, Any]] = None) -> ArgumentPa
     qs.add_argument("--device", default="auto")
     qs.add_argument("--overwrite", action="store_true", help="replace a previous quickstart in --out")
     verbs.add_subcommand("quickstart", qs, help="the whole pipeline in one command, offline, on CPU")
+
+    verbs.add_subcommand("bench", _bench_parser(train_defaults_ or RunConfig().to_dict()),
+                         help="measure training and decoding speed on this machine")
 
     verbs.add_subcommand("presets", _parser(description="List the named presets."), help="list presets")
     return parser
@@ -359,6 +400,49 @@ def _run_report(a) -> int:
     return 0
 
 
+def _run_bench(a, shape_given: bool) -> int:
+    import torch
+
+    from gptforge import bench
+
+    if a.threads is not None:
+        if a.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {a.threads}")
+        torch.set_num_threads(a.threads)
+    generate_only = {"--batch-sizes": a.batch_sizes, "--prompt-len": a.prompt_len, "--new-tokens": a.new_tokens,
+                     "--compare-hf": a.compare_hf or None}
+    misplaced = [f for f, v in ({"--steps": a.steps, "--warmup": a.warmup} if a.generate else generate_only).items()
+                 if v is not None]
+    if misplaced:
+        where = "the training benchmark (without --generate)" if a.generate else "--generate"
+        raise UserError(f"{misplaced[0]} applies to {where}")
+    d = a.as_dict()
+    cfg = RunConfig.from_dict({"model": d["model"], "optim": d["optim"], "train": d["train"]})
+    if a.device:
+        cfg.train.device = a.device
+    vocab_note = None
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size, vocab_note = bench.default_vocab(a.preset)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - progress, kept off stdout
+    if a.generate:
+        if shape_given:
+            shapes = {a.preset or "model": cfg.model}
+        else:
+            shapes = {name: GPTConfig(**m) for name, m in bench.DEFAULT_DECODE_SHAPES.items()}
+        out = bench.bench_generate(shapes, batch_sizes=bench.parse_batch_sizes(a.batch_sizes or "1,8"),
+                                   prompt_len=a.prompt_len, new_tokens=a.new_tokens, compare_hf=a.compare_hf,
+                                   device=cfg.train.device, dtype=cfg.train.dtype, seed=cfg.train.seed,
+                                   repeats=a.repeats, min_time=a.min_time, log=log)
+        if shape_given and vocab_note:
+            out["vocab_note"] = vocab_note
+        print(json.dumps(out) if a.json else bench.format_generate(out))
+    else:
+        out = bench.bench_train(cfg, steps=10 if a.steps is None else a.steps,
+                                warmup=2 if a.warmup is None else a.warmup, vocab_note=vocab_note, log=log)
+        print(json.dumps(out) if a.json else bench.format_train(out))
+    return 0
+
+
 VERBS = {"prepare": _run_prepare, "train": _run_train, "eval": _run_eval, "report": _run_report,
          "sample": _run_sample,
          "export": _run_export, "import": _run_import, "quickstart": _run_quickstart, "presets": _run_presets}
@@ -388,11 +472,18 @@ def _argument_error(msg: str) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        defaults = train_defaults(argv) if argv[:1] == ["train"] else None
+        defaults = None
+        if argv[:1] == ["train"]:
+            defaults = train_defaults(argv)
+        elif argv[:1] == ["bench"]:  # the same layering; bench has no --resume, so the parser refuses one
+            defaults = train_defaults([x for x in argv if not x.startswith("--resume")])
         args = build_parser(defaults).parse_args(argv)
         if args.verb is None:
             build_parser().print_help()
             return 2
+        if args.verb == "bench":  # which model to measure depends on whether the command line names one
+            shape_given = any(x.startswith(("--preset", "--config", "--model.")) for x in argv)
+            return _run_bench(args.bench, shape_given)
         return VERBS[args.verb](args[args.verb])
     except UserError as e:
         print(f"gptforge: error: {_one_line(e)}", file=sys.stderr)

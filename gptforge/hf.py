@@ -495,3 +495,20 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
     write_dir_atomically(out, write)
     return {"path": str(out), "architecture": name, "vocab_size": cfg.vocab_size,
             "tokenizer": tok.kind if tok.kind in hf_tok else None, "notes": notes}
+
+
+def to_hf_model(model: torch.nn.Module, eot_id: Optional[int] = None):
+    """Our GPT as an in-memory `transformers` model with the same weights (float32, eval mode, on the
+    CPU): the conversion `export_hf` writes to disk, for side-by-side runs that need no files."""
+    from gptforge.checkpoint import model_state
+
+    tf = _transformers()
+    cfg = model.config
+    arch = hf_architecture(cfg)
+    weights = _to_hf(cfg, arch, {k: v.float() for k, v in model_state(model).items()})
+    hf = (tf.GPT2LMHeadModel if arch == "gpt2" else tf.LlamaForCausalLM)(_hf_config(cfg, arch, eot_id))
+    missing, unexpected = hf.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]  # tied to the embedding
+    if missing or unexpected:  # the mapping is ours: a mismatch is a bug, not the user's mistake
+        raise RuntimeError(f"Hugging Face conversion mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return hf.float().eval()

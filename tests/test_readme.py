@@ -33,13 +33,13 @@ def test_ci_runs_the_readme_test_command():
     assert test_line in ci
 
 
-@pytest.mark.parametrize("verb", ["prepare", "train", "eval", "sample", "export", "import"])
+@pytest.mark.parametrize("verb", ["prepare", "train", "eval", "sample", "export", "import", "bench"])
 def test_every_readme_command_parses(verb):
     commands = readme_commands(verb)
     assert commands, f"the README shows no `gptforge {verb}` command"
     for argv in commands:
         argv = [a.replace("RUN_DIR", "runs/x").replace("DATA_DIR", "data/x") for a in argv]
-        build_parser(train_defaults(argv) if verb == "train" else None).parse_args(argv)
+        build_parser(train_defaults(argv) if verb in ("train", "bench") else None).parse_args(argv)
 
 
 def test_readme_presets_exist():
