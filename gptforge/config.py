@@ -50,12 +50,14 @@ class GPTConfig:
     """normalisation layer"""
     norm_eps: float = 1e-5
     """epsilon of the normalisation layers"""
-    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
-    """MLP type: GELU (exact, 2.5x faster than tanh on CPU), gelu_tanh (GPT-2's own approximation), or gated SwiGLU"""
+    mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = "gelu"
+    """MLP type: GELU (exact, 2.5x faster than tanh on CPU), gelu_tanh (GPT-2's own approximation), gated SwiGLU, or relu2 (squared ReLU: cheap, and learns fast)"""
     qk_norm: bool = False
     """RMS-normalise queries and keys per head before attention"""
     tie_embeddings: bool = True
     """share the token embedding matrix with the output head"""
+    zero_init_proj: bool = False
+    """initialise the projections into the residual stream (attn and mlp c_proj) to zero, so every block starts as the identity"""
     attention: Literal["sdpa", "manual"] = "sdpa"
     """scaled_dot_product_attention (fast, flash on GPU) or the step-by-step version for learners"""
 
@@ -116,6 +118,12 @@ class OptimConfig:
     """clip the global gradient norm to this value; 0 disables"""
     fused: Optional[bool] = None
     """fused AdamW kernel; null = use it where the device supports it (CUDA)"""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw for every parameter, or muon: Muon (orthogonalised momentum) for the matrices inside the blocks, AdamW (at lr) for embeddings, output head, gains and biases"""
+    muon_lr: float = 0.02
+    """peak learning rate of the Muon matrices (follows the same schedule as lr)"""
+    muon_momentum: float = 0.95
+    """Muon's (Nesterov) momentum"""
 
 
 @dataclass
@@ -123,7 +131,9 @@ class TrainConfig:
     """The training loop (the `train` section)."""
 
     max_iters: int = 5000
-    """number of optimizer steps"""
+    """number of optimizer steps (with time_budget: the most it may take)"""
+    time_budget: Optional[float] = None
+    """train for this many seconds of wall-clock time (evaluations included) instead of max_iters steps; the LR schedule is laid out over the time, then a final eval and checkpoint"""
     stop_after: Optional[int] = None
     """end this invocation after this many steps, with a checkpoint; --resume continues on the same schedule (for job time limits)"""
     batch_size: int = 12
@@ -134,6 +144,8 @@ class TrainConfig:
     """evaluate, log and checkpoint every this many steps"""
     eval_iters: int = 20
     """batches per split in the periodic evaluation (a fixed token budget)"""
+    full_val_at_end: bool = False
+    """at the end, also measure the loss over the whole val split in non-overlapping windows of block_size (val_loss_full)"""
     log_interval: int = 1
     """print a log line every this many steps (every step is written to metrics.jsonl)"""
     seed: int = 1337

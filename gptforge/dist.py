@@ -83,12 +83,14 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on any (so all ranks stop at the same step)."""
+def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """The element-wise maximum over ranks (the values themselves in a single process): how ranks agree
+    on decisions each takes alone, such as stopping (any rank's flag) or a clock-based schedule."""
     if not tdist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return all_reduce_sum(t).item() > 0
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return t.tolist()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, *, block_size: i
         n = min(n, max_tokens)
     if n < 1:
         raise UserError("the split has fewer than 2 tokens; nothing to evaluate")
+    was_training = model.training
     model.eval()
     starts = list(range(0, n, block_size))
     loss_sum, byte_sum = 0.0, 0
@@ -95,6 +96,7 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, *, block_size: i
             loss_sum += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum").item()
             if token_bytes is not None:
                 byte_sum += int(token_bytes[w[:, 1:]].sum())
+    model.train(was_training)
     loss = loss_sum / n
     bpb = None
     if token_bytes is not None and byte_sum > 0:

@@ -39,7 +39,8 @@ _HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.s
               "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", OWN_TOKENIZER]
 _CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 _MAPPED = {"block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "dropout", "bias",
-           "pos", "rope_theta", "norm", "norm_eps", "mlp", "qk_norm", "tie_embeddings", "attention"}  # GPTConfig fields
+           "pos", "rope_theta", "norm", "norm_eps", "mlp", "qk_norm", "tie_embeddings", "attention",
+           "zero_init_proj"}  # GPTConfig fields (zero_init_proj only sets the initial weights)
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 
 
@@ -115,7 +116,8 @@ def hf_architecture(cfg: GPTConfig) -> str:
                         "or LlamaForCausalLM")
     if cfg.pos == "learned":
         why = [w for bad, w in ((cfg.norm != "layernorm", "rmsnorm with learned positions (GPT-2 has layernorm)"),
-                                (cfg.mlp == "swiglu", "swiglu with learned positions (GPT-2 has a gelu MLP)"),
+                                (cfg.mlp not in ("gelu", "gelu_tanh"),
+                                 f"{cfg.mlp} with learned positions (GPT-2 has a gelu MLP)"),
                                 (cfg.n_kv_head != cfg.n_head, "grouped-query attention with learned positions "
                                  "(GPT-2 has n_kv_head == n_head)")) if bad]
         arch = "gpt2"

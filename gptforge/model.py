@@ -133,6 +133,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.gated = config.mlp == "swiglu"
+        self.squared_relu = config.mlp == "relu2"
         self.gelu_approx = "tanh" if config.mlp == "gelu_tanh" else "none"  # GPT-2 used the tanh form
         # swiglu: c_fc computes the gate and the up projection in one matmul, [gate | up]
         fc_out = 2 * config.mlp_hidden if self.gated else config.mlp_hidden
@@ -145,6 +146,8 @@ class MLP(nn.Module):
         if self.gated:
             gate, up = h.chunk(2, dim=-1)  # (B, T, hidden) each
             h = F.silu(gate) * up
+        elif self.squared_relu:
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate=self.gelu_approx)
         h = self.c_proj(h)
@@ -187,10 +190,14 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
-        # GPT-2: scale the init of the projections into the residual stream by 1/sqrt(2 * n_layer)
+        # GPT-2: scale the init of the projections into the residual stream by 1/sqrt(2 * n_layer);
+        # or start them at zero, so that each block begins as the identity
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    torch.nn.init.zeros_(p)
+                else:
+                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

@@ -1,7 +1,10 @@
-"""The optimizer and the learning-rate schedule.
+"""The optimizers and the learning-rate schedule.
 
 AdamW with two parameter groups: matrices and embeddings are decayed, vectors (norm gains, biases)
-are not. The schedule is a pure function of the step, so a resumed run needs nothing but the step.
+are not. Or Muon for the matrices inside the transformer blocks (their momentum orthogonalised by a
+Newton-Schulz iteration) with AdamW for the rest, in one optimizer object, so checkpoints, resume and
+the training loop treat both alike. The schedule is a pure function of the step (or, with a time
+budget, of the fraction of the budget used), so a resumed run needs nothing but its position.
 """
 
 from __future__ import annotations
@@ -25,14 +28,97 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def muon_param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    """The matrices inside the transformer blocks go to Muon; embeddings, the output head, gains and
+    biases stay with AdamW (Muon is defined for hidden linear maps, not for lookup tables or vectors)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for n, p in named if p.dim() == 2 and "transformer.h." in n]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [(n, p) for n, p in named if id(p) not in hidden_ids]
+    # decay the Muon matrices as much per step as AdamW decays its matrices: p *= 1 - lr * weight_decay
+    groups = [{"params": hidden, "weight_decay": cfg.weight_decay * cfg.lr / cfg.muon_lr, "muon": True,
+               "lr_scale": cfg.muon_lr / cfg.lr, "momentum": cfg.muon_momentum},
+              {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """About the nearest semi-orthogonal matrix to g (U V^T of its SVD), by a quintic Newton-Schulz iteration.
+
+    Each step maps every singular value s to a s + b s^3 + c s^5; the coefficients (from the Muon
+    write-up by K. Jordan et al.) push all of them into roughly [0.7, 1.2] within 5 steps, which is as
+    good as exact orthogonalisation for an update direction and far cheaper than an SVD.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16() if g.is_cuda else g.float()  # bf16 is fast on GPUs; on CPUs without bf16 units it crawls
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.mT  # iterate on the wide orientation: the Gram matrix is the smaller one
+    x = x / (x.norm() + 1e-7)  # singular values <= 1, where the iteration converges
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if tall:
+        x = x.mT
+    return x.to(g.dtype)
+
+
+class MuonAdamW(torch.optim.AdamW):
+    """AdamW, except that param groups marked {"muon": True} are updated by Muon.
+
+    Muon: a Nesterov momentum buffer per matrix, orthogonalised (`orthogonalize`), scaled by
+    sqrt(max(1, rows / cols)) so tall and wide matrices move alike, with decoupled weight decay.
+    The Muon groups keep their state ("step", "momentum_buffer") in the same state dict as AdamW's moments.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        groups = self.param_groups
+        self.param_groups = [g for g in groups if not g.get("muon")]  # AdamW's own step sees only its groups
+        try:
+            super().step()
+        finally:
+            self.param_groups = groups
+        for group in groups:
+            if not group.get("muon"):
+                continue
+            beta = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:  # a step count as AdamW's states have (its load_state_dict expects one)
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                state["step"] += 1
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - beta)  # momentum as an average of past gradients
+                update = orthogonalize(p.grad.lerp(buf, beta))  # Nesterov: look ahead along the momentum
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+        return loss
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (or MuonAdamW); a group may carry "lr_scale", its learning rate relative to the schedule's."""
     fused_ok = device.type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     fused = fused_ok if cfg.fused is None else cfg.fused
     if fused and not fused_ok:
         raise ConfigError("optim.fused needs a CUDA device")
     kwargs = {"fused": True} if fused else {}
+    if cfg.optimizer == "muon":
+        return MuonAdamW(muon_param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                         **kwargs)
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, **kwargs)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate: the schedule's value times the group's lr_scale (default 1)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def warmup_steps(cfg: OptimConfig, max_iters: int) -> int:
@@ -52,6 +138,35 @@ def validate_schedule(cfg: OptimConfig, max_iters: int) -> None:
         raise ConfigError(f"optim.cooldown_frac must be in [0, 1], got {cfg.cooldown_frac}")
     if cfg.grad_clip < 0:
         raise ConfigError(f"optim.grad_clip must be >= 0 (0 disables), got {cfg.grad_clip}")
+    if cfg.muon_lr <= 0 or not 0 <= cfg.muon_momentum < 1:
+        raise ConfigError(f"need optim.muon_lr > 0 and 0 <= optim.muon_momentum < 1, got {cfg.muon_lr} "
+                          f"and {cfg.muon_momentum}")
+
+
+def _decayed(cfg: OptimConfig, ratio: float) -> float:
+    """Cosine or linear decay from lr to min_lr as ratio goes 0 -> 1."""
+    coeff = 1.0 - ratio if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * ratio))
+    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+
+
+def lr_at_progress(step: int, progress: float, cfg: OptimConfig) -> float:
+    """Learning rate when training for a time budget: `progress` is the fraction of it used so far.
+
+    Warmup counts steps (warmup_iters) or, with warmup_frac, the fraction of the budget; the decay
+    (or the constant schedule's cooldown) runs over the rest of the budget. decay_iters is not used.
+    """
+    progress = min(max(progress, 0.0), 1.0)
+    if cfg.warmup_frac is None and step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+    start = cfg.warmup_frac or 0.0
+    if progress < start:
+        return cfg.lr * progress / start
+    if cfg.schedule == "constant":
+        cooldown_start = max(start, 1.0 - cfg.cooldown_frac)
+        if progress < cooldown_start or cooldown_start >= 1.0:
+            return cfg.lr
+        return cfg.lr + (progress - cooldown_start) / (1.0 - cooldown_start) * (cfg.min_lr - cfg.lr)
+    return _decayed(cfg, (progress - start) / (1.0 - start))
 
 
 def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
@@ -69,9 +184,4 @@ def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
     decay_end = cfg.decay_iters if cfg.decay_iters is not None else max_iters
     if step >= decay_end:
         return cfg.min_lr
-    ratio = (step - warmup) / max(1, decay_end - warmup)  # 0 -> 1 over the decay
-    if cfg.schedule == "linear":
-        coeff = 1.0 - ratio
-    else:
-        coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
-    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+    return _decayed(cfg, (step - warmup) / max(1, decay_end - warmup))  # ratio 0 -> 1 over the decay

@@ -27,9 +27,9 @@ from gptforge.config import ConfigError, RunConfig, save_json
 from gptforge.data.loader import RandomBatches, SlotLoader, open_data
 from gptforge.device import autocast, peak_flops, pick_dtype, seed_everything, setup_backends
 from gptforge.errors import UserError
-from gptforge.evaluate import estimate_loss
+from gptforge.evaluate import estimate_loss, evaluate_tokens
 from gptforge.model import GPT
-from gptforge.optim import build_optimizer, lr_at, validate_schedule
+from gptforge.optim import build_optimizer, lr_at, lr_at_progress, set_lr, validate_schedule
 from gptforge.tokenizer import load_tokenizer
 
 RUN_FILES = ("config.json", "metrics.jsonl", "tensorboard", "latest", "best", ".latest.old", ".latest.tmp",
@@ -45,11 +45,13 @@ class TrainResult:
     best_val_loss: Optional[float]
     elapsed_s: float
     interrupted: Optional[str] = None  # the signal's name when stopped early
+    val_loss_full: Optional[float] = None  # the whole val split, with train.full_val_at_end
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "step": self.step, "train_loss": self.train_loss,
                 "val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
-                "elapsed_s": round(self.elapsed_s, 3), "interrupted": self.interrupted}
+                "elapsed_s": round(self.elapsed_s, 3), "interrupted": self.interrupted,
+                "val_loss_full": self.val_loss_full}
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
@@ -80,6 +82,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"eval.hellaswag_every must be >= 0 (0 = never), got {cfg.eval.hellaswag_every}")
     if cfg.eval.hellaswag_batch_size < 1:
         raise ConfigError(f"eval.hellaswag_batch_size must be at least 1, got {cfg.eval.hellaswag_batch_size}")
+    if t.time_budget is not None and not t.time_budget > 0:
+        raise ConfigError(f"train.time_budget must be a positive number of seconds, got {t.time_budget}")
     if t.stop_after is not None and t.stop_after < 1:
         raise ConfigError(f"train.stop_after must be at least 1, got {t.stop_after}")
     validate_schedule(cfg.optim, t.max_iters)
@@ -247,6 +251,9 @@ def _train(cfg: RunConfig, run_dir: Path, world: dist.DistInfo, device: torch.de
     if cfg.train.compile:
         for block in raw.transformer.h:  # block by block: works the same bare, under DDP and under FSDP
             block.compile()
+    if cfg.optim.optimizer == "muon" and world.is_distributed and mode == "fsdp":
+        raise ConfigError("optim.optimizer muon works with --train.dist ddp, not yet with fsdp "
+                          "(it orthogonalises whole matrices, and FSDP holds shards of them)")
     model = dist.wrap(raw, mode, world, device, dtype)
     optimizer = build_optimizer(model, cfg.optim, device)  # after wrapping: FSDP replaces the parameters
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -337,6 +344,15 @@ def _train(cfg: RunConfig, run_dir: Path, world: dist.DistInfo, device: torch.de
             if improved and world.is_main and cfg.train.save_checkpoints:
                 ckpt_io.link_checkpoint(run_dir / "latest", run_dir / "best", {"val_loss": va, "step": step})
 
+    def run_full_val() -> float:
+        t0 = time.perf_counter()
+        result = evaluate_tokens(eval_model, val_tokens, block_size=T, batch_size=B, device=device, dtype=dtype)
+        write_row({"step": step, "val_loss_full": result.loss, "val_tokens": result.tokens,
+                   "time_s": round(time.perf_counter() - t_start, 3)})
+        log(f"whole val split at step {step}: loss {result.loss:.4f} over {result.tokens} tokens "
+            f"({time.perf_counter() - t0:.1f} s)")
+        return result.loss
+
     def run_hellaswag() -> None:
         nonlocal last_hs_step
         from gptforge.hellaswag import hellaswag_during_training
@@ -353,20 +369,24 @@ def _train(cfg: RunConfig, run_dir: Path, world: dist.DistInfo, device: torch.de
     def hellaswag_due() -> bool:
         return hs_examples is not None and step % cfg.eval.hellaswag_every == 0 and step != last_hs_step
 
-    interrupted, first_step = None, step
+    interrupted, first_step, val_full = None, step, None
     try:
         with _StopOnSignal(log) as stopper:
             t_last = time.perf_counter()
-            while step < cfg.train.max_iters:
+            budget = cfg.train.time_budget
+            elapsed = t_last - t_start  # agreed by every rank: the schedule and the stop follow the slowest clock
+            while step < cfg.train.max_iters and (budget is None or elapsed < budget):
                 if hellaswag_due():
                     run_hellaswag()
                     t_last = time.perf_counter()  # evaluation time is not step time
                 if step % cfg.train.eval_interval == 0 and step != last_eval_step:
                     run_eval()
                     t_last = time.perf_counter()  # evaluation time is not step time
-                lr = lr_at(step, cfg.optim, cfg.train.max_iters)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                if budget is None:
+                    lr = lr_at(step, cfg.optim, cfg.train.max_iters)
+                else:
+                    lr = lr_at_progress(step, elapsed / budget, cfg.optim)
+                set_lr(optimizer, lr)
                 loss_sum = torch.zeros((), device=device)
                 for micro in range(accum):
                     dist.set_grad_sync(model, mode, micro == accum - 1)
@@ -397,7 +417,8 @@ def _train(cfg: RunConfig, run_dir: Path, world: dist.DistInfo, device: torch.de
                 write_row(row)
                 if step % cfg.train.log_interval == 0 or step == cfg.train.max_iters:
                     mfu = f" | mfu {row['mfu'] * 100:.1f}%" if row["mfu"] is not None else ""
-                    log(f"step {step}/{cfg.train.max_iters} | loss {last_train_loss:.4f} | lr {lr:.2e} | "
+                    where = f"{step}/{cfg.train.max_iters}" if budget is None else f"{step} ({row['time_s']:.0f}/{budget:g} s)"
+                    log(f"step {where} | loss {last_train_loss:.4f} | lr {lr:.2e} | "
                         f"norm {row['grad_norm']:.3f} | {row['dt_ms']:.1f} ms | "
                         f"{row['tokens_per_s'] / 1000:.1f}k tok/s{mfu}")
                 if on_step is not None and on_step(step, row):
@@ -405,8 +426,10 @@ def _train(cfg: RunConfig, run_dir: Path, world: dist.DistInfo, device: torch.de
                 if cfg.train.stop_after is not None and step - first_step >= cfg.train.stop_after:
                     stopper.signal_name = stopper.signal_name or "STOP"
                 stop = stopper.signal_name is not None
-                if world.is_distributed:
-                    stop = dist.any_rank(stop, device)  # all ranks must leave the loop at the same step
+                elapsed = time.perf_counter() - t_start
+                if world.is_distributed:  # all ranks must leave the loop at the same step, with the same lr
+                    stop_flag, elapsed = dist.max_over_ranks([float(stop), elapsed], device)
+                    stop = stop_flag > 0
                 if stop:
                     interrupted = stopper.signal_name or "STOP"
                     break
@@ -414,6 +437,8 @@ def _train(cfg: RunConfig, run_dir: Path, world: dist.DistInfo, device: torch.de
                 run_hellaswag()  # the final figure, whatever hellaswag_every
             if interrupted is None and step != last_eval_step:
                 run_eval()
+            if interrupted is None and cfg.train.full_val_at_end:
+                val_full = run_full_val()
             elif interrupted is not None:
                 save_latest()
                 if cfg.train.save_checkpoints:
@@ -426,4 +451,5 @@ def _train(cfg: RunConfig, run_dir: Path, world: dist.DistInfo, device: torch.de
             metrics.close()
         tracker.close()
     return TrainResult(run_dir=run_dir, step=step, train_loss=last_train_loss, val_loss=last_val,
-                       best_val_loss=best_val, elapsed_s=time.perf_counter() - t_start, interrupted=interrupted)
+                       best_val_loss=best_val, elapsed_s=time.perf_counter() - t_start, interrupted=interrupted,
+                       val_loss_full=val_full)

@@ -285,6 +285,7 @@ def test_export_padded_ids_are_never_generated(tmp_path, char_tok):
 @pytest.mark.parametrize("fields,reason", [
     (dict(norm="rmsnorm"), "rmsnorm with learned positions"),
     (dict(mlp="swiglu"), "swiglu with learned positions"),
+    (dict(mlp="relu2"), "relu2 with learned positions"),
     (dict(n_kv_head=2), "grouped-query attention with learned positions"),
     (dict(pos="rope", mlp="swiglu"), "rope with layernorm"),
     (dict(pos="rope", norm="rmsnorm", mlp="gelu"), "rope with a gelu MLP"),

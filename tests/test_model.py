@@ -16,6 +16,8 @@ VARIANTS = {
     "rmsnorm": dict(norm="rmsnorm"),
     "swiglu": dict(mlp="swiglu"),
     "gelu_tanh": dict(mlp="gelu_tanh"),
+    "relu2": dict(mlp="relu2"),
+    "zero_init": dict(zero_init_proj=True),
     "gqa": dict(n_kv_head=2),
     "mqa": dict(n_kv_head=1),
     "qk_norm": dict(qk_norm=True),
@@ -138,7 +140,7 @@ def _train_steps(model, x, y, steps, lr=3e-3):
     return losses
 
 
-@pytest.mark.parametrize("variant", ["classic", "rope", "rmsnorm", "swiglu", "gqa", "modern"])
+@pytest.mark.parametrize("variant", ["classic", "rope", "rmsnorm", "swiglu", "relu2", "zero_init", "gqa", "modern"])
 def test_each_variant_learns(variant):
     """A few steps on a periodic sequence bring the loss well down, for every rung of the ladder."""
     torch.manual_seed(0)
@@ -147,6 +149,18 @@ def test_each_variant_learns(variant):
     x, y = seq[:-1].repeat(4, 1), seq[1:].repeat(4, 1)
     losses = _train_steps(model, x, y, 40)
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_zero_init_blocks_start_as_the_identity():
+    """With zero residual projections every block adds nothing at first: logits depend on the embedding alone."""
+    torch.manual_seed(0)
+    model = GPT(tiny(zero_init_proj=True, bias=False))
+    projections = [p for n, p in model.named_parameters() if n.endswith("c_proj.weight")]
+    assert len(projections) == 4 and all(not p.any() for p in projections)
+    x = torch.randint(0, 64, (2, 16))
+    t = model.transformer
+    expected = model.lm_head(t.ln_f(t.wte(x) + t.wpe(torch.arange(16))))
+    torch.testing.assert_close(model(x), expected)
 
 
 def test_overfits_one_batch():

@@ -7,7 +7,8 @@ import torch
 
 from gptforge.config import ConfigError, GPTConfig, OptimConfig
 from gptforge.model import GPT
-from gptforge.optim import build_optimizer, lr_at, param_groups, validate_schedule
+from gptforge.optim import (MuonAdamW, build_optimizer, lr_at, lr_at_progress, orthogonalize, param_groups,
+                            set_lr, validate_schedule)
 
 
 def nanogpt_reference(it, lr=1e-3, min_lr=1e-4, warmup=100, decay=2000):
@@ -59,3 +60,61 @@ def test_param_groups_decay_matrices_only():
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     with pytest.raises(ConfigError, match="CUDA"):
         build_optimizer(model, OptimConfig(fused=True), torch.device("cpu"))
+
+
+def test_time_budget_schedule_follows_the_fraction_of_time_used():
+    cos = OptimConfig(lr=1.0, min_lr=0.1, warmup_iters=10, schedule="cosine")
+    assert lr_at_progress(0, 0.0, cos) == pytest.approx(1 / 11)  # warmup counts steps
+    assert lr_at_progress(10, 0.0, cos) == pytest.approx(1.0)
+    assert lr_at_progress(50, 0.5, cos) == pytest.approx(0.55)  # halfway through the time: the midpoint
+    assert lr_at_progress(99, 1.0, cos) == pytest.approx(0.1) and lr_at_progress(99, 1.3, cos) == pytest.approx(0.1)
+    frac = OptimConfig(lr=1.0, min_lr=0.0, warmup_frac=0.2, schedule="linear")
+    assert lr_at_progress(0, 0.1, frac) == pytest.approx(0.5)  # warmup as a fraction of the time
+    assert lr_at_progress(5, 0.6, frac) == pytest.approx(0.5)
+    wsd = OptimConfig(lr=1.0, min_lr=0.0, warmup_iters=0, schedule="constant", cooldown_frac=0.4)
+    assert [lr_at_progress(7, p, wsd) for p in (0.0, 0.59, 0.8, 1.0)] == pytest.approx([1.0, 1.0, 0.5, 0.0])
+
+
+def test_orthogonalize_flattens_the_singular_values():
+    torch.manual_seed(0)
+    for shape in [(64, 16), (16, 64), (32, 32)]:
+        k = min(shape)
+        u, _ = torch.linalg.qr(torch.randn(shape[0], k))
+        v, _ = torch.linalg.qr(torch.randn(shape[1], k))
+        g = u @ torch.diag(torch.logspace(-1, 1, k)) @ v.T  # singular values spread 100x
+        o = orthogonalize(g)
+        assert o.shape == g.shape
+        s = torch.linalg.svdvals(o)
+        assert s.min() > 0.5 and s.max() < 1.3, (shape, s.min(), s.max())
+        # the same singular vectors: o is close to U V^T of g
+        assert torch.nn.functional.cosine_similarity((u @ v.T).flatten(), o.flatten(), dim=0) > 0.95
+
+
+def test_muon_groups_and_step():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32))
+    cfg = OptimConfig(optimizer="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    assert isinstance(opt, MuonAdamW)
+    muon, adam_decay, adam_rest = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in muon["params"]) == sorted(
+        n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2)
+    assert [names[id(p)] for p in adam_decay["params"]] == ["transformer.wte.weight", "transformer.wpe.weight"]
+    assert all(p.dim() == 1 for p in adam_rest["params"])
+    set_lr(opt, 5e-4)
+    assert muon["lr"] == pytest.approx(0.01) and adam_decay["lr"] == 5e-4
+    # a Muon step moves each matrix by lr * scale * (an orthogonal-ish matrix), after the weight decay
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randint(0, 32, (4, 8))
+    model(x, x).backward()
+    opt.step()
+    w = dict(model.named_parameters())["transformer.h.0.mlp.c_proj.weight"]  # (16, 64): wide, scale 1
+    step = before["transformer.h.0.mlp.c_proj.weight"] * (1 - 5e-4 * 0.1) - w.detach()
+    s = torch.linalg.svdvals(step / 0.01)
+    assert s.max() < 1.3 and (s > 0.5).sum() >= len(s) - 1  # (a layer-normed input leaves one direction flat)
+    assert "momentum_buffer" in opt.state[w] and "exp_avg" in opt.state[model.transformer.wte.weight]
+    # its state round-trips through state_dict, as checkpoints need
+    opt2 = build_optimizer(model, cfg, torch.device("cpu"))
+    opt2.load_state_dict(opt.state_dict())
+    torch.testing.assert_close(opt2.state[w]["momentum_buffer"], opt.state[w]["momentum_buffer"])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,3 +198,56 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir, sig, co
     resumed = train(RunConfig.from_dict(json.loads((run / "config.json").read_text())), run, resume=True,
                     log=quiet, on_step=lambda s, r: True)
     assert resumed.step == step + 1
+
+
+def test_time_budget_ends_with_eval_checkpoint_and_whole_val(tmp_path, data_dir):
+    """A wall-clock budget replaces max_iters: the lr follows the time used, the run ends on its own with a
+    final eval, a checkpoint and, with full_val_at_end, the loss over the whole val split."""
+    from gptforge.data.loader import open_data
+    from gptforge.evaluate import evaluate_tokens
+
+    cfg = tiny_config(data_dir, max_iters=10**6, time_budget=2.0, eval_interval=10**6, full_val_at_end=True)
+    cfg.model.dropout, cfg.optim.warmup_iters = 0.0, 0
+    result = train(cfg, tmp_path / "run", log=quiet)
+    assert result.interrupted is None and 2 <= result.step < 10**6
+    train_rows = rows(tmp_path / "run", "loss")
+    assert train_rows[-2]["time_s"] < 2.0  # the last step began within the budget
+    lrs = [r["lr"] for r in train_rows]  # cosine over the time: decaying from the first step on
+    assert lrs[0] == pytest.approx(cfg.optim.lr, rel=0.1) and lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]
+    assert rows(tmp_path / "run", "val_loss")[-1]["step"] == result.step
+    full = rows(tmp_path / "run", "val_loss_full")
+    assert len(full) == 1 and full[0]["val_loss_full"] == result.val_loss_full
+    ck = load_checkpoint(tmp_path / "run")
+    assert ck.state["step"] == result.step
+    expected = evaluate_tokens(ck.model, open_data(data_dir).tokens("val"), block_size=16, batch_size=4,
+                               device=torch.device("cpu"), dtype=torch.float32)
+    assert result.val_loss_full == pytest.approx(expected.loss, rel=1e-6)
+    assert full[0]["val_tokens"] == expected.tokens
+
+
+def test_muon_trains_and_resumes_bit_identically(tmp_path, data_dir):
+    """Muon's momentum buffers travel in the checkpoint like AdamW's moments."""
+    def cfg():
+        c = tiny_config(data_dir)
+        c.optim.optimizer, c.optim.muon_lr = "muon", 0.02
+        return c
+
+    full = train(cfg(), tmp_path / "full", log=quiet)
+    train(cfg(), tmp_path / "part", log=quiet, on_step=lambda step, row: step == 13)
+    train(cfg(), tmp_path / "part", resume=True, log=quiet)
+    assert (tmp_path / "full" / "latest" / "model.safetensors").read_bytes() == \
+        (tmp_path / "part" / "latest" / "model.safetensors").read_bytes()
+    evals = rows(tmp_path / "full", "val_loss")
+    assert full.val_loss < evals[0]["val_loss"] - 0.5
+
+
+@pytest.mark.skipif(not shutil.which("cc") and not shutil.which("gcc"), reason="torch.compile on CPU needs a C compiler")
+def test_compiled_training_matches_eager(tmp_path, data_dir):
+    """--train.compile (the path GPU users take) computes what eager mode does: the same loss curve."""
+    curves = {}
+    for compiled in (False, True):
+        cfg = tiny_config(data_dir, max_iters=6, eval_interval=10**6, compile=compiled, save_checkpoints=False)
+        cfg.model.dropout = 0.0
+        train(cfg, tmp_path / f"c{compiled}", log=quiet)
+        curves[compiled] = [r["loss"] for r in rows(tmp_path / f"c{compiled}", "loss")]
+    assert curves[True] == pytest.approx(curves[False], rel=1e-4, abs=1e-5)
