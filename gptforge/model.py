@@ -233,11 +233,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
-        if self.config.pos == "learned" and kv_cache is not None:
-            x = x + self.transformer.wpe.weight[start:start + T]  # the same rows, without building an index per token
-        elif self.config.pos == "learned":
-            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-            x = x + self.transformer.wpe(pos)  # (B, T, C)
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe.weight[start:start + T]  # positions start..start+T-1, (T, C)
         else:
             rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))  # (T, hs)
         if self.training:

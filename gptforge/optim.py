@@ -37,7 +37,7 @@ def muon_param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     rest = [(n, p) for n, p in named if id(p) not in hidden_ids]
     # decay the Muon matrices as much per step as AdamW decays its matrices: p *= 1 - lr * weight_decay
     groups = [{"params": hidden, "weight_decay": cfg.weight_decay * cfg.lr / cfg.muon_lr, "muon": True,
-               "lr_scale": cfg.muon_lr / cfg.lr, "momentum": cfg.muon_momentum},
+               "lr_scale": cfg.muon_lr / cfg.lr, "momentum": cfg.muon_momentum, "ns_steps": cfg.muon_ns_steps},
               {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
@@ -46,22 +46,27 @@ def muon_param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """About the nearest semi-orthogonal matrix to g (U V^T of its SVD), by a quintic Newton-Schulz iteration.
 
-    Each step maps every singular value s to a s + b s^3 + c s^5; the coefficients (from the Muon
-    write-up by K. Jordan et al.) push all of them into roughly [0.7, 1.2] within 5 steps, which is as
-    good as exact orthogonalisation for an update direction and far cheaper than an SVD.
+    g is one matrix (m, n) or a stack of them (k, m, n), each treated on its own. Each step maps every
+    singular value s to a s + b s^3 + c s^5; the coefficients (from the Muon write-up by K. Jordan et
+    al.) push all of them into roughly [0.7, 1.2] within 5 steps, which is as good as exact
+    orthogonalisation for an update direction and far cheaper than an SVD.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16() if g.is_cuda else g.float()  # bf16 is fast on GPUs; on CPUs without bf16 units it crawls
-    tall = x.size(0) > x.size(1)
+    single = x.dim() == 2
+    if single:
+        x = x.unsqueeze(0)
+    tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT  # iterate on the wide orientation: the Gram matrix is the smaller one
-    x = x / (x.norm() + 1e-7)  # singular values <= 1, where the iteration converges
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values <= 1, where the iteration converges
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b gram + c gram^2, in one kernel
+        x = torch.baddbmm(x, poly, x, beta=a)  # a x + poly x
     if tall:
         x = x.mT
-    return x.to(g.dtype)
+    return (x[0] if single else x).to(g.dtype)
 
 
 class MuonAdamW(torch.optim.AdamW):
@@ -69,7 +74,8 @@ class MuonAdamW(torch.optim.AdamW):
 
     Muon: a Nesterov momentum buffer per matrix, orthogonalised (`orthogonalize`), scaled by
     sqrt(max(1, rows / cols)) so tall and wide matrices move alike, with decoupled weight decay.
-    The Muon groups keep their state ("step", "momentum_buffer") in the same state dict as AdamW's moments.
+    Matrices of one shape are orthogonalised together, as one batch. The Muon groups keep their state
+    ("step", "momentum_buffer") in the same state dict as AdamW's moments.
     """
 
     @torch.no_grad()
@@ -82,23 +88,29 @@ class MuonAdamW(torch.optim.AdamW):
         finally:
             self.param_groups = groups
         for group in groups:
-            if not group.get("muon"):
-                continue
-            beta = group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:  # a step count as AdamW's states have (its load_state_dict expects one)
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                state["step"] += 1
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - beta)  # momentum as an average of past gradients
-                update = orthogonalize(p.grad.lerp(buf, beta))  # Nesterov: look ahead along the momentum
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+            if group.get("muon"):
+                self._muon_step(group)
         return loss
+
+    def _muon_step(self, group: dict) -> None:
+        beta, by_shape = group["momentum"], {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:  # a step count as AdamW's states have (its load_state_dict expects one)
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["momentum_buffer"] = torch.zeros_like(p)
+            state["step"] += 1
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - beta)  # momentum as an average of past gradients
+            by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, beta)))  # Nesterov: look ahead
+        for shape, items in by_shape.items():
+            updates = orthogonalize(torch.stack([u for _, u in items]), group["ns_steps"])
+            scale = max(1.0, shape[0] / shape[1]) ** 0.5
+            for (p, _), update in zip(items, updates):
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * scale)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -138,6 +150,8 @@ def validate_schedule(cfg: OptimConfig, max_iters: int) -> None:
         raise ConfigError(f"optim.cooldown_frac must be in [0, 1], got {cfg.cooldown_frac}")
     if cfg.grad_clip < 0:
         raise ConfigError(f"optim.grad_clip must be >= 0 (0 disables), got {cfg.grad_clip}")
+    if cfg.muon_ns_steps < 1:
+        raise ConfigError(f"optim.muon_ns_steps must be at least 1, got {cfg.muon_ns_steps}")
     if cfg.muon_lr <= 0 or not 0 <= cfg.muon_momentum < 1:
         raise ConfigError(f"need optim.muon_lr > 0 and 0 <= optim.muon_momentum < 1, got {cfg.muon_lr} "
                           f"and {cfg.muon_momentum}")

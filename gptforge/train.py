@@ -346,7 +346,9 @@ def _train(cfg: RunConfig, run_dir: Path, world: dist.DistInfo, device: torch.de
 
     def run_full_val() -> float:
         t0 = time.perf_counter()
-        result = evaluate_tokens(eval_model, val_tokens, block_size=T, batch_size=B, device=device, dtype=dtype)
+        # forward only: more windows per batch than training's micro-batch, up to 16k tokens, run faster
+        batch = max(B, min(64, 16384 // T))
+        result = evaluate_tokens(eval_model, val_tokens, block_size=T, batch_size=batch, device=device, dtype=dtype)
         write_row({"step": step, "val_loss_full": result.loss, "val_tokens": result.tokens,
                    "time_s": round(time.perf_counter() - t_start, 3)})
         log(f"whole val split at step {step}: loss {result.loss:.4f} over {result.tokens} tokens "

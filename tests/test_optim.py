@@ -88,6 +88,9 @@ def test_orthogonalize_flattens_the_singular_values():
         assert s.min() > 0.5 and s.max() < 1.3, (shape, s.min(), s.max())
         # the same singular vectors: o is close to U V^T of g
         assert torch.nn.functional.cosine_similarity((u @ v.T).flatten(), o.flatten(), dim=0) > 0.95
+        # a stack of matrices is orthogonalised one by one (Muon batches matrices of a shape)
+        stack = torch.stack([g, 3 * g.flip(0)])
+        torch.testing.assert_close(orthogonalize(stack), torch.stack([o, orthogonalize(3 * g.flip(0))]))
 
 
 def test_muon_groups_and_step():
