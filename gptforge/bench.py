@@ -32,7 +32,8 @@ from gptforge.errors import UserError
 GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 64, as `gptforge train` pads them
 # Presets without a vocabulary of their own get the one they are trained with: the char presets their
 # corpus's characters (tinyshakespeare has 65, padded to 128 as training pads it), the others GPT-2's.
-PRESET_VOCAB = {"shakespeare-char-cpu": (128, "tinyshakespeare's 65 characters padded to a multiple of 64")}
+_SHAKESPEARE_CHARS = (128, "tinyshakespeare's 65 characters padded to a multiple of 64")
+PRESET_VOCAB = {"shakespeare-char-cpu": _SHAKESPEARE_CHARS, "speedrun-cpu": _SHAKESPEARE_CHARS}
 DEFAULT_DECODE_SHAPES = {
     # nanoGPT's shakespeare-char CPU model, and GPT-2 small with OpenAI's exact vocabulary
     "tiny": {**preset("shakespeare-char-cpu")["model"], "vocab_size": 65},
