@@ -377,6 +377,8 @@ def _train(cfg: RunConfig, run_dir: Path, world: dist.DistInfo, device: torch.de
             t_last = time.perf_counter()
             budget = cfg.train.time_budget
             elapsed = t_last - t_start  # agreed by every rank: the schedule and the stop follow the slowest clock
+            if budget is not None and world.is_distributed:
+                elapsed = dist.max_over_ranks([elapsed], device)[0]
             while step < cfg.train.max_iters and (budget is None or elapsed < budget):
                 if hellaswag_due():
                     run_hellaswag()

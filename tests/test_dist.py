@@ -134,3 +134,18 @@ def test_sequential_reads_straight_through_and_resumes():
     s2.load_state_dict(state)
     assert all(torch.equal(a, s2.next()[0]) for a in expected)
     assert s2.epoch >= 1 and all(500 <= int(t) < 1000 for a in expected for t in a.flatten())
+
+
+def test_time_budget_and_muon_under_ddp(data_dir, tmp_path):
+    """Ranks agree on the clock (none waits forever for another's step) and Muon runs under DDP; FSDP
+    refuses Muon in one line."""
+    out = tmp_path / "budget"
+    flags = [a for a in TINY if a not in ("--train.max_iters", "8")]
+    run(["train", "--data", str(data_dir), "--out", str(out), *flags, "--train.max_iters", "100000",
+         "--train.time_budget", "3", "--optim.optimizer", "muon", "--train.eval_interval", "100000"], nproc=2)
+    steps, vals = curve(out)
+    assert len(steps) >= 2 and len(vals) == 2  # evaluated at step 0 and at the end
+    assert load_checkpoint(out).state["step"] == steps[-1][0]
+    r = run(["train", "--data", str(data_dir), "--out", str(tmp_path / "fsdp"), *TINY, "--dist", "fsdp",
+             "--optim.optimizer", "muon"], nproc=2, check=False)
+    assert r.returncode != 0 and "muon works with --train.dist ddp, not yet with fsdp" in r.stdout + r.stderr
