@@ -113,6 +113,7 @@ def bench_train(cfg: RunConfig, *, steps: int = 10, warmup: int = 2, vocab_note:
     the training loop does them. Gradient accumulation is not run: it repeats the same forward and backward."""
     from gptforge.model import GPT
     from gptforge.optim import build_optimizer
+    from gptforge.train import apply_gradients
 
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
@@ -126,8 +127,7 @@ def bench_train(cfg: RunConfig, *, steps: int = 10, warmup: int = 2, vocab_note:
     seed_everything(cfg.train.seed)
     model = GPT(cfg.model).to(device).train()
     if cfg.train.compile:
-        for block in model.transformer.h:  # as the training loop compiles
-            block.compile()
+        model.compile_blocks()  # as the training loop compiles
     optimizer = build_optimizer(model, cfg.optim, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     B, T = cfg.train.batch_size, cfg.model.block_size
@@ -137,7 +137,6 @@ def bench_train(cfg: RunConfig, *, steps: int = 10, warmup: int = 2, vocab_note:
     pool = min(warmup + steps, 8)
     batches = torch.randint(0, cfg.model.vocab_size, (pool, B, T + 1), device=device, generator=g)
     xs, ys = batches[..., :-1].contiguous(), batches[..., 1:].contiguous()  # (pool, B, T) each, as the loader gives
-    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")  # the loop always takes the norm
     log(f"timing {warmup} warm-up + {steps} training steps of {B} x {T} tokens ...")
 
     _reset_peak_memory(device)
@@ -148,11 +147,7 @@ def bench_train(cfg: RunConfig, *, steps: int = 10, warmup: int = 2, vocab_note:
         with autocast(device, dtype):
             loss = model(xs[i % pool], ys[i % pool])
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        apply_gradients(model, optimizer, scaler, cfg.optim.grad_clip)
         synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)

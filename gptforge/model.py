@@ -207,6 +207,12 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def compile_blocks(self) -> None:
+        """torch.compile each transformer block in place: block by block, so it works the same bare,
+        under DDP and under FSDP (which wraps blocks), and one compiled graph serves every layer."""
+        for block in self.transformer.h:
+            block.compile()
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without the position embeddings (GPT-2's convention)."""
         n = sum(p.numel() for p in self.parameters())

@@ -71,6 +71,18 @@ def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
     return total // per_micro
 
 
+def apply_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    grad_clip: float) -> torch.Tensor:
+    """The end of every training step, after the backward passes: unscale (fp16), clip the global norm
+    (0 = no clipping, but the norm is still measured for the log), step, and clear the gradients."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def validate(cfg: RunConfig) -> None:
     t = cfg.train
     for name in ("batch_size", "eval_interval", "eval_iters", "log_interval"):
@@ -249,8 +261,7 @@ def _train(cfg: RunConfig, run_dir: Path, world: dist.DistInfo, device: torch.de
         last_eval_step = st.get("last_eval_step")
         last_hs_step = st.get("last_hellaswag_step")
     if cfg.train.compile:
-        for block in raw.transformer.h:  # block by block: works the same bare, under DDP and under FSDP
-            block.compile()
+        raw.compile_blocks()
     if cfg.optim.optimizer == "muon" and world.is_distributed and mode == "fsdp":
         raise ConfigError("optim.optimizer muon works with --train.dist ddp, not yet with fsdp "
                           "(it orthogonalises whole matrices, and FSDP holds shards of them)")
@@ -399,12 +410,7 @@ def _train(cfg: RunConfig, run_dir: Path, world: dist.DistInfo, device: torch.de
                         loss = model(x, y) / accum
                     scaler.scale(loss).backward()
                     loss_sum += loss.detach()
-                scaler.unscale_(optimizer)
-                clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = apply_gradients(model, optimizer, scaler, cfg.optim.grad_clip)
                 step += 1
 
                 if world.is_distributed:
