@@ -164,7 +164,12 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     validate(cfg)
     world, device = dist.init(cfg.train.device)
     try:
-        return _train(cfg, run_dir, world, device, resume, overwrite, log if world.is_main else _silent, on_step)
+        result = _train(cfg, run_dir, world, device, resume, overwrite, log if world.is_main else _silent, on_step)
+        # Every rank is out of every collective before the group is torn down: without this, gloo under
+        # FSDP sometimes aborted a rank at exit ("terminate called without an active exception"). Not on
+        # an error path, where the other ranks may never arrive.
+        dist.barrier()
+        return result
     finally:
         dist.cleanup()
 
