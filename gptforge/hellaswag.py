@@ -18,18 +18,16 @@ context; they are then not scored and the mean is over the tokens that are.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import secrets
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from gptforge.data.sources import cache_dir  # prepare's download folder: $GPTFORGE_CACHE or ~/.cache/gptforge
+from gptforge.data.sources import cache_dir, download  # cache_dir: $GPTFORGE_CACHE or ~/.cache/gptforge
 from gptforge.device import autocast
 from gptforge.errors import UserError
 
@@ -100,13 +98,8 @@ def fetch_hellaswag(url: Optional[str] = None) -> Path:
     cached = cache_dir() / CACHE_NAME
     if cached.is_file():
         return cached
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            data = response.read()
-    except (OSError, http.client.HTTPException, ValueError) as e:
-        reason = " ".join(str(getattr(e, "reason", e)).split())
-        raise UserError(f"could not download HellaSwag from {url} (offline?): {reason}; "
-                        "download hellaswag_val.jsonl yourself and pass it with --file PATH") from None
+    data = download(url, "HellaSwag", "download hellaswag_val.jsonl yourself and pass it with --file PATH",
+                    timeout=DOWNLOAD_TIMEOUT_S)
     try:
         parse_examples(data.decode("utf-8"), url)
     except (UserError, UnicodeDecodeError) as e:

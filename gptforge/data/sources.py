@@ -419,18 +419,22 @@ def _texts_chunks(inp: Input, tally: Tally) -> Chunks:
     return {"name": inp.name, "bytes": inp.size, "sha256": h.hexdigest()}
 
 
+def download(url: str, what: str, hint: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:
+    """The bytes at url; offline or on any network error, one UserError line naming `what` and the way out."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read()
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        reason = " ".join(str(getattr(e, "reason", e)).split())
+        raise UserError(f"could not download {what} from {url} (offline?): {reason}; {hint}") from None
+
+
 def fetch_shakespeare() -> Path:
     """The tinyshakespeare file, from the cache or downloaded (sha256-checked) into it."""
     cached = cache_dir() / "tinyshakespeare.txt"
     if cached.is_file() and sha256_file(cached) == SHAKESPEARE_SHA256:
         return cached
-    try:
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            data = response.read()
-    except (OSError, http.client.HTTPException, ValueError) as e:
-        reason = " ".join(str(getattr(e, "reason", e)).split())
-        raise UserError(f"could not download tinyshakespeare from {SHAKESPEARE_URL} (offline?): {reason}; "
-                        "download it yourself and pass the file's path as SOURCE") from None
+    data = download(SHAKESPEARE_URL, "tinyshakespeare", "download it yourself and pass the file's path as SOURCE")
     digest = hashlib.sha256(data).hexdigest()
     if digest != SHAKESPEARE_SHA256:
         raise UserError(f"the downloaded tinyshakespeare has sha256 {digest}, expected {SHAKESPEARE_SHA256}; "
