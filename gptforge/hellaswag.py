@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from gptforge.data.sources import cache_dir, download  # cache_dir: $GPTFORGE_CACHE or ~/.cache/gptforge
+from gptforge.data.sources import cache_dir, download, write_cached  # cache_dir: $GPTFORGE_CACHE or ~/.cache/gptforge
 from gptforge.device import autocast
 from gptforge.errors import UserError
 
@@ -105,19 +104,7 @@ def fetch_hellaswag(url: Optional[str] = None) -> Path:
     except (UserError, UnicodeDecodeError) as e:
         raise UserError(f"the download from {url} is not a HellaSwag jsonl file ({' '.join(str(e).split())}); "
                         "not caching it; pass a local copy with --file PATH") from None
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.parent / f".{CACHE_NAME}.{secrets.token_hex(6)}.tmp"
-        try:
-            with open(tmp, "xb") as f:
-                f.write(data)
-            os.replace(tmp, cached)  # atomic: a concurrent reader sees no file or the whole file
-        finally:
-            tmp.unlink(missing_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write the download cache {cached.parent} ({e.strerror}); "
-                        "set GPTFORGE_CACHE to a writable folder") from None
-    return cached
+    return write_cached(cached, data)
 
 
 def load_examples(path: Optional[str | os.PathLike] = None, limit: Optional[int] = None) -> list[dict[str, Any]]:

@@ -439,9 +439,14 @@ def fetch_shakespeare() -> Path:
     if digest != SHAKESPEARE_SHA256:
         raise UserError(f"the downloaded tinyshakespeare has sha256 {digest}, expected {SHAKESPEARE_SHA256}; "
                         f"not using it (from {SHAKESPEARE_URL})")
+    return write_cached(cached, data)
+
+
+def write_cached(cached: Path, data: bytes) -> Path:
+    """Store a download in the cache atomically (a concurrent reader sees no file or the whole file)."""
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.parent / f".tinyshakespeare.{secrets.token_hex(6)}.tmp"
+        tmp = cached.parent / f".{cached.name}.{secrets.token_hex(6)}.tmp"
         try:
             with open(tmp, "xb") as f:
                 f.write(data)
