@@ -26,9 +26,9 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from gptforge.data.sources import cache_dir, download, write_cached  # cache_dir: $GPTFORGE_CACHE or ~/.cache/gptforge
+from gptforge.downloads import cache_dir, download, write_cached  # cache_dir: $GPTFORGE_CACHE or ~/.cache/gptforge
 from gptforge.device import autocast
-from gptforge.errors import UserError
+from gptforge.errors import UserError, one_line
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 CACHE_NAME = "hellaswag_val.jsonl"
@@ -84,7 +84,7 @@ def _read_text(path: Path) -> str:
     except IsADirectoryError:
         raise UserError(f"{path} is a directory; pass the hellaswag_val.jsonl file itself") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read HellaSwag file {path}: {' '.join(str(e).split())}") from None
+        raise UserError(f"cannot read HellaSwag file {path}: {one_line(e)}") from None
 
 
 def fetch_hellaswag(url: Optional[str] = None) -> Path:
@@ -102,7 +102,7 @@ def fetch_hellaswag(url: Optional[str] = None) -> Path:
     try:
         parse_examples(data.decode("utf-8"), url)
     except (UserError, UnicodeDecodeError) as e:
-        raise UserError(f"the download from {url} is not a HellaSwag jsonl file ({' '.join(str(e).split())}); "
+        raise UserError(f"the download from {url} is not a HellaSwag jsonl file ({one_line(e)}); "
                         "not caching it; pass a local copy with --file PATH") from None
     return write_cached(cached, data)
 
@@ -225,6 +225,8 @@ def evaluate_hellaswag(model: torch.nn.Module, tokenizer, examples: Sequence[dic
     """Accuracy over `examples`: {acc, acc_norm, n, correct, correct_norm}; `progress` draws a progress bar."""
     if not examples:
         raise UserError("no HellaSwag examples to evaluate")
+    for i, ex in enumerate(examples):  # a tokenizer that cannot encode them (a char run) fails before the bar
+        _encode(tokenizer, validate_example(ex, f"example {i}"))
     correct = correct_norm = done = 0
     from tqdm import tqdm
 
@@ -270,13 +272,12 @@ def evaluate_hellaswag_checkpoint(run: str, *, file: Optional[str] = None, limit
                                   progress: bool = True) -> dict[str, Any]:
     """`gptforge eval RUN --task hellaswag`: accuracy on HellaSwag val (or `file`) of a run or checkpoint
     directory, or, as for the loss evaluation, of GPT-2 (gpt2 ... gpt2-xl) or a Hugging Face model directory."""
-    from gptforge.checkpoint import load_checkpoint
     from gptforge.device import pick_device, pick_dtype
-    from gptforge.hf import is_hf_source, load_pretrained_checkpoint
+    from gptforge.hf import load_any
 
     examples = load_examples(file, limit)  # first: a missing file should not wait for the model to load
     dev = pick_device(device)
-    ck = load_pretrained_checkpoint(run, dev) if is_hf_source(run) else load_checkpoint(run, device=dev, which=which)
+    ck = load_any(run, dev, which)
     result = evaluate_hellaswag(ck.model, ck.tokenizer, examples, dev, pick_dtype(ck.config.train.dtype, dev),
                                 batch_size, progress=progress)
     source = str(Path(file).expanduser()) if file else HELLASWAG_URL

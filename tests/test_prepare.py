@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from gptforge.data import prepare as prep
-from gptforge.data import shards, sources
+from gptforge import downloads
+from gptforge.data import builtin_sources, chunks, shards, sources
 from gptforge.data.prepare import prepare, split_sizes, token_dtype
 from gptforge.errors import UserError
 from gptforge.tokenizer import EOT_TEXT, load_tokenizer
@@ -90,8 +91,8 @@ def test_test_split_leaves_val_unchanged(char_dir, shakespeare_path, tmp_path):
 
 def test_gpt2_chunked_encoding_equals_whole_text(tiktoken_cache, shakespeare_path, shakespeare, tmp_path, monkeypatch):
     # small chunks: hundreds of cuts, every one must leave the tokens unchanged
-    monkeypatch.setattr(sources, "CHUNK_BYTES", 4096)
-    monkeypatch.setattr(sources, "MAX_CHUNK_BYTES", 16384)
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(chunks, "MAX_CHUNK_BYTES", 16384)
     monkeypatch.setattr(prep, "BATCH_ITEMS", 7)
     m = prepare(str(shakespeare_path), tmp_path / "g", tokenizer="gpt2", progress=False)
     tok = load_tokenizer(tmp_path / "g")
@@ -102,13 +103,13 @@ def test_gpt2_chunked_encoding_equals_whole_text(tiktoken_cache, shakespeare_pat
 
 
 def test_cut_points():
-    assert sources._cut(b"one\ntwo\nthree") == len(b"one\ntwo\n")  # after a newline between words
-    assert sources._cut(b"a\r\nb") == 2  # CRLF: between "\r" and "\n"
-    assert sources._cut(b"a\n\nb") == 2  # paragraph break: between the two newlines
-    assert sources._cut(b"a \n b") == 0  # no newline next to printable text: keep reading
-    big = b"x" * sources.MAX_CHUNK_BYTES
-    assert sources._cut(big + b" \n y") == len(big) + 2  # past the limit: any newline
-    assert sources._cut("é".encode() * sources.MAX_CHUNK_BYTES) % 2 == 0  # never inside a character
+    assert chunks.cut(b"one\ntwo\nthree") == len(b"one\ntwo\n")  # after a newline between words
+    assert chunks.cut(b"a\r\nb") == 2  # CRLF: between "\r" and "\n"
+    assert chunks.cut(b"a\n\nb") == 2  # paragraph break: between the two newlines
+    assert chunks.cut(b"a \n b") == 0  # no newline next to printable text: keep reading
+    big = b"x" * chunks.MAX_CHUNK_BYTES
+    assert chunks.cut(big + b" \n y") == len(big) + 2  # past the limit: any newline
+    assert chunks.cut("é".encode() * chunks.MAX_CHUNK_BYTES) % 2 == 0  # never inside a character
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +131,13 @@ def test_chunking_never_changes_tokens(tiktoken_cache, small_bpe, shakespeare, t
         text = text.replace(":\n", ":  \t\n").replace("\n\n", "\n \n\n")
     src = write(tmp_path / "t.txt", text)
     jsonl = write(tmp_path / "t.jsonl", json.dumps({"text": text}) + "\n")  # one long row: cut the same way
-    monkeypatch.setattr(sources, "CHUNK_BYTES", 2048)
-    monkeypatch.setattr(sources, "MAX_CHUNK_BYTES", 1 << 20)  # so only the exact cuts are used
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 2048)
+    monkeypatch.setattr(chunks, "MAX_CHUNK_BYTES", 1 << 20)  # so only the exact cuts are used
     for path in (src, jsonl):
-        chunks = [c for c, *_ in sources.read(sources.open_source(str(path), "text"), lambda n: None)]
-        assert len(chunks) > 50 and "".join(chunks) == text
+        pieces = [c for c, *_ in sources.read(sources.open_source(str(path), "text"), lambda n: None)]
+        assert len(pieces) > 50 and "".join(pieces) == text
         for tok in (train_tokenizer("gpt2", []), small_bpe):
-            assert [t for ids in tok.encode_batch(chunks) for t in ids] == tok.encode(text), tok.kind
+            assert [t for ids in tok.encode_batch(pieces) for t in ids] == tok.encode(text), tok.kind
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -391,7 +392,7 @@ def test_progress_goes_to_stderr_only_when_asked(tmp_path, capfd):
 def test_shakespeare_download_and_cache(shakespeare_path, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("GPTFORGE_CACHE", str(cache))
-    monkeypatch.setattr(sources, "SHAKESPEARE_URL", shakespeare_path.as_uri())
+    monkeypatch.setattr(builtin_sources, "SHAKESPEARE_URL", shakespeare_path.as_uri())
     m = prepare("shakespeare", tmp_path / "out", progress=False)
     assert m["source"] == "shakespeare"
     assert m["inputs"] == [{"name": "tinyshakespeare.txt", "bytes": 1_115_394, "sha256": SHAKESPEARE_SHA256}]
@@ -400,18 +401,18 @@ def test_shakespeare_download_and_cache(shakespeare_path, tmp_path, monkeypatch)
     assert cached.read_bytes() == shakespeare_path.read_bytes()
     assert sorted(p.name for p in cache.iterdir()) == ["tinyshakespeare.txt"]
     # second time: from the cache, even with no network
-    monkeypatch.setattr(sources, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
-    assert prep.fetch_shakespeare() == cached
+    monkeypatch.setattr(builtin_sources, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    assert builtin_sources.fetch_shakespeare() == cached
     # a corrupted cache is fetched again, not trusted
     cached.write_text("truncated")
-    monkeypatch.setattr(sources, "SHAKESPEARE_URL", shakespeare_path.as_uri())
-    assert prep.fetch_shakespeare().read_bytes() == shakespeare_path.read_bytes()
+    monkeypatch.setattr(builtin_sources, "SHAKESPEARE_URL", shakespeare_path.as_uri())
+    assert builtin_sources.fetch_shakespeare().read_bytes() == shakespeare_path.read_bytes()
 
 
 def test_shakespeare_wrong_hash_is_not_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "cache"))
     impostor = write(tmp_path / "input.txt", "not shakespeare\n")
-    monkeypatch.setattr(sources, "SHAKESPEARE_URL", impostor.as_uri())
+    monkeypatch.setattr(builtin_sources, "SHAKESPEARE_URL", impostor.as_uri())
     digest = hashlib.sha256(impostor.read_bytes()).hexdigest()
     with pytest.raises(UserError, match=f"has sha256 {digest}, expected {SHAKESPEARE_SHA256}"):
         prepare("shakespeare", tmp_path / "out", progress=False)
@@ -422,7 +423,7 @@ def test_shakespeare_wrong_hash_is_not_cached(tmp_path, monkeypatch):
 def test_shakespeare_offline_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "cache"))
     for url in ("http://127.0.0.1:9/input.txt", (tmp_path / "nowhere.txt").as_uri()):
-        monkeypatch.setattr(sources, "SHAKESPEARE_URL", url)
+        monkeypatch.setattr(builtin_sources, "SHAKESPEARE_URL", url)
         with pytest.raises(UserError) as info:
             prepare("shakespeare", tmp_path / "out", progress=False)
         msg = str(info.value)
@@ -433,10 +434,10 @@ def test_shakespeare_offline_is_one_clear_line(tmp_path, monkeypatch):
 
 def test_cache_dir_defaults(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "explicit"))
-    assert prep.cache_dir() == tmp_path / "explicit"
+    assert downloads.cache_dir() == tmp_path / "explicit"
     monkeypatch.delenv("GPTFORGE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert prep.cache_dir() == tmp_path / "xdg" / "gptforge"
+    assert downloads.cache_dir() == tmp_path / "xdg" / "gptforge"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert prep.cache_dir() == tmp_path / "home" / ".cache" / "gptforge"
+    assert downloads.cache_dir() == tmp_path / "home" / ".cache" / "gptforge"

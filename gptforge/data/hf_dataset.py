@@ -3,20 +3,21 @@
 Owns naming a dataset and its split, opening it as a stream (from the Hub or a local folder) with the
 failures of that (offline, no such dataset, config or split, no text column) turned into one-line user
 errors, what the manifest records of it (name, config, split, revision, fingerprint), what a resume
-checks has not changed (its data files), and its rows as document chunks. The rest of reading a
-corpus (Input, chunking, the other kinds of input) is gptforge.data.sources', which imports this
-module only for hf: sources.
+checks has not changed (its data files), and its rows as document chunks. It builds on
+gptforge.data.chunks like every other reader; gptforge.data.sources sends hf: sources here.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
-from gptforge.data.sources import HF_PREFIX, Chunks, Input, Tally, document_chunks, one_line
+from gptforge.data.chunks import Chunks, Input, Tally, document_chunks, one_line
 from gptforge.errors import UserError
 
+HF_PREFIX = "hf:"
 HF_BATCH_ROWS = 1024
 
 
@@ -72,7 +73,53 @@ def _hf_stamp(builder: Any) -> list[Any]:
     return stamp
 
 
-def open_hf(source: str, text_field: str) -> Input:
+@dataclass
+class HFDataset(Input):
+    """A streamed split of a Hugging Face dataset: one document per row of the text column."""
+
+    name: str
+    display: str
+    dataset: Any  # a datasets.IterableDataset
+    meta: dict[str, Any] = field(default_factory=dict)  # what the manifest records besides bytes
+    files: list[Any] = field(default_factory=list)  # its data files (`_hf_stamp`)
+    size: int | None = None  # unknown before it is streamed
+
+    def stamp(self) -> list[Any]:
+        return [self.name, self.size, {**self.meta, "files": self.files}]
+
+    def chunks(self, text_field: str, tally: Tally) -> Chunks:
+        n_bytes = 0
+        for batch in self.dataset.iter(batch_size=HF_BATCH_ROWS):
+            if text_field not in batch:
+                raise UserError(f"{self.display}: no column {text_field!r} (columns: {', '.join(batch)}); "
+                                "pick the column with --text-field")
+            for text in batch[text_field]:
+                if not text:
+                    continue
+                if not isinstance(text, str):
+                    raise UserError(f"{self.display}: column {text_field!r} holds {type(text).__name__}, not text")
+                size = len(text.encode("utf-8", "surrogatepass"))
+                n_bytes += size
+                tally(size)
+                yield from document_chunks(text)
+        return {"name": self.name, **self.meta, "bytes": n_bytes}
+
+
+def _select_text(source: str, dataset: Any, text_field: str) -> Any:
+    """The dataset with only its text column, after checking it has one (when its features are known)."""
+    features = dataset.features
+    if features is None:
+        return dataset
+    if text_field not in features:
+        raise UserError(f"{source}: no column {text_field!r} (columns: {', '.join(features)}); "
+                        "pick the column with --text-field")
+    if getattr(features[text_field], "dtype", None) not in ("string", "large_string"):
+        raise UserError(f"{source}: column {text_field!r} holds {features[text_field]}, not text; "
+                        "pick the text column with --text-field")
+    return dataset.select_columns([text_field])
+
+
+def open_hf(source: str, text_field: str) -> HFDataset:
     name, config, split = parse_hf(source)
     try:
         import datasets
@@ -86,34 +133,5 @@ def open_hf(source: str, text_field: str) -> Input:
         dataset = builder.as_streaming_dataset(split=split)
     except Exception as e:  # every failure here is about the name, the network or the cache
         raise _hf_error(source, e) from None
-    features = dataset.features
-    if features is not None:
-        if text_field not in features:
-            raise UserError(f"{source}: no column {text_field!r} (columns: {', '.join(features)}); "
-                            "pick the column with --text-field")
-        if getattr(features[text_field], "dtype", None) not in ("string", "large_string"):
-            raise UserError(f"{source}: column {text_field!r} holds {features[text_field]}, not text; "
-                            "pick the text column with --text-field")
-        dataset = dataset.select_columns([text_field])
-    meta = _hf_meta(builder, name, split)
-    return Input(name=source, display=source, kind="hf", size=None, dataset=dataset,
-                 meta={**meta, "files": _hf_stamp(builder)})
-
-
-def hf_chunks(inp: Input, text_field: str, tally: Tally) -> Chunks:
-    n_bytes = 0
-    for batch in inp.dataset.iter(batch_size=HF_BATCH_ROWS):
-        if text_field not in batch:
-            raise UserError(f"{inp.display}: no column {text_field!r} (columns: {', '.join(batch)}); "
-                            "pick the column with --text-field")
-        for text in batch[text_field]:
-            if not text:
-                continue
-            if not isinstance(text, str):
-                raise UserError(f"{inp.display}: column {text_field!r} holds {type(text).__name__}, not text")
-            size = len(text.encode("utf-8", "surrogatepass"))
-            n_bytes += size
-            tally(size)
-            yield from document_chunks(text)
-    meta = {k: v for k, v in inp.meta.items() if k != "files"}
-    return {"name": inp.name, **meta, "bytes": n_bytes}
+    return HFDataset(name=source, display=source, dataset=_select_text(source, dataset, text_field),
+                     meta=_hf_meta(builder, name, split), files=_hf_stamp(builder))

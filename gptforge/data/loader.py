@@ -2,7 +2,8 @@
 
 A data directory (written by `gptforge prepare`) holds each split as one or more flat token files
 (shards), read with np.memmap so a corpus far larger than memory costs nothing to open; a split of
-several shards reads as one stream.
+several shards reads as one stream. Nothing in a data directory is trusted: `open_data` checks its
+manifest, tokenizer and shard files (cheaply, without reading the shards) before anything is read.
 
 Batches come from *slots*. A training step consumes `world_size x accum` micro-batches, and micro-batch m
 of rank r is slot r * accum + m. Each slot owns a disjoint, contiguous block of the split and draws its
@@ -17,13 +18,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
-from gptforge.errors import UserError
+from gptforge.errors import UserError, one_line
+from gptforge.tokenizer import TOKENIZER_FILE
 
 MANIFEST = "manifest.json"
 
@@ -58,6 +60,17 @@ class ShardedTokens:
 
 Tokens = Union[np.ndarray, ShardedTokens]
 
+# ----------------------------------------------------------------------------------------------
+# Opening a data directory, and checking it first
+#
+# A data directory may come from anyone, so nothing in its manifest is trusted: every shard must be a
+# file inside the directory, in a dtype prepare writes, of the size the manifest says, and the vocabulary
+# must be tokenizer.json's. All of that is checked at open without reading the shards (sizes, and a
+# token-range check on a few thousand tokens at each end of each shard).
+
+TOKEN_DTYPES = ("uint16", "uint32")  # what prepare writes (gptforge.data.prepare.token_dtype)
+SAMPLE_TOKENS = 4096  # tokens read at each end of every shard to check their ids fit the vocabulary
+
 
 @dataclass
 class TokenData:
@@ -70,43 +83,135 @@ class TokenData:
     def splits(self) -> list[str]:
         return list(self.manifest["splits"])
 
-    def tokens(self, split: str) -> Tokens:
+    def shard_files(self, split: str) -> list[tuple[Path, int]]:
+        """(file, tokens) of each shard of `split`, each checked to lie inside the directory."""
         if split not in self.manifest["splits"]:
             raise UserError(f"{self.path} has no {split!r} split (it has: {', '.join(self.splits)})")
+        where = f"{self.path / MANIFEST}: split {split!r}"
         info = self.manifest["splits"][split]
-        shards = info.get("shards") or [{"file": info["file"], "tokens": info["tokens"]}]
+        if not isinstance(info, dict):
+            raise UserError(f"{where} is not an object; prepare the data again")
+        shards = info.get("shards") or [{"file": info.get("file"), "tokens": info.get("tokens")}]
+        if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+            raise UserError(f"{where}: 'shards' is not a list of objects; prepare the data again")
+        files = []
+        for shard in shards:
+            tokens = shard.get("tokens")
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+                raise UserError(f"{where}: shard {shard.get('file')!r} has token count {tokens!r}, "
+                                "not a whole number >= 0; prepare the data again")
+            files.append((_inside(self.path, shard.get("file"), where), tokens))
+        return files
+
+    def tokens(self, split: str) -> Tokens:
         dtype = np.dtype(self.manifest["dtype"])
         arrays = []
-        for shard in shards:
-            file = self.path / shard["file"]
-            if not file.is_file() or file.stat().st_size != shard["tokens"] * dtype.itemsize:
-                raise UserError(f"{file} is missing or truncated; prepare the data again")
+        for file, tokens in self.shard_files(split):
+            _check_size(file, tokens, dtype)
             arrays.append(np.memmap(file, dtype=dtype, mode="r"))
         return arrays[0] if len(arrays) == 1 else ShardedTokens(arrays)
 
     def tokenizer(self):
         from gptforge.tokenizer import load_tokenizer
 
-        return load_tokenizer(self.path)
+        return load_tokenizer(_inside(self.path, TOKENIZER_FILE, str(self.path)))
 
     @property
     def vocab_size(self) -> int:
         return int(self.manifest["tokenizer"]["vocab_size"])
 
 
+def _inside(root: Path, name: Any, where: str) -> Path:
+    """root/name, refused unless it is a relative path that resolves (symlinks too) inside root."""
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{where}: shard file {name!r} is not a file name; prepare the data again")
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if name.startswith(("/", "\\")) or PureWindowsPath(name).drive or Path(name).is_absolute():
+        problem = "is an absolute path"
+    elif ".." in parts:
+        problem = "climbs out with '..'"
+    elif not (root / name).resolve().is_relative_to(root.resolve()):
+        problem = f"resolves to {(root / name).resolve()} (a symlink)"
+    else:
+        return root / name
+    raise UserError(f"{where}: file {name!r} {problem}, outside the data directory {root}; refusing to read it")
+
+
+def _check_size(file: Path, tokens: int, dtype: np.dtype) -> None:
+    if not file.is_file():
+        raise UserError(f"{file} is missing; prepare the data again")
+    size = file.stat().st_size
+    if size != tokens * dtype.itemsize:
+        raise UserError(f"{file} has {size:,} bytes, but the manifest says {tokens:,} {dtype.name} tokens "
+                        f"({tokens * dtype.itemsize:,} bytes); it is truncated or not this data; prepare the data again")
+
+
+def _read_manifest(manifest_file: Path) -> dict[str, Any]:
+    """The manifest, after checking its shape: splits, a dtype prepare writes, a vocabulary that fits it."""
+    def bad(problem: str) -> UserError:
+        return UserError(f"{manifest_file}: {problem}; prepare the data again")
+
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise bad(f"unreadable ({one_line(e, 200)})") from None
+    if not isinstance(manifest, dict):
+        raise bad("not a JSON object")
+    if not isinstance(manifest.get("splits"), dict) or not manifest["splits"]:
+        raise bad("no 'splits'")
+    dtype = manifest.get("dtype")
+    if dtype not in TOKEN_DTYPES:
+        raise bad(f"dtype {dtype!r} is not one gptforge writes ({' or '.join(TOKEN_DTYPES)})")
+    tok = manifest.get("tokenizer")
+    vocab = tok.get("vocab_size") if isinstance(tok, dict) else None
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise bad(f"tokenizer.vocab_size is {vocab!r}, not a whole number >= 1")
+    if vocab > np.iinfo(dtype).max + 1:
+        raise bad(f"vocab_size {vocab:,} does not fit its dtype {dtype} (at most {np.iinfo(dtype).max + 1:,} ids)")
+    return manifest
+
+
+def _check_tokenizer(data: TokenData) -> None:
+    """tokenizer.json is the one the manifest was written with: same vocabulary size and fingerprint."""
+    tok, info = data.tokenizer(), data.manifest["tokenizer"]
+    tok_file = data.path / TOKENIZER_FILE
+    if tok.vocab_size != info["vocab_size"]:
+        raise UserError(f"{data.path / MANIFEST}: vocab_size {info['vocab_size']:,} does not match {tok_file} "
+                        f"({tok.vocab_size:,} tokens); prepare the data again")
+    if info.get("fingerprint") is not None and info["fingerprint"] != tok.fingerprint():
+        raise UserError(f"{data.path / MANIFEST}: the tokenizer fingerprint does not match {tok_file} "
+                        "(the tokenizer was replaced after the data was prepared); prepare the data again")
+
+
+def _check_sample(file: Path, dtype: np.dtype, vocab_size: int) -> None:
+    """The first and last SAMPLE_TOKENS ids of a shard are inside the vocabulary (a cheap spot check)."""
+    tokens = np.memmap(file, dtype=dtype, mode="r") if file.stat().st_size else np.empty(0, dtype)
+    for piece in (tokens[:SAMPLE_TOKENS], tokens[-SAMPLE_TOKENS:]):
+        if len(piece) and int(piece.max()) >= vocab_size:
+            raise UserError(f"{file}: holds token id {int(piece.max()):,}, outside the vocabulary of "
+                            f"{vocab_size:,} tokens; it is not this data; prepare the data again")
+
+
 def open_data(path: str | Path) -> TokenData:
+    """Open a prepared data directory, after checking it (see above): every failure is one UserError line."""
     path = Path(path)
     manifest_file = path / MANIFEST
     if not path.is_dir():
         raise UserError(f"data directory {path} does not exist; create it with `gptforge prepare SOURCE --out {path}`")
+    if not manifest_file.is_file() and (path / "train.bin").is_file():
+        from gptforge.nanogpt import open_nanogpt_data  # nanoGPT's data/NAME/: train.bin, val.bin (+ meta.pkl)
+
+        return open_nanogpt_data(path)
     if not manifest_file.is_file():
         raise UserError(f"{path} is not a prepared data directory (no {MANIFEST}); run `gptforge prepare` first")
-    try:
-        manifest = json.loads(manifest_file.read_text())
-        manifest["splits"], manifest["dtype"], manifest["tokenizer"]["vocab_size"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{manifest_file} is unreadable or incomplete ({e}); prepare the data again") from None
-    return TokenData(path, manifest)
+    data = TokenData(path, _read_manifest(manifest_file))
+    _check_tokenizer(data)
+    dtype = np.dtype(data.manifest["dtype"])
+    for split in data.splits:
+        for file, tokens in data.shard_files(split):
+            _check_size(file, tokens, dtype)
+            _check_sample(file, dtype, data.vocab_size)
+    return data
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

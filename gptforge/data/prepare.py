@@ -41,10 +41,9 @@ from tqdm import tqdm
 
 from gptforge import __version__
 from gptforge.config import save_json
-from gptforge.data import shards, sources
+from gptforge.data import chunks, shards, sources
 from gptforge.data.shards import DEFAULT_VAL_FRACTION, MANIFEST_FILE, PROGRESS_FILE, split_sizes
-# BUILTINS, cache_dir and fetch_shakespeare lived here before sources.py: still importable from here.
-from gptforge.data.sources import BUILTINS, Corpus, cache_dir, fetch_shakespeare, open_source  # noqa: F401
+from gptforge.data.sources import Corpus, open_source
 from gptforge.errors import UserError
 from gptforge.tokenizer import (TOKENIZER_FILE, CharTokenizer, Tokenizer, check_tokenizer_args, load_tokenizer,
                                 train_bpe, train_tokenizer)
@@ -110,7 +109,7 @@ def prepare(source: str, out: str | Path, tokenizer: str = "char", vocab_size: i
     # What the tokens depend on; the split options do not, so they may change on a resume.
     options = {"source": source, "tokenizer": tokenizer, "vocab_size": vocab_size, "text_field": text_field,
                "shard_tokens": shard_tokens, "gptforge_version": __version__,
-               "chunking": [sources.CHUNK_BYTES, sources.MAX_CHUNK_BYTES],
+               "chunking": [chunks.CHUNK_BYTES, chunks.MAX_CHUNK_BYTES],
                "inputs": [inp.stamp() for inp in corpus.inputs]}
     work = out.parent / f"{out.name}.partial"
     try:
@@ -246,14 +245,14 @@ def _build_tokenizer(corpus: Corpus, kind: str, vocab_size: int | None, progress
     n_docs = 0
     desc = "char vocabulary" if kind == "char" else f"train bpe ({vocab_size})"
     with _bar(corpus.total_bytes, desc, progress) as bar:
-        chunks = sources.read(corpus, bar.update)
-        first = next(chunks, None)
+        stream = sources.read(corpus, bar.update)
+        first = next(stream, None)
         if first is None:  # say so before HF trains a tokenizer on nothing
             raise _empty(corpus.source)
 
         def texts() -> Iterator[str]:
             nonlocal n_docs
-            for text, doc_start, _, _ in itertools.chain([first], chunks):
+            for text, doc_start, _, _ in itertools.chain([first], stream):
                 n_docs += doc_start
                 yield text
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from gptforge.config import save_json
-from gptforge.data.sources import one_line
+from gptforge.data.chunks import one_line
 from gptforge.errors import UserError
 from gptforge.tokenizer import load_tokenizer
 
@@ -123,7 +123,7 @@ def fresh_state(options: dict[str, Any], dtype: np.dtype) -> dict[str, Any]:
             "inputs": []}
 
 
-_OURS = re.compile(r"(lock|progress\.json(\.tmp)?|tokenizer\.json|\.tokenizer\.json\..*\.tmp|tokens-\d{6}\.bin)")
+_OURS = re.compile(r"(lock|progress\.json(\.tmp)?|\.progress\.json\..*\.tmp|tokenizer\.json|\.tokenizer\.json\..*\.tmp|tokens-\d{6}\.bin)")
 
 
 def _damage(work: Path, state: dict[str, Any]) -> str | None:

@@ -1,0 +1,155 @@
+"""What every reader of a corpus gives, and cutting text into chunks.
+
+Owns the `Input` interface (one input of a corpus, read as a stream of non-empty text chunks that
+returns its manifest record at the end), `FileInput` (an input that is one local file), and how a long
+text is cut into chunks of about CHUNK_BYTES without changing its tokens (see `cut`). The readers, one
+per kind of input, build on this module: gptforge.data.text_files (text, JSON lines), parquet_files,
+hf_dataset (hf:) and builtin_sources (shakespeare, pydoc); gptforge.data.sources picks among them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generator
+
+from gptforge import errors
+from gptforge.errors import UserError
+
+# Text is read and cut into chunks of about this many bytes, so a multi-GB file never sits in memory.
+# Readers look these up on this module when they read (not at import), so a test can shrink them.
+CHUNK_BYTES = 1 << 18
+MAX_CHUNK_BYTES = 4 * CHUNK_BYTES
+
+Tally = Callable[[int], None]  # told how many source bytes were just read (for the progress bar)
+Chunks = Generator[tuple[str, bool], None, dict[str, Any]]  # (text, starts a document); returns the record
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """`errors.one_line`, or the exception's type where it has no message (an empty "()" helps nobody)."""
+    return errors.one_line(e, limit) or type(e).__name__
+
+
+class Input(ABC):
+    """One input of a corpus: a file, the documents of a built-in corpus, or a streamed dataset."""
+
+    name: str  # in the manifest: path relative to a source folder, a file name, or the source itself
+    display: str  # in error messages: the path as the user can find it
+    size: int | None  # bytes, for the progress bar (None: unknown)
+
+    @abstractmethod
+    def stamp(self) -> list[Any]:
+        """What must not change for an interrupted preparation to resume (checked without reading)."""
+
+    @abstractmethod
+    def chunks(self, text_field: str, tally: Tally) -> Chunks:
+        """Its non-empty chunks in order; returns its manifest record (name, bytes, sha256 or dataset ids)."""
+
+    def check(self, text_field: str) -> None:
+        """Fail now on what would otherwise fail hours into the run (a missing column); cheap."""
+
+
+@dataclass
+class FileInput(Input):
+    """An input that is one local file."""
+
+    name: str
+    display: str
+    size: int | None
+    path: Path
+    mtime_ns: int = 0
+
+    @classmethod
+    def of(cls, path: Path, name: str, display: str) -> FileInput:
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise UserError(f"{display}: cannot read it ({e.strerror})") from None
+        return cls(name=name, display=display, size=st.st_size, path=path, mtime_ns=st.st_mtime_ns)
+
+    def stamp(self) -> list[Any]:
+        return [self.name, self.size, self.mtime_ns]
+
+    def cannot_read(self, e: OSError) -> UserError:
+        return UserError(f"{self.display}: cannot read it ({e.strerror or one_line(e)})")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Cutting text into chunks
+
+
+def _is_plain(byte: int) -> bool:
+    return 0x21 <= byte <= 0x7E  # printable ASCII other than space
+
+
+_ASCII_SPACE = frozenset(b" \t\n\r\x0b\x0c")
+
+
+def cut(buf: bytes) -> int:
+    """Where to end a chunk in `buf` (0 = keep reading).
+
+    Best: at a "\n" followed by printable ASCII. GPT-2's pre-tokenizer regex (tiktoken's and HF
+    ByteLevel's) makes such a newline a piece of its own, and a whitespace run before it ("\r", "\n",
+    spaces) a piece of its own too, so cutting after the newline (when printable ASCII precedes it) or
+    before it (when ASCII whitespace does) gives exactly the tokens of the uncut text. Only without
+    such a newline in MAX_CHUNK_BYTES do we cut at any newline, then at any character boundary, which
+    may change a few gpt2/bpe tokens at the cut. char tokens never depend on chunking."""
+    pos = buf.rfind(b"\n", 1, len(buf) - 1)
+    while pos > 0:
+        if _is_plain(buf[pos + 1]):
+            if _is_plain(buf[pos - 1]):
+                return pos + 1
+            if buf[pos - 1] in _ASCII_SPACE:
+                return pos
+        pos = buf.rfind(b"\n", 1, pos)
+    if len(buf) < MAX_CHUNK_BYTES:
+        return 0
+    pos = buf.rfind(b"\n")
+    if pos >= 0:
+        return pos + 1
+    end = len(buf) - 1
+    while end > 0 and buf[end] & 0xC0 == 0x80:  # back up over UTF-8 continuation bytes
+        end -= 1
+    return end or len(buf)
+
+
+def cut_blocks(blocks: Iterable[bytes], decode: Callable[[bytes, int], str]) -> Iterator[str]:
+    """Blocks of bytes -> text chunks ending at `cut` points; `decode(data, offset)` makes them text."""
+    buf, offset = b"", 0
+    for block in blocks:
+        buf += block
+        if at := cut(buf):
+            yield decode(buf[:at], offset)
+            buf, offset = buf[at:], offset + at
+    if buf:
+        yield decode(buf, offset)
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """A document held as one string, in chunks: a 100 MB row is encoded as many batch items."""
+    if len(text) <= CHUNK_BYTES:
+        if text:
+            yield text
+        return
+    data = text.encode("utf-8", "surrogatepass")  # JSON may hold lone surrogates; keep them as they are
+    blocks = (data[i: i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES))
+    yield from cut_blocks(blocks, lambda b, _offset: b.decode("utf-8", "surrogatepass"))
+
+
+def document_chunks(text: str) -> Iterator[tuple[str, bool]]:
+    """(chunk, starts_the_document) for one document; an empty document has none."""
+    first = True
+    for piece in _pieces(text):
+        yield piece, first
+        first = False
