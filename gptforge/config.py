@@ -1,23 +1,83 @@
-"""Configuration: one dataclass per concern, the named presets, and JSON load/save.
+"""Configuration: one dataclass per concern with its own `validate()`, the named presets, the layering of
+defaults < preset < config file (< the CLI's flags), and reading and writing config files.
 
-A run is fully described by a `RunConfig` (model, optim, train, data sections). The CLI derives
+A run is fully described by a `RunConfig` (model, optim, train, eval, data sections). The CLI derives
 `--section.field VALUE` flags from these dataclasses; the resolved config is written into the run
 directory and into every checkpoint, so `eval` and `sample` rebuild everything from a checkpoint alone.
+Each section checks its own fields when built (types, finiteness, ranges: impossible values are refused
+before any work); `RunConfig.validate(world_size)` checks them all again plus what spans sections.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
 
-from gptforge.errors import UserError
+from gptforge.errors import UserError, one_line
 
 
 class ConfigError(UserError):
     """A configuration mistake: a bad value, an unknown preset, inconsistent fields."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking values. Types first, so a config file's string "3e-4" or a nan is refused here in one line
+# rather than failing (or training on silently) deep inside the run; then each section's ranges.
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin is Union:
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp in (int, float) and isinstance(value, bool):  # True is an int to Python, not to a user
+        return False
+    if tp is float:  # an int is a fine float; nan and inf pass no range check, so they are refused here
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + " | ".join(map(str, args))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in args)
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _check_types(section: str, obj: Any) -> None:
+    for name, tp in _field_types(type(obj)).items():
+        value = getattr(obj, name)
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{section}.{name} must be {_type_name(tp)}, got {value!r}")
+
+
+_RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "at least 1": lambda v: v >= 1,
+          "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 1]": lambda v: 0 <= v <= 1}
+
+
+def _check_ranges(section: str, obj: Any, rules: dict[str, str]) -> None:
+    """Each named field must satisfy its rule (a key of _RULES), unless it is null ("not set")."""
+    for name, rule in rules.items():
+        value = getattr(obj, name)
+        if value is not None and not _RULES[rule](value):
+            raise ConfigError(f"{section}.{name} must be {rule}, got {value}")
 
 
 @dataclass
@@ -62,6 +122,7 @@ class GPTConfig:
     """scaled_dot_product_attention (fast, flash on GPU) or the step-by-step version for learners"""
 
     def __post_init__(self) -> None:
+        _check_types("model", self)  # before the derived fields are computed from the others
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.mlp_hidden is None:
@@ -76,19 +137,17 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     def validate(self) -> None:
-        for name in ("block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be at least 1, got {getattr(self, name)}")
-        if self.vocab_size is not None and self.vocab_size < 1:
-            raise ConfigError(f"model.vocab_size must be at least 1, got {self.vocab_size}")
+        _check_types("model", self)
+        _check_ranges("model", self, {
+            **{name: "at least 1" for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd",
+                                               "n_kv_head", "mlp_hidden")},
+            "dropout": "in [0, 1)", "norm_eps": "> 0", "rope_theta": "> 0"})  # eps <= 0 or theta 0: NaN loss
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
         if self.pos == "rope" and self.head_dim % 2:
             raise ConfigError(f"rope needs an even head size, got n_embd/n_head = {self.head_dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -112,8 +171,11 @@ class OptimConfig:
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices and embeddings only"""
     beta1: float = 0.9
+    """AdamW's decay rate of the gradient's running mean (momentum)"""
     beta2: float = 0.95
+    """AdamW's decay rate of the squared gradient's running mean"""
     eps: float = 1e-8
+    """AdamW's epsilon, added to the denominator so tiny second moments do not blow up the update"""
     grad_clip: float = 1.0
     """clip the global gradient norm to this value; 0 disables"""
     fused: Optional[bool] = None
@@ -126,6 +188,20 @@ class OptimConfig:
     """Muon's (Nesterov) momentum"""
     muon_ns_steps: int = 5
     """Newton-Schulz iterations that orthogonalise each Muon update (fewer is cheaper and rougher)"""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check_types("optim", self)
+        _check_ranges("optim", self, {
+            "lr": "> 0", "min_lr": ">= 0", "warmup_iters": ">= 0", "warmup_frac": "in [0, 1)", "decay_iters": ">= 0",
+            "cooldown_frac": "in [0, 1]", "weight_decay": ">= 0", "beta1": "in [0, 1)", "beta2": "in [0, 1)",
+            "eps": "> 0", "grad_clip": ">= 0", "muon_lr": "> 0", "muon_momentum": "in [0, 1)",
+            "muon_ns_steps": "at least 1"})
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr ({self.min_lr}) must not exceed optim.lr ({self.lr}): "
+                              "the schedule decays from lr down to min_lr")
 
 
 @dataclass
@@ -148,9 +224,10 @@ class TrainConfig:
     """batches per split in the periodic evaluation (a fixed token budget)"""
     full_val_at_end: bool = False
     """at the end, also measure the loss over the whole val split in non-overlapping windows of block_size (val_loss_full)"""
-    log_interval: int = 1
+    log_interval: int = 10
     """print a log line every this many steps (every step is written to metrics.jsonl)"""
     seed: int = 1337
+    """random seed of the initial weights, dropout and the training batches"""
     device: str = "auto"
     """auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -174,6 +251,16 @@ class TrainConfig:
     freeze_embeddings: bool = False
     """keep the token and position embeddings fixed while fine-tuning (a tied output head stays fixed with them)"""
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check_types("train", self)
+        _check_ranges("train", self, {
+            **{name: "at least 1" for name in ("batch_size", "eval_interval", "eval_iters", "log_interval",
+                                               "stop_after", "total_batch_size")},
+            "max_iters": ">= 0", "time_budget": "> 0"})
+
 
 @dataclass
 class EvalConfig:
@@ -188,6 +275,14 @@ class EvalConfig:
     hellaswag_batch_size: int = 8
     """HellaSwag examples per forward pass (4 sequences each)"""
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check_types("eval", self)
+        _check_ranges("eval", self, {"hellaswag_every": ">= 0", "hellaswag_limit": "at least 1",
+                                     "hellaswag_batch_size": "at least 1"})
+
 
 @dataclass
 class DataConfig:
@@ -195,6 +290,12 @@ class DataConfig:
 
     dir: str = ""
     """a directory written by `gptforge prepare` (train.bin, val.bin, meta.json)"""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check_types("data", self)
 
 
 @dataclass
@@ -207,11 +308,23 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
+    def validate(self, world_size: int = 1) -> None:
+        """Every section's own checks (again: fields may have been set since the sections were built), then
+        those that span sections. `world_size`: the number of processes that will train together."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        if self.optim.optimizer == "muon" and self.train.dist == "fsdp" and world_size > 1:
+            raise ConfigError("optim.optimizer muon works with --train.dist ddp, not yet with fsdp "
+                              "(it orthogonalises whole matrices, and FSDP holds shards of them)")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a mapping of sections (model, optim, train, eval, data), "
+                              f"got {type(d).__name__}")
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = set(d) - set(sections)
         if unknown:
@@ -235,16 +348,10 @@ def _section(name: str, values: dict[str, Any]) -> Any:
 
 
 def save_json(obj: Any, path) -> None:
-    """Write JSON atomically (write a sibling temp file, then rename)."""
-    import os
+    """Write JSON atomically, through the one helper for atomic writes."""
+    from gptforge.files import atomic_write  # here, not at the top: config.py is imported by everything
 
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +363,7 @@ _GPT2_TRAINING = {
     "optim": {"lr": 6e-4, "min_lr": 6e-5, "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1,
               "warmup_iters": 715, "grad_clip": 1.0},
     "train": {"max_iters": 19073, "batch_size": 16, "total_batch_size": 524288, "eval_interval": 250,
-              "eval_iters": 20, "log_interval": 1},
+              "eval_iters": 20, "log_interval": 10},
 }
 
 
@@ -312,10 +419,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "dropout": 0.0,
                   "bias": False, "pos": "learned", "norm": "layernorm", "mlp": "gelu",
                   "tie_embeddings": True},
+        # nanoGPT's lr_decay_iters 2000 equals its max_iters: "decay over the run", so decay_iters is left to
+        # follow --train.max_iters. nanoGPT logs every step; every 50 keeps 40 lines (metrics.jsonl has all).
         "optim": {"lr": 1e-3, "min_lr": 1e-4, "schedule": "cosine", "warmup_iters": 100,
-                  "decay_iters": 2000, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1, "grad_clip": 1.0},
+                  "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1, "grad_clip": 1.0},
         "train": {"max_iters": 2000, "batch_size": 12, "total_batch_size": None, "eval_interval": 250,
-                  "eval_iters": 20, "log_interval": 1, "dtype": "float32", "compile": False},
+                  "eval_iters": 20, "log_interval": 50, "dtype": "float32", "compile": False},
     },
     # The fastest way to nanoGPT's quality on a laptop CPU (benchmarks/speedrun_cpu.py measures it against
     # the recipe above): the same 4 x 4 x 128 shape and batch, with the modern block (RoPE, RMSNorm, a
@@ -341,3 +450,89 @@ def preset(name: str) -> dict[str, dict[str, Any]]:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return json.loads(json.dumps(PRESETS[name]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Layering and config files: the config that the command line's flags then override.
+
+
+def layered_defaults(preset_name: Optional[str] = None, config_file: Optional[str | Path] = None,
+                     resume_dir: Optional[str | Path] = None) -> dict[str, Any]:
+    """The base config as a dict of sections: a resumed run's saved config (preset and file are then not
+    used), or dataclass defaults < the preset < the config file."""
+    if resume_dir is not None:
+        saved = Path(resume_dir) / "config.json"
+        if not saved.is_file():
+            raise UserError(f"{resume_dir} is not a run directory (no config.json) and cannot be resumed")
+        return read_config_json(saved).to_dict()
+    base = RunConfig().to_dict()
+    base["model"].update({"n_kv_head": None, "mlp_hidden": None})  # derived again from the final shape
+    if preset_name is not None:
+        merge_sections(base, preset(preset_name))
+    if config_file is not None:
+        merge_sections(base, read_config_file(config_file), f"config file {config_file}: ")
+    return base
+
+
+def merge_sections(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Update `base`'s sections in place with the fields of `update` (a partial config); unknown names are
+    refused here, where it is still clear which file they came from."""
+    for section, values in update.items():
+        if section not in base:
+            raise ConfigError(f"{where}unknown config section {section!r}; sections are: {', '.join(base)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}config section {section!r} must be a mapping")
+        unknown = set(values) - set(base[section])
+        if unknown:
+            raise ConfigError(f"{where}unknown field(s) in {section}: {', '.join(sorted(unknown))}")
+        base[section].update(values)
+    return base
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The sections of a --config file: YAML, JSON when it is named *.json, or a nanoGPT config/*.py (read,
+    never run: see `nanogpt.load_config_py`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} does not exist")
+    if p.suffix == ".py":
+        from gptforge.nanogpt import load_config_py  # here: it imports torch, and most configs are YAML
+
+        return load_config_py(p)
+    text = _read_text(p, f"config file {path}")
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is the user's file
+        raise UserError(f"cannot parse config file {path}: {one_line(e, 300)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections (model, optim, train, eval, data)")
+    return data
+
+
+def read_config_json(path: str | Path) -> RunConfig:
+    """A config.json written by gptforge (a run directory's or a checkpoint's), checked like any other."""
+    text = _read_text(Path(path), str(path))
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({one_line(e)}); the file is damaged") from None
+    try:
+        return RunConfig.from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {one_line(e)}") from None
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {what}: {e.strerror or one_line(e)}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{what} is not UTF-8 text (a binary file?)") from None

@@ -108,13 +108,16 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, *, block_size: i
 def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "val", max_tokens: Optional[int] = None,
                         batch_size: int = 8, which: str = "latest", device: str = "auto") -> dict:
     """`gptforge eval`: loss, perplexity and bits per byte of a checkpoint on a split of its (or another) data dir."""
-    from gptforge.checkpoint import load_checkpoint
-    from gptforge.hf import is_hf_source, load_pretrained_checkpoint
     from gptforge.data.loader import open_data
     from gptforge.device import pick_device, pick_dtype
+    from gptforge.hf import load_any
 
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
     dev = pick_device(device)
-    ck = load_pretrained_checkpoint(run, dev) if is_hf_source(run) else load_checkpoint(run, device=dev, which=which)
+    ck = load_any(run, dev, which)
     data_dir = data or ck.config.data.dir
     if not data_dir:
         raise UserError("the checkpoint does not say which data it trained on; pass --data DATA_DIR")
@@ -122,8 +125,6 @@ def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "v
     if td.tokenizer().fingerprint() != ck.tokenizer.fingerprint():
         raise UserError(f"{data_dir} was prepared with a different tokenizer than the checkpoint's; "
                         "prepare the data with the same tokenizer")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     result = evaluate_tokens(ck.model, td.tokens(split), block_size=ck.config.model.block_size, batch_size=batch_size,
                              device=dev, dtype=pick_dtype(ck.config.train.dtype, dev),
                              token_bytes=ck.tokenizer.token_bytes(), max_tokens=max_tokens)

@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import importlib.util
 import json
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from gptforge.config import GPTConfig, RunConfig
-from gptforge.errors import UserError
+from gptforge.errors import UserError, one_line
 from gptforge.tokenizer import EOT_TEXT, BPETokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
 
 GPT2_HUB_IDS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
@@ -42,11 +44,6 @@ _MAPPED = {"block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd
            "pos", "rope_theta", "norm", "norm_eps", "mlp", "qk_norm", "tie_embeddings", "attention",
            "zero_init_proj"}  # GPTConfig fields (zero_init_proj only sets the initial weights)
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
-
-
-def _one_line(e: BaseException, limit: int = 240) -> str:
-    text = " ".join(f"{type(e).__name__}: {e}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _transformers():
@@ -90,15 +87,55 @@ def resolve_hf_source(name_or_dir: str | Path) -> Path:
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
         raise UserError(f"{name_or_dir} is neither a local directory nor a model name "
                         f"({', '.join(GPT2_HUB_IDS)}, or OWNER/NAME on the Hugging Face hub)")
-    _transformers()
-    from huggingface_hub import snapshot_download
+    if importlib.util.find_spec("transformers") is None:  # the hint, without the second an import costs
+        _transformers()
+    where = "" if str(name_or_dir) in GPT2_HUB_IDS else f"{name_or_dir} is not a local directory, and "
+    return _hub_snapshot(repo, where)
 
+
+def _hub_snapshot(repo: str, where: str) -> Path:
+    """`repo`'s files in the Hugging Face cache: fetched when the hub answers, the cached copy when it does
+    not (asked first and briefly: offline, huggingface_hub waits on DNS and retries for 10-15 s)."""
+    from huggingface_hub import constants, snapshot_download
+
+    from gptforge import network
+
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE=1 in the environment
+        offline = "HF_HUB_OFFLINE is set"
+    else:
+        offline = "" if network.reachable(host) else f"{host} cannot be reached (no network?)"
     try:
-        return Path(snapshot_download(repo, allow_patterns=_HUB_FILES))
-    except Exception as e:  # offline, unknown repo, gated repo, disk full: all end the same way
-        where = "" if str(name_or_dir) in GPT2_HUB_IDS else f"{name_or_dir} is not a local directory, and "
-        raise UserError(f"{where}cannot download {repo} from the Hugging Face hub ({_one_line(e, 160)}); "
-                        f"pass a local directory saved with save_pretrained instead") from None
+        return Path(snapshot_download(repo, allow_patterns=_HUB_FILES, local_files_only=bool(offline)))
+    except Exception as e:
+        raise UserError(where + _hub_failure(e, repo, host, offline)) from None
+
+
+def _hub_failure(e: Exception, repo: str, host: str, offline: str) -> str:
+    """Our sentence for a failed hub download: what was tried and what to do (the library's run to
+    hundreds of characters and name its internals)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    local = "pass a local directory saved with save_pretrained instead"
+    once = (f"download it once with network (later runs, HF_HUB_OFFLINE=1 ones too, use that copy), or {local}")
+    if offline:
+        return (f"cannot download {repo} from the Hugging Face hub: {offline}, and the Hugging Face cache "
+                f"({constants.HF_HUB_CACHE}) holds no copy of it; {once}")
+    if isinstance(e, GatedRepoError):
+        return (f"{repo} is gated on the Hugging Face hub: accept its terms on {constants.ENDPOINT}/{repo} and "
+                f"log in with `hf auth login`, or {local}")
+    if isinstance(e, RepositoryNotFoundError):
+        return f"there is no model {repo} on the Hugging Face hub (or it is private: log in with `hf auth login`)"
+    if isinstance(e, LocalEntryNotFoundError):  # the hub answered the check, then the connection failed
+        return f"the connection to {host} failed while downloading {repo} ({type(e).__name__}); {once}"
+    if isinstance(e, HfHubHTTPError):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        return f"the Hugging Face hub refused the download of {repo} (HTTP {status}); try again later, or {local}"
+    if isinstance(e, OSError) and e.strerror:  # disk full, no permission: the cache, not the hub
+        return (f"cannot write {repo} into the Hugging Face cache {constants.HF_HUB_CACHE} ({e.strerror}); "
+                f"set HF_HOME to a folder with room, or {local}")
+    return f"cannot download {repo} from the Hugging Face hub ({one_line(e, with_type=True)}); {local}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,13 +407,13 @@ def _read_hf(name_or_dir: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
     try:
         hf_cfg = tf.AutoConfig.from_pretrained(src)
     except Exception as e:
-        raise UserError(f"cannot read the config of {src}: {_one_line(e)}") from None
+        raise UserError(f"cannot read the config of {src}: {one_line(e, 240, with_type=True)}") from None
     cfg, arch = _config_from_hf(hf_cfg)
     tok = _tokenizer_from_hf(src, cfg, arch)  # before the weights: a refusal should be quick
     try:
         hf, info = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, output_loading_info=True)
     except Exception as e:
-        raise UserError(f"cannot load the weights in {src}: {_one_line(e)}") from None
+        raise UserError(f"cannot load the weights in {src}: {one_line(e, 240, with_type=True)}") from None
     if info.get("missing_keys"):
         raise UserError(f"the weights in {src} are incomplete (missing {sorted(info['missing_keys'])[0]}, ...)")
     hf_sd = hf.state_dict()
@@ -416,8 +453,34 @@ def load_pretrained_checkpoint(name_or_dir: str | Path, device: str | torch.devi
                       state={"source": str(name_or_dir)})
 
 
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+def load_any(run: str | Path, device: str | torch.device = "cpu", which: str = "latest"):
+    """What `eval` and `sample` load for their RUN argument, as a `Checkpoint`: GPT-2 or a Hugging Face model
+    directory (`load_pretrained_checkpoint`), else a gptforge run or checkpoint directory (`which` of a
+    run: "latest" or "best")."""
+    if is_hf_source(run):
+        return load_pretrained_checkpoint(run, device)
+    if str(run).endswith(".pt") and Path(run).is_file():  # nanoGPT's ckpt.pt, read with weights_only=True
+        from gptforge.nanogpt import load_nanogpt_checkpoint
+
+        return load_nanogpt_checkpoint(run, device)
+    from gptforge.checkpoint import load_checkpoint
+
+    return load_checkpoint(run, device=device, which=which)
+
+
+def check_output_dir(out: Path, overwrite: bool, sources: tuple[Path, ...] = ()) -> None:
+    """Refuse a target that is, contains or lies inside a source (replacing our file names there would
+    destroy the source), one that is a file, and without overwrite a non-empty one. With overwrite only the
+    files gptforge writes are replaced later; the user's other files in the target stay."""
+    target = out.resolve()
+    for src in sorted(sources, key=lambda s: s.resolve() != target):  # "is the source" before the others
+        s = src.resolve()
+        if target == s or s in target.parents or target in s.parents:
+            how = "is" if target == s else "lies inside" if s in target.parents else "contains"
+            raise UserError(f"cannot write into {out}: it {how} the source {src}; choose a directory outside it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose another path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} already exists and is not empty; choose another directory or pass --overwrite")
 
 
@@ -427,16 +490,22 @@ def import_hf(name_or_dir: str | Path, out_dir: str | Path, *, overwrite: bool =
     from gptforge.checkpoint import write_checkpoint
 
     out = Path(out_dir)
-    _refuse_existing(out, overwrite)
+    check_output_dir(out, overwrite, (Path(name_or_dir),) if Path(name_or_dir).exists() else ())
     cfg, sd, tok, src = _read_hf(name_or_dir)
     arch = "GPT2LMHeadModel" if cfg.pos == "learned" else "LlamaForCausalLM"
-    write_checkpoint(out, sd, RunConfig(model=cfg), tok, {"step": 0, "source": str(name_or_dir), "imported_from": arch})
+    write_checkpoint(out, sd, RunConfig(model=cfg), tok, {"step": 0, "source": str(name_or_dir), "imported_from": arch},
+                     keep_other_files=True)
     return {"path": str(out), "source": str(src), "architecture": arch, "model": dataclasses.asdict(cfg),
             "tokenizer": tok.kind, "vocab_size": cfg.vocab_size, "tokenizer_vocab_size": tok.vocab_size}
 
 
 # ----------------------------------------------------------------------------------------------
 # Export
+
+
+# every file export_hf writes: --overwrite replaces or removes these names only, the user's other files stay
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", OWN_TOKENIZER, "README.md")
 
 
 def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str = "latest",
@@ -447,11 +516,11 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
     from safetensors.torch import save_file
 
     from gptforge import __version__
-    from gptforge.checkpoint import load_checkpoint, model_state, umask_mode, write_dir_atomically
+    from gptforge.checkpoint import load_checkpoint, model_state, resolve_checkpoint, umask_mode, write_dir_atomically
 
     _transformers()
     out = Path(out_dir)
-    _refuse_existing(out, overwrite)
+    check_output_dir(out, overwrite, (Path(run_or_checkpoint), resolve_checkpoint(run_or_checkpoint, which)))
     ck = load_checkpoint(run_or_checkpoint, "cpu", which)
     cfg, tok = ck.config.model, ck.tokenizer
     arch = hf_architecture(cfg)
@@ -494,7 +563,7 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
             + "```\n\n" + "\n\n".join(notes) + "\n\n"
             f"`gptforge import {out} CHECKPOINT_DIR` turns it back into a gptforge checkpoint.\n")
 
-    write_dir_atomically(out, write)
+    write_dir_atomically(out, write, EXPORT_FILES)
     return {"path": str(out), "architecture": name, "vocab_size": cfg.vocab_size,
             "tokenizer": tok.kind if tok.kind in hf_tok else None, "notes": notes}
 

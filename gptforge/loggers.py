@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from gptforge.errors import UserError
+from gptforge.errors import UserError, one_line
 
 LoggerKind = Literal["none", "wandb", "tensorboard"]
 KINDS = ("none", "wandb", "tensorboard")
@@ -68,7 +68,7 @@ class _Tracker:
 
     def _warn(self, e: BaseException) -> None:
         self._failed = True
-        msg = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        msg = one_line(e, 200, with_type=True)
         print(f"gptforge: warning: {self.name} logging failed ({msg}); training goes on without it, "
               "metrics.jsonl has every row", file=sys.stderr)
 
@@ -135,7 +135,7 @@ class WandbLogger(_Tracker):
             self._run = wandb.init(project=project or DEFAULT_WANDB_PROJECT, name=name, group=name,
                                    dir=str(run_dir), config=config)
         except Exception as e:  # not logged in, unreachable server, bad project name: the user's to fix
-            msg = " ".join(str(e).split())[:300]
+            msg = one_line(e, 300)
             raise UserError(f"wandb could not start a run: {msg}; run `wandb login`, or set WANDB_MODE=offline "
                             "to log locally") from None
 

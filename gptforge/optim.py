@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Optional
 
 import torch
 
@@ -139,24 +140,6 @@ def warmup_steps(cfg: OptimConfig, max_iters: int) -> int:
     return cfg.warmup_iters
 
 
-def validate_schedule(cfg: OptimConfig, max_iters: int) -> None:
-    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:
-        raise ConfigError(f"need 0 <= optim.min_lr <= optim.lr and lr > 0, got lr={cfg.lr} min_lr={cfg.min_lr}")
-    if cfg.warmup_frac is not None and not 0 <= cfg.warmup_frac < 1:
-        raise ConfigError(f"optim.warmup_frac must be in [0, 1), got {cfg.warmup_frac}")
-    if cfg.warmup_iters < 0:
-        raise ConfigError(f"optim.warmup_iters must be >= 0, got {cfg.warmup_iters}")
-    if not 0 <= cfg.cooldown_frac <= 1:
-        raise ConfigError(f"optim.cooldown_frac must be in [0, 1], got {cfg.cooldown_frac}")
-    if cfg.grad_clip < 0:
-        raise ConfigError(f"optim.grad_clip must be >= 0 (0 disables), got {cfg.grad_clip}")
-    if cfg.muon_ns_steps < 1:
-        raise ConfigError(f"optim.muon_ns_steps must be at least 1, got {cfg.muon_ns_steps}")
-    if cfg.muon_lr <= 0 or not 0 <= cfg.muon_momentum < 1:
-        raise ConfigError(f"need optim.muon_lr > 0 and 0 <= optim.muon_momentum < 1, got {cfg.muon_lr} "
-                          f"and {cfg.muon_momentum}")
-
-
 def _decayed(cfg: OptimConfig, ratio: float) -> float:
     """Cosine or linear decay from lr to min_lr as ratio goes 0 -> 1."""
     coeff = 1.0 - ratio if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * ratio))
@@ -199,3 +182,32 @@ def lr_at(step: int, cfg: OptimConfig, max_iters: int) -> float:
     if step >= decay_end:
         return cfg.min_lr
     return _decayed(cfg, (step - warmup) / max(1, decay_end - warmup))  # ratio 0 -> 1 over the decay
+
+
+def describe_schedule(cfg: OptimConfig, max_iters: int, time_budget: Optional[float] = None) -> tuple[str, Optional[str]]:
+    """The schedule as the run will really follow it, in one line, and a warning when it cannot finish its
+    decay within the run (decay_iters past max_iters, or a warmup that takes the whole run)."""
+    opt = f"{cfg.optimizer}" + (f" (matrices at lr {cfg.muon_lr:g})" if cfg.optimizer == "muon" else "")
+    if time_budget is not None:
+        warm = f"{cfg.warmup_frac:.0%} of the time" if cfg.warmup_frac is not None else f"{cfg.warmup_iters} steps"
+        shape = ("constant, then a linear cooldown over the last "
+                 f"{cfg.cooldown_frac:.0%}" if cfg.schedule == "constant" else cfg.schedule)
+        return (f"lr {cfg.lr:g} -> {cfg.min_lr:g} ({shape}) over a {time_budget:g} s budget after {warm} of warmup; "
+                f"{opt}", None)
+    warmup = warmup_steps(cfg, max_iters)
+    if cfg.schedule == "constant":
+        cool = max(warmup, int(max_iters * (1 - cfg.cooldown_frac)))
+        text = f"lr {cfg.lr:g} after {warmup} warmup steps, constant to step {cool}, then linear to {cfg.min_lr:g} at {max_iters}"
+        end = cfg.decay_iters
+    else:
+        end = cfg.decay_iters if cfg.decay_iters is not None else max_iters
+        text = f"lr {cfg.lr:g} -> {cfg.min_lr:g} ({cfg.schedule}) from step {warmup} to {end} after {warmup} warmup steps"
+    warning = None
+    final = lr_at(max(0, max_iters - 1), cfg, max_iters)
+    if warmup >= max_iters and max_iters > 0:
+        warning = (f"the warmup ({warmup} steps) is as long as the run ({max_iters} steps): the lr never reaches "
+                   f"its peak {cfg.lr:g}; lower --optim.warmup_iters")
+    elif cfg.schedule != "constant" and end > max_iters:
+        warning = (f"optim.decay_iters is {end} but the run ends at step {max_iters}: the lr ends at {final:.3g}, "
+                   f"not min_lr {cfg.min_lr:g}; drop --optim.decay_iters to decay over the run")
+    return f"{text}; {opt}, weight decay {cfg.weight_decay:g}, clip {cfg.grad_clip:g}", warning

@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from gptforge.errors import UserError
+from gptforge.errors import UserError, one_line
+from gptforge.files import atomic_path, atomic_write
 
 METRICS, CONFIG, PNG, MARKDOWN = "metrics.jsonl", "config.json", "report.png", "report.md"
 NO_PLOT_HINT = "No plot: matplotlib is not installed; `pip install matplotlib` and run `gptforge report` again."
@@ -54,7 +54,7 @@ def read_metrics(path: str | os.PathLike) -> Metrics:
     except FileNotFoundError:
         raise UserError(f"no {METRICS} in {path.parent}; is it a run directory written by `gptforge train`?") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {' '.join(str(e).split())}") from None
+        raise UserError(f"cannot read {path}: {one_line(e)}") from None
     kinds: dict[str, dict[int, dict[str, Any]]] = {"train": {}, "evals": {}, "hellaswag": {}}
     for line in lines:
         try:
@@ -162,14 +162,18 @@ def summarize(metrics: Metrics, cfg: Optional[dict[str, Any]]) -> dict[str, Any]
 # Writing
 
 
-def _write_atomically(path: Path, write) -> None:
-    """`write(tmp_path)` then rename: a report being rewritten is never seen half-written."""
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+def _schedule(cfg: dict) -> str:
+    """The schedule the run really followed (decay_iters left unset follows max_iters), and its warning if any."""
+    from gptforge.config import RunConfig
+    from gptforge.optim import describe_schedule
+
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        c = RunConfig.from_dict(cfg)
+    except UserError:
+        o = cfg.get("optim", {})
+        return f"lr {o.get('lr')} -> {o.get('min_lr')} ({o.get('schedule')})"
+    text, warning = describe_schedule(c.optim, c.train.max_iters, c.train.time_budget)
+    return text + (f" (note: {warning})" if warning else "")
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -248,7 +252,8 @@ def plot(metrics: Metrics, path: Path, tokens_per_step_: Optional[float], title:
     fig.suptitle(title)
     fig.tight_layout()
     try:
-        _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        with atomic_path(path) as tmp:  # a report being rewritten is never seen half-written
+            fig.savefig(tmp, format="png", dpi=110)
     finally:
         plt.close(fig)
     return True
@@ -291,8 +296,8 @@ def render_markdown(s: dict[str, Any], cfg: Optional[dict[str, Any]], title: str
         total = t.get("total_batch_size")
         total = f"{total:,} tokens" if isinstance(total, int) else "one micro-batch"
         out.append(f"- training: batch {t.get('batch_size')} x block {m.get('block_size')}, total batch "
-                   f"{total}, dtype {t.get('dtype')}, lr {o.get('lr')} "
-                   f"-> {o.get('min_lr')} ({o.get('schedule')}), weight decay {o.get('weight_decay')}")
+                   f"{total}, dtype {t.get('dtype')}")
+        out.append(f"- schedule: {_schedule(cfg)}")
         if cfg.get("data", {}).get("dir"):
             out.append(f"- data: `{cfg['data']['dir']}`")
     else:
@@ -355,7 +360,7 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, Any]:
         has_png = plot(metrics, png_path, summary["tokens_per_step"], title)
         md_path = run_dir / MARKDOWN
         text = render_markdown(summary, cfg, title, PNG if has_png else None)
-        _write_atomically(md_path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+        atomic_write(md_path, text + "\n")
     except OSError as e:
         raise UserError(f"cannot write the report into {run_dir}: {e.strerror or e}") from None
     return {"markdown": str(md_path), "png": str(png_path) if has_png else None, "summary": summary}

@@ -13,12 +13,13 @@ run that same full-window forward.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from gptforge.config import GPTConfig
-from gptforge.errors import UserError
+from gptforge.errors import UserError, one_line
 
 
 class SamplingError(UserError, ValueError):
@@ -323,6 +324,39 @@ class TextStreamer:
 # ----------------------------------------------------------------------------------------------
 # The `gptforge sample` verb: a checkpoint and a prompt in, text out
 
+# The verb holds every sample's tokens (and, per sample, a KV cache) in memory at once, so it refuses
+# requests that could only end in an out-of-memory crash: far beyond what any machine here holds.
+MAX_SAMPLES = 1024
+MAX_TOTAL_NEW_TOKENS = 2**24  # num_samples x max_new_tokens
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt text of `--prompt`: the text itself, or the contents of a UTF-8 file for FILE:path."""
+    if not prompt.startswith("FILE:"):
+        return prompt
+    path = Path(prompt[5:])
+    if not path.is_file():
+        raise UserError(f"prompt file {path} does not exist")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read prompt file {path}: {e.strerror or one_line(e)}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"prompt file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
+def _check_request(num_samples: int, max_new_tokens: int) -> None:
+    if num_samples < 1:
+        raise SamplingError(f"--num-samples must be at least 1, got {num_samples}")
+    if num_samples > MAX_SAMPLES:
+        raise SamplingError(f"--num-samples must be at most {MAX_SAMPLES} (they are decoded together as one batch), "
+                            f"got {num_samples:,}")
+    if max_new_tokens < 0:
+        raise SamplingError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if num_samples * max_new_tokens > MAX_TOTAL_NEW_TOKENS:
+        raise SamplingError(f"--max-new-tokens {max_new_tokens:,} x --num-samples {num_samples} is more than the "
+                            f"{MAX_TOTAL_NEW_TOKENS:,} new tokens one command holds in memory; ask for fewer")
+
 
 def sample_checkpoint(run, prompt: str = "\n", *, num_samples: int = 1, max_new_tokens: int = 500,
                       temperature: float = 0.8, top_k: Optional[int] = 200, top_p: Optional[float] = None,
@@ -333,16 +367,13 @@ def sample_checkpoint(run, prompt: str = "\n", *, num_samples: int = 1, max_new_
     With `out` (a text stream), the first sample is written as it is generated and the others follow
     when the batch is done, separated by a line of dashes. Returns the samples, prompt included.
     """
-    from gptforge.checkpoint import load_checkpoint
-    from gptforge.hf import is_hf_source, load_pretrained_checkpoint
     from gptforge.device import autocast, pick_device, pick_dtype
+    from gptforge.hf import load_any
 
-    if num_samples < 1:
-        raise SamplingError(f"--num-samples must be at least 1, got {num_samples}")
-    sample_next(torch.zeros(1, 2), temperature, top_k, top_p)  # bad settings fail before any work or output
-    _check_args(torch.zeros(1, 1), max_new_tokens)
+    _check_request(num_samples, max_new_tokens)  # bad settings fail before any work or output
+    sample_next(torch.zeros(1, 2), temperature, top_k, top_p)
     dev = pick_device(device)
-    ck = load_pretrained_checkpoint(run, dev) if is_hf_source(run) else load_checkpoint(run, device=dev, which=which)
+    ck = load_any(run, dev, which)
     if dev.type == "cpu":
         use_decode_layout(ck.model)  # this model only decodes: store its weights the way one-token steps read them
     tok = ck.tokenizer

@@ -20,7 +20,6 @@ import base64
 import hashlib
 import json
 import os
-import secrets
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from gptforge.errors import UserError
+from gptforge.errors import UserError, one_line
+from gptforge.files import atomic_write
 
 EOT_TEXT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -84,24 +84,13 @@ class Tokenizer:
         return self._fingerprint
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write `directory/tokenizer.json` atomically (temp file + rename); returns its path."""
+        """Write `directory/tokenizer.json` atomically (gptforge.files); returns its path."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / TOKENIZER_FILE
         # sort_keys and no indentation: the same tokenizer always gives byte-identical files.
         text = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n"
-        # Not mkstemp: its 0600 mode would make a shared data folder unreadable to others.
-        tmp = directory / f".{TOKENIZER_FILE}.{secrets.token_hex(6)}.tmp"
-        try:
-            with open(tmp, "x", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, text)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eot_id={self.eot_id})"
@@ -164,21 +153,58 @@ class CharTokenizer(Tokenizer):
 # gpt2 (tiktoken)
 
 
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(f"{type(e).__name__}: {e}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+# tiktoken's gpt2 encoding is built from these two files (tiktoken_ext/openai_public.py), each kept in its cache
+# as sha1(url) (tiktoken/load.py, read_file_cached); test_tokenizer checks this against a cache tiktoken wrote.
+TIKTOKEN_GPT2_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                      "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json")
+TIKTOKEN_HOST = "openaipublic.blob.core.windows.net"
+_TIKTOKEN_FIX = ("set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files (a copy of the "
+                 "cache of a machine that has loaded the gpt2 tokenizer once)")
+
+
+def _tiktoken_cache() -> str:
+    """The folder tiktoken reads and writes its downloads in ("" when caching is switched off)."""
+    import tempfile
+
+    default = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    return os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR", default))
+
+
+def _tiktoken_gpt2_cached() -> bool:
+    cache = _tiktoken_cache()
+    return bool(cache) and all(os.path.isfile(os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()))
+                               for url in TIKTOKEN_GPT2_URLS)
+
+
+def _tiktoken_failure(e: Exception) -> str:
+    """Our sentence for why tiktoken could not load gpt2 (its own messages run to hundreds of characters)."""
+    cache = _tiktoken_cache() or "switched off: TIKTOKEN_CACHE_DIR is empty"
+    if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.startswith(("requests", "urllib3")):
+        return (f"cannot download GPT-2's BPE files for the gpt2 tokenizer from {TIKTOKEN_HOST} "
+                f"({type(e).__name__}: offline?) and they are not in tiktoken's cache ({cache}); {_TIKTOKEN_FIX}")
+    if isinstance(e, ValueError) and "hash" in str(e).lower():
+        return (f"the GPT-2 BPE files downloaded from {TIKTOKEN_HOST} do not match their known checksums "
+                f"(a broken download, or a proxy that rewrites it); try again, or {_TIKTOKEN_FIX}")
+    if isinstance(e, OSError):
+        return (f"cannot keep GPT-2's BPE files in tiktoken's cache {cache} ({e.strerror or type(e).__name__}); "
+                "set TIKTOKEN_CACHE_DIR to a folder you can write")
+    return f"tiktoken could not load the gpt2 tokenizer ({one_line(e, with_type=True)}); {_TIKTOKEN_FIX}"
 
 
 def _encoding_from_tiktoken() -> Any:
     import tiktoken
 
+    from gptforge.network import reachable
+
+    # Ask first only when a download is needed: offline, tiktoken would wait on DNS for many seconds.
+    if not _tiktoken_gpt2_cached() and not reachable(TIKTOKEN_HOST):
+        cache = _tiktoken_cache() or "switched off: TIKTOKEN_CACHE_DIR is empty"
+        raise UserError(f"cannot load the gpt2 tokenizer: GPT-2's BPE files are not in tiktoken's cache ({cache}) "
+                        f"and {TIKTOKEN_HOST} cannot be reached (offline?); {_TIKTOKEN_FIX}")
     try:
         return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # requests/urllib errors, hash mismatch, unwritable cache: all mean "no files"
-        raise UserError(
-            "could not fetch GPT-2's BPE files for the gpt2 tokenizer (offline?): "
-            f"{_one_line(e)}; set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files"
-        ) from None
+    except Exception as e:  # requests errors, hash mismatch, unwritable cache: each said in our words
+        raise UserError(_tiktoken_failure(e)) from None
 
 
 def _slices(texts: list[str], n: int) -> list[list[str]]:
@@ -398,7 +424,7 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     except UserError:
         raise
     except Exception as e:  # a truncated or hand-edited file: say so in one line
-        raise UserError(f"not a valid gptforge tokenizer: {_one_line(e)}") from None
+        raise UserError(f"not a valid gptforge tokenizer: {one_line(e, 200, with_type=True)}") from None
     return tok
 
 
@@ -411,7 +437,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     except FileNotFoundError:
         raise UserError(f"no tokenizer file at {file}") from None
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read tokenizer file {file}: {_one_line(e)}") from None
+        raise UserError(f"cannot read tokenizer file {file}: {one_line(e, 200, with_type=True)}") from None
     if not isinstance(d, dict):
         raise UserError(f"{file}: not a gptforge tokenizer file")
     try:

@@ -22,6 +22,7 @@ def run_json(capsys, *argv):
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.integration
 def test_train_bench_reports_throughput_mfu_and_memory(capsys):
     r = run_json(capsys, *TINY_MODEL, "--train.batch_size", "2", "--steps", "2", "--warmup", "1", "--device", "cpu")
     assert r["mode"] == "train" and r["steps"] == 2 and r["tokens_per_step"] == 2 * 32
@@ -31,6 +32,7 @@ def test_train_bench_reports_throughput_mfu_and_memory(capsys):
     assert abs(r["loss"] - torch.log(torch.tensor(64.0)).item()) < 1.0  # random tokens: about ln(vocab)
 
 
+@pytest.mark.integration
 def test_train_bench_takes_presets_and_overrides_like_train(capsys):
     r = run_json(capsys, "--preset", "shakespeare-char-cpu", "--model.n_layer", "1", "--train.batch_size", "2",
                  "--steps", "1", "--warmup", "0")
@@ -40,6 +42,7 @@ def test_train_bench_takes_presets_and_overrides_like_train(capsys):
     assert r["batch_size"] == 2
 
 
+@pytest.mark.integration
 def test_generate_bench_reports_prefill_and_decode_per_batch_size(capsys):
     r = run_json(capsys, *TINY_MODEL, *FAST_GENERATE, "--batch-sizes", "1,2")
     assert r["mode"] == "generate" and r["bandwidth_bytes_per_s"] > 0
@@ -54,6 +57,7 @@ def test_generate_bench_reports_prefill_and_decode_per_batch_size(capsys):
     assert shape["hf"] is None
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("arch", [[], ["--model.pos", "rope", "--model.norm", "rmsnorm", "--model.mlp", "swiglu",
                                        "--model.n_kv_head", "1", "--model.tie_embeddings", "false"]],
                          ids=["gpt2", "llama"])

@@ -59,6 +59,7 @@ def single(data_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_equal_one_rank_with_accumulation(data_dir, single, tmp_path, mode):
     out = tmp_path / mode
@@ -71,6 +72,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(data_dir, single, tmp_path, 
     torch.testing.assert_close(logits(out), logits(single), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.integration
 def test_ddp_checkpoint_resumes_in_one_process(data_dir, single, tmp_path):
     out = tmp_path / "ddp-then-single"
     run(["train", "--data", str(data_dir), "--out", str(out), *TINY, "--train.stop_after", "5"], nproc=2)
@@ -84,6 +86,7 @@ def test_ddp_checkpoint_resumes_in_one_process(data_dir, single, tmp_path):
     torch.testing.assert_close(logits(out), logits(single), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.integration
 def test_single_process_checkpoint_resumes_under_fsdp(data_dir, single, tmp_path):
     out = tmp_path / "single-then-fsdp"
     run(["train", "--data", str(data_dir), "--out", str(out), *TINY, "--train.stop_after", "3"])
@@ -96,6 +99,7 @@ def test_single_process_checkpoint_resumes_under_fsdp(data_dir, single, tmp_path
     torch.testing.assert_close(logits(out), logits(single), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.integration
 def test_total_batch_that_does_not_divide_is_a_clear_error(data_dir, tmp_path):
     r = run(["train", "--data", str(data_dir), "--out", str(tmp_path / "r"), *TINY, "--train.total_batch_size", "192"],
             nproc=2, check=False)
@@ -136,6 +140,7 @@ def test_sequential_reads_straight_through_and_resumes():
     assert s2.epoch >= 1 and all(500 <= int(t) < 1000 for a in expected for t in a.flatten())
 
 
+@pytest.mark.integration
 def test_time_budget_and_muon_under_ddp(data_dir, tmp_path):
     """Ranks agree on the clock (none waits forever for another's step) and Muon runs under DDP; FSDP
     refuses Muon in one line."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gptforge import hellaswag
-from gptforge.checkpoint import save_checkpoint
+from gptforge.checkpoint import model_state, write_checkpoint
 from gptforge.config import GPTConfig, RunConfig
 from gptforge.errors import UserError
 from gptforge.hellaswag import (
@@ -167,7 +167,7 @@ def test_training_helper_restores_mode_and_shards(sample, char_tok):
 
 def test_checkpoint_entry_point(tmp_path, sample, char_tok):
     model = tiny_gpt(char_tok.vocab_size)
-    save_checkpoint(tmp_path / "ck", model, RunConfig(model=model.config), char_tok, state={"step": 7})
+    write_checkpoint(tmp_path / "ck", model_state(model), RunConfig(model=model.config), char_tok, state={"step": 7})
     out = evaluate_hellaswag_checkpoint(str(tmp_path / "ck"), file=str(sample), limit=8, device="cpu",
                                         progress=False)
     direct = evaluate_hellaswag(model, char_tok, load_examples(sample, limit=8), torch.device("cpu"))
@@ -296,6 +296,7 @@ dist.cleanup()
 """
 
 
+@pytest.mark.integration
 @pytest.mark.dist
 def test_two_ranks_equal_one_process(tmp_path, sample, char_tok, mode="fsdp"):
     # FSDP is the demanding case: its forwards are collectives, so both ranks must run as many of them

@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from gptforge import hf  # noqa: E402
-from gptforge.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from gptforge.checkpoint import load_checkpoint, model_state, write_checkpoint  # noqa: E402
 from gptforge.config import GPTConfig, RunConfig  # noqa: E402
 from gptforge.errors import UserError  # noqa: E402
 from gptforge.model import GPT  # noqa: E402
@@ -80,7 +80,7 @@ def _hf_llama_dir(root, tok, n_kv_head, tied, bias):
 def _checkpoint(root, cfg: GPTConfig, tok, seed=0):
     model = GPT(cfg)
     _randomize(model, seed)
-    save_checkpoint(root, model, RunConfig(model=cfg), tok)
+    write_checkpoint(root, model_state(model), RunConfig(model=cfg), tok)
     return root, model
 
 
@@ -170,7 +170,7 @@ def test_load_pretrained_shortens_learned_positions(hf_gpt2_dir, gpt2_loaded):
 def test_import_refuses_non_byte_level_tokenizer_and_unknown_rope(tmp_path, bpe_tok):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    src = _hf_llama_dir(tmp_path, bpe_tok, 4, False, False)
+    src = _hf_llama_dir(tmp_path / "src", bpe_tok, 4, False, False)  # a sibling of out: not its parent
     vocab = {"<unk>": 0, "▁a": 1, "▁": 2, "a": 3}
     sp = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "a")], byte_fallback=True))  # SentencePiece-style
     sp.pre_tokenizer, sp.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
@@ -271,7 +271,7 @@ def test_export_padded_ids_are_never_generated(tmp_path, char_tok):
     state["transformer.wte.weight"][char_tok.vocab_size:] = 50.0  # padded rows that would win every argmax
     m = GPT(cfg)
     m.load_state_dict(state)
-    save_checkpoint(run, m, RunConfig(model=cfg), char_tok)
+    write_checkpoint(run, model_state(m), RunConfig(model=cfg), char_tok)
     hf.export_hf(run, tmp_path / "hf")
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert gen["suppress_tokens"] == list(range(char_tok.vocab_size, 64))
@@ -297,3 +297,52 @@ def test_export_refuses_what_transformers_cannot_compute(fields, reason, tmp_pat
     with pytest.raises(UserError, match=reason):
         hf.export_hf(run, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# --overwrite: only gptforge's own files are replaced, and never the source's
+
+
+def test_export_overwrite_keeps_user_files_and_never_touches_the_source(tmp_path, char_tok):
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=64)
+    run = tmp_path / "run"
+    _, model = _checkpoint(run / "latest", cfg, char_tok)
+    out = tmp_path / "hf"
+    hf.export_hf(run, out)
+    exported = {p.name for p in out.iterdir()}
+    assert exported <= set(hf.EXPORT_FILES)
+    (out / "notes.txt").write_text("the user's")
+    (out / "tokenizer.json").write_text("{}")  # from an earlier export with a gpt2 tokenizer: now stale
+    with pytest.raises(UserError, match="already exists"):
+        hf.export_hf(run, out)
+    hf.export_hf(run, out, overwrite=True)
+    assert {p.name for p in out.iterdir()} == exported | {"notes.txt"}  # the char kind writes no tokenizer.json
+    assert (out / "notes.txt").read_text() == "the user's"
+    ids = torch.randint(0, char_tok.vocab_size, (1, 16))
+    torch.testing.assert_close(_hf_logits(out, ids)[0], _ours(model, ids), atol=1e-5, rtol=1e-5)
+    weights = (run / "latest" / "model.safetensors").read_bytes()
+    for target, how in ((run, "is"), (run / "latest", "is"), (tmp_path, "contains"),
+                        (run / "latest" / "hf", "lies inside")):
+        with pytest.raises(UserError, match=f"cannot write into .*: it {how} the source"):
+            hf.export_hf(run, target, overwrite=True)
+    assert (run / "latest" / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in run.iterdir()) == ["latest"] and load_checkpoint(run).config.model == cfg
+
+
+def test_import_overwrite_keeps_user_files_and_never_touches_the_source(tmp_path, bpe_tok):
+    src = _hf_llama_dir(tmp_path / "src", bpe_tok, 2, True, False)
+    src_files = {p.name: p.read_bytes() for p in src.iterdir()}
+    out = tmp_path / "ck"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    (out / "train_state.safetensors").write_bytes(b"stale")  # a checkpoint's name: replaced, here removed
+    with pytest.raises(UserError, match="already exists"):
+        hf.import_hf(src, out)
+    hf.import_hf(src, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "state.json",
+                                                     "tokenizer.json"]
+    assert load_checkpoint(out).config.model.n_kv_head == 2
+    for target, how in ((src, "is"), (tmp_path, "contains"), (src / "sub", "lies inside")):
+        with pytest.raises(UserError, match=f"cannot write into .*: it {how} the source"):
+            hf.import_hf(src, target, overwrite=True)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == src_files

@@ -7,8 +7,7 @@ import torch
 
 from gptforge.config import ConfigError, GPTConfig, OptimConfig
 from gptforge.model import GPT
-from gptforge.optim import (MuonAdamW, build_optimizer, lr_at, lr_at_progress, orthogonalize, param_groups,
-                            set_lr, validate_schedule)
+from gptforge.optim import MuonAdamW, build_optimizer, lr_at, lr_at_progress, orthogonalize, param_groups, set_lr
 
 
 def nanogpt_reference(it, lr=1e-3, min_lr=1e-4, warmup=100, decay=2000):
@@ -43,11 +42,14 @@ def test_linear_and_constant_with_cooldown():
     assert lr_at(100, wsd, 100) == pytest.approx(0.0)
 
 
-def test_schedule_validation():
-    with pytest.raises(ConfigError, match="min_lr"):
-        validate_schedule(OptimConfig(lr=1e-4, min_lr=1e-3), 100)
-    with pytest.raises(ConfigError, match="warmup_frac"):
-        validate_schedule(OptimConfig(warmup_frac=1.5), 100)
+def test_a_schedule_that_cannot_be_laid_out_is_refused_when_built():
+    with pytest.raises(ConfigError, match=r"optim.min_lr \(0.001\) must not exceed optim.lr \(0.0001\)"):
+        OptimConfig(lr=1e-4, min_lr=1e-3)
+    with pytest.raises(ConfigError, match=r"optim.warmup_frac must be in \[0, 1\), got 1.5"):
+        OptimConfig(warmup_frac=1.5)
+    with pytest.raises(ConfigError, match=r"optim.cooldown_frac must be in \[0, 1\], got -0.1"):
+        OptimConfig(schedule="constant", cooldown_frac=-0.1)
+    assert lr_at(0, OptimConfig(lr=1.0, min_lr=1.0, warmup_iters=0), 10) == 1.0  # min_lr == lr: a flat schedule
 
 
 def test_param_groups_decay_matrices_only():

@@ -151,6 +151,7 @@ def test_errors_are_one_line(tmp_path):
         write_report(run)
 
 
+@pytest.mark.integration
 def test_train_with_hellaswag_and_tensorboard_then_report_and_eval(tmp_path, shared_data, tiktoken_cache, capsys):
     """The whole path through the CLI, once train/cli are wired: HellaSwag during training equals
     `gptforge eval --task hellaswag` on the final checkpoint, and the report and TensorBoard show it."""

@@ -219,6 +219,7 @@ print(train_tokenizer("bpe", docs, vocab_size=500).fingerprint())
 """
 
 
+@pytest.mark.integration
 def test_bpe_training_is_deterministic_across_processes(shared_data):
     """HF's trainer uses hash maps and threads; the result must not depend on either."""
     prints = set()
