@@ -251,3 +251,88 @@ def test_compiled_training_matches_eager(tmp_path, data_dir):
         train(cfg, tmp_path / f"c{compiled}", log=quiet)
         curves[compiled] = [r["loss"] for r in rows(tmp_path / f"c{compiled}", "loss")]
     assert curves[True] == pytest.approx(curves[False], rel=1e-4, abs=1e-5)
+
+
+def test_overwrite_checks_everything_before_removing_the_old_run(tmp_path, data_dir):
+    """`train --data nope --out runs/base --overwrite` must leave runs/base as it was."""
+    train(tiny_config(data_dir, max_iters=2), tmp_path / "run", log=quiet)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(UserError, match="does not exist"):
+        train(tiny_config(tmp_path / "nope", max_iters=2), tmp_path / "run", overwrite=True, log=quiet)
+    cfg = tiny_config(data_dir, max_iters=2)
+    cfg.train.init_from = str(tmp_path / "no-such-run")
+    with pytest.raises(UserError):
+        train(cfg, tmp_path / "run", overwrite=True, log=quiet)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    assert load_checkpoint(tmp_path / "run").state["step"] == 2
+
+
+def test_a_run_stopped_before_its_first_checkpoint_restarts_with_the_same_command(tmp_path, data_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # what a run killed during its first steps leaves
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 4.0}\n')
+    with pytest.raises(UserError, match="no checkpoint yet.*without --resume"):
+        train(tiny_config(data_dir, max_iters=2), run, resume=True, log=quiet)
+    result = train(tiny_config(data_dir, max_iters=2), run, log=quiet)
+    assert result.step == 2 and rows(run, "loss")[0]["loss"] != 4.0
+
+
+def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path, data_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from gptforge.checkpoint import RunLock\n"
+        f"with RunLock({str(run)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=f"in use by another gptforge process \\(pid {holder.pid}"):
+            train(tiny_config(data_dir, max_iters=2), run, log=quiet)
+        assert not (run / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(tiny_config(data_dir, max_iters=2), run, log=quiet).step == 2  # a dead holder holds nothing
+
+
+def test_divergence_stops_without_overwriting_the_last_good_checkpoint(tmp_path, data_dir):
+    run = tmp_path / "run"
+    train(tiny_config(data_dir, max_iters=10, eval_interval=5), run, log=quiet, on_step=lambda s, r: s == 5)
+    good = (run / "latest" / "model.safetensors").read_bytes()
+    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    cfg.optim.grad_clip = 0.0
+    import gptforge.train.task as task_mod
+
+    real = task_mod.LMTask.loss
+    task_mod.LMTask.loss = lambda self, model, x, y: real(self, model, x, y) * float("nan")
+    try:
+        with pytest.raises(UserError, match="diverged at step 6.*without saving"):
+            train(cfg, run, resume=True, log=quiet)
+    finally:
+        task_mod.LMTask.loss = real
+    assert (run / "latest" / "model.safetensors").read_bytes() == good
+    assert load_checkpoint(run).state["step"] == 5
+
+
+def test_second_sigterm_aborts_with_143(tmp_path, data_dir):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-c", (
+        "import signal, sys, time\n"
+        "from gptforge.cli import main\n"
+        "import gptforge.train.loop as loop\n"
+        "real = loop.Trainer.save\n"
+        "def slow_save(self):\n    signal.raise_signal(signal.SIGTERM); time.sleep(5); real(self)\n"
+        "loop.Trainer.save = slow_save\n"
+        f"sys.exit(main(['train', '--data', {str(data_dir)!r}, '--out', {str(run)!r}, '--model.n_layer', '1',"
+        "'--model.n_head', '2', '--model.n_embd', '16', '--model.block_size', '16', '--train.batch_size', '2',"
+        "'--train.max_iters', '100000', '--train.eval_interval', '100000', '--train.eval_iters', '1']))")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    for line in p.stdout:
+        if line.startswith("step ") or line.startswith("time:"):
+            break
+    p.send_signal(signal.SIGTERM)  # the first: stop after this step; the save then raises the second
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert "Traceback" not in err

@@ -1,0 +1,133 @@
+"""`train(cfg, run_dir)`: the whole of `gptforge train`, as set-up steps and then the loop.
+
+    open_run_dir -> open_task -> load_init / build_model -> wrap + optimizer -> restore -> RunDir.start -> Trainer.fit
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from gptforge import dist
+from gptforge.config import RunConfig
+from gptforge.progress import StepProgress, is_terminal
+from gptforge.train.loop import Trainer
+from gptforge.train.setup import (RunDir, build_model, check_resumable, grad_accum_steps, load_init, open_run_dir,
+                                  open_task, restore, set_vocab, trim_metrics)
+from gptforge.train.state import TrainResult
+
+
+def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          log: Callable[[str], None] = print,
+          on_step: Optional[Callable[[int, dict], Any]] = None, verbosity: int = 1,
+          progress: bool = False) -> TrainResult:
+    """Train (or, with resume=True, continue training) the model described by `cfg` into `run_dir`.
+
+    Under torchrun every process calls this; rank 0 logs and writes. `on_step(step, metrics_row)` is
+    called after every optimizer step; a truthy return value stops the run as a signal would (a
+    checkpoint is written), which is how tests interrupt a run at an exact step. `verbosity` 0 logs only
+    notes and the end, 1 a start-up summary, the time estimate and a line every train.log_interval steps,
+    2 also the whole config and every step. `progress` draws a live line on a terminal (stderr).
+    """
+    run_dir = Path(run_dir)
+    cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before anything is started: bad values fail fast
+    world, device = dist.init(cfg.train.device)
+    try:
+        with ExitStack() as stack:
+            rd = open_run_dir(run_dir, resume=resume, overwrite=overwrite, world=world, stack=stack)
+            trainer = build_trainer(cfg, rd, world, device, log if world.is_main else _silent, on_step,
+                                    verbosity=verbosity, progress=progress and world.is_main and is_terminal())
+            result = trainer.fit()
+        # Every rank is out of every collective before the group is torn down: without this, gloo under
+        # FSDP sometimes aborted a rank at exit ("terminate called without an active exception"). Not on
+        # an error path, where the other ranks may never arrive.
+        dist.barrier()
+        return result
+    finally:
+        dist.cleanup()
+
+
+def _silent(msg: str) -> None:
+    pass
+
+
+def build_trainer(cfg: RunConfig, rd: RunDir, world: dist.DistInfo, device, log: Callable[[str], None],
+                  on_step, *, verbosity: int = 1, progress: bool = False) -> Trainer:
+    """Every set-up step, in order; the run directory is touched only at the end, by `rd.start`."""
+    from gptforge.device import peak_flops, pick_dtype, setup_backends
+    from gptforge.loggers import make_logger
+    from gptforge.optim import build_optimizer
+
+    data, task = open_task(cfg)
+    tokenizer = data.tokenizer()
+    pretrained = load_init(cfg, tokenizer) if cfg.train.init_from and rd.resume_from is None else None
+    set_vocab(cfg, data.vocab_size)
+    if rd.resume_from is not None:
+        check_resumable(cfg, rd.resume_from, tokenizer)
+    accum = grad_accum_steps(cfg, world.world_size)
+    dtype = pick_dtype(cfg.train.dtype, device)
+    setup_backends(device)
+    raw = build_model(cfg, pretrained, rd.resume_from, device, world)
+    mode = cfg.train.dist
+    model = dist.wrap(raw, mode, world, device, dtype)
+    optimizer = build_optimizer(model, cfg.optim, device)  # after wrapping: FSDP replaces the parameters
+    batches, state = task.batches(cfg.train.seed, world.rank, world.world_size, accum), None
+    if rd.resume_from is not None:
+        state, batches = restore(rd.resume_from, raw=raw, optimizer=optimizer, batches=batches, cfg=cfg, world=world,
+                                 task=task, accum=accum, log=log)
+        if world.is_main:
+            trim_metrics(rd.path / "metrics.jsonl", state.step)
+    hs_examples = None
+    if cfg.eval.hellaswag_every:
+        from gptforge.hellaswag import load_for_training
+
+        hs_examples = load_for_training(tokenizer, cfg.eval.hellaswag_file, cfg.eval.hellaswag_limit)
+    # Only rank 0 reports to a tracker; a missing package or a failed `wandb login` fails here, before the
+    # previous run (with --overwrite) is gone: RunDir.start puts it back.
+    tracker = rd.start(cfg, lambda: make_logger(cfg.train.logger if world.is_main else "none", rd.path, cfg.to_dict(),
+                                                project=cfg.train.wandb_project, run_name=cfg.train.run_name))
+    trainer = Trainer(cfg, model=model, raw=raw, optimizer=optimizer, task=task, device=device, dtype=dtype,
+                      world=world, accum=accum, state=state, batches=batches,
+                      eval_model=dist.eval_module(model, raw, mode), tokenizer=tokenizer, run_dir=rd.path,
+                      tracker=tracker, hellaswag_examples=hs_examples, peak_flops=peak_flops(device, dtype), log=log,
+                      on_step=on_step, verbosity=verbosity)
+    _log_start(trainer, rd, data)
+    if progress:  # after the summary, so the live line stays below it
+        trainer.progress = StepProgress(max_iters=cfg.train.max_iters, time_budget=cfg.train.time_budget,
+                                        initial_step=trainer.state.step, initial_elapsed=trainer.state.elapsed_s)
+    return trainer
+
+
+def _log_start(trainer: Trainer, rd: RunDir, data) -> None:
+    """A few lines a person reads at start-up (the whole config is in RUN_DIR/config.json; -v prints it)."""
+    import json
+
+    from gptforge.optim import describe_schedule
+
+    cfg, raw, world, t, m = trainer.cfg, trainer.raw, trainer.world, trainer.cfg.train, trainer.cfg.model
+    schedule, warning = describe_schedule(cfg.optim, t.max_iters, t.time_budget)
+    if warning:
+        trainer.log(f"note: {warning}")
+    if trainer.verbosity < 1:
+        return
+    if trainer.verbosity >= 2:
+        trainer.log(json.dumps(cfg.to_dict(), indent=2))
+    tok = data.tokenizer()
+    parallel = f" ({t.dist})" if world.is_distributed else ""
+    splits = ", ".join(f"{s} {len(trainer.task.splits[s]):,}" for s in ("train", "val"))
+    length = f"{t.max_iters:,} steps" if t.time_budget is None else f"{t.time_budget:g} s (at most {t.max_iters:,} steps)"
+    peak = (f" | mfu against {trainer.peak / 1e9:,.0f} GFLOP/s ({'a matmul measured here' if trainer.device.type == 'cpu' else 'the data sheet'})"
+            if trainer.peak else "")
+    lines = [
+        f"run: {rd.path} (config in {rd.path / 'config.json'})" + (f", resuming from {rd.resume_from} at step {trainer.state.step}" if rd.resume_from else ""),
+        f"model: {raw.num_params() / 1e6:.2f}M parameters | {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
+        f"block {m.block_size} | {m.pos}/{m.norm}/{m.mlp} | vocab {m.vocab_size:,}",
+        f"data: {cfg.data.dir} | {tok.kind} tokenizer | tokens {splits}",
+        f"batch: {trainer.tokens_per_step:,} tokens/step = {t.batch_size} seqs x {m.block_size} tokens x {trainer.accum} accum "
+        f"x {world.world_size} procs{parallel} | device {trainer.device} | {str(trainer.dtype).split('.')[-1]}{peak}",
+        f"schedule: {length} | {schedule}",
+    ]
+    for line in lines:
+        trainer.log(line)

@@ -1,0 +1,249 @@
+"""Setting a run up, in the order it happens: the run directory, the data, the model, and the restore of a
+checkpoint. Each is a function of its own, so each can be read and tested alone; `run.train` calls them in turn.
+
+Nothing already on disk is removed until every check has passed: a previous run that `--overwrite` (or a
+restart of a run that never wrote a checkpoint) replaces is moved aside by `RunDir.start`, and deleted only
+once the new run's config.json is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from gptforge import checkpoint as ckpt_io
+from gptforge import dist
+from gptforge.config import ConfigError, RunConfig, save_json
+from gptforge.errors import UserError, one_line
+from gptforge.files import atomic_write, temp_sibling
+from gptforge.model import GPT
+from gptforge.train.state import TrainState
+from gptforge.train.task import BatchSource, LMTask
+
+CHECKPOINTS = ("latest", "best", ".latest.old", ".best.old")
+RUN_FILES = ("config.json", "metrics.jsonl", "tensorboard", *CHECKPOINTS)
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    """Round the vocabulary up so the output matmul has friendly shapes (50257 -> 50304)."""
+    return multiple * math.ceil(n / multiple)
+
+
+def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
+    per_micro = cfg.train.batch_size * cfg.model.block_size * world_size
+    total = cfg.train.total_batch_size
+    if total is None:
+        return 1
+    if total < per_micro or total % per_micro:
+        raise ConfigError(
+            f"train.total_batch_size ({total} tokens) must be a multiple of batch_size x block_size x processes "
+            f"= {cfg.train.batch_size} x {cfg.model.block_size} x {world_size} = {per_micro}")
+    return total // per_micro
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory
+
+
+@dataclass
+class RunDir:
+    """A run directory this process holds the lock of (rank 0), and what a previous run left there."""
+
+    path: Path
+    resume_from: Optional[Path] = None
+    """the checkpoint to continue from (--resume)"""
+    replaces: list[str] = field(default_factory=list)
+    """files of a previous run that this one replaces (--overwrite, or a run that never wrote a checkpoint)"""
+    is_main: bool = True
+
+    def start(self, cfg: RunConfig, open_tracker: Callable[[], Any]) -> Any:
+        """The last moment: move the previous run aside, open the tracker, write config.json, then delete
+        what was moved aside (or, if anything failed, put it back). Returns the tracker."""
+        if not self.is_main:
+            return open_tracker()
+        aside = temp_sibling(self.path / "replaced", "") if self.replaces else None
+        if aside is not None:
+            aside.mkdir()
+            for name in self.replaces:
+                os.rename(self.path / name, aside / name)
+        try:
+            tracker = open_tracker()
+            save_json(cfg.to_dict(), self.path / "config.json")
+        except BaseException:
+            if aside is not None:
+                for name in self.replaces:
+                    if not (self.path / name).exists():
+                        os.rename(aside / name, self.path / name)
+                shutil.rmtree(aside, ignore_errors=True)
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return tracker
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return any((run_dir / name / ckpt_io.STATE).is_file() for name in CHECKPOINTS)
+
+
+def open_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, world: dist.DistInfo, stack: ExitStack) -> RunDir:
+    """Check the run directory and take its lock (rank 0, held until `stack` closes). Removes nothing."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run directory")
+    if resume and not run_dir.is_dir():
+        raise UserError(f"{run_dir} does not exist; start a run there with --out {run_dir}")
+    if world.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the run directory {run_dir}: {e.strerror or one_line(e)}") from None
+        stack.enter_context(ckpt_io.RunLock(run_dir))  # also removes the temporaries of a killed writer
+    dist.barrier()  # no rank looks before rank 0 holds the lock
+    if resume:
+        if not _has_checkpoint(run_dir) and (run_dir / "config.json").is_file():
+            raise UserError(f"{run_dir} has no checkpoint yet (it stopped before its first one); start it again "
+                            f"with the same command and --out {run_dir}, without --resume")
+        return RunDir(run_dir, resume_from=ckpt_io.resolve_checkpoint(run_dir, "latest"), is_main=world.is_main)
+    existing = [n for n in RUN_FILES if (run_dir / n).exists()]
+    if existing and _has_checkpoint(run_dir) and not overwrite:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(existing)}); continue it with "
+                        f"`gptforge train --resume {run_dir}` or start afresh with --overwrite")
+    return RunDir(run_dir, replaces=existing, is_main=world.is_main)
+
+
+def trim_metrics(path: Path, after_step: int) -> None:
+    """On resume, drop rows logged after the checkpoint (they will be logged again)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= after_step:
+                keep.append(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+    atomic_write(path, "".join(line + "\n" for line in keep))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def open_task(cfg: RunConfig):
+    """The data directory's tokenizer and an LMTask on its train and val splits; sets model.vocab_size."""
+    from gptforge.data.loader import open_data
+
+    if not cfg.data.dir:
+        raise UserError("no data: pass --data DATA_DIR (a directory written by `gptforge prepare`)")
+    data = open_data(cfg.data.dir)
+    task = LMTask(data.tokens("train"), data.tokens("val"), sampling=cfg.train.sampling,
+                  batch_size=cfg.train.batch_size, block_size=cfg.model.block_size)
+    return data, task
+
+
+def set_vocab(cfg: RunConfig, data_vocab: int) -> None:
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = pad_vocab(data_vocab)
+    elif cfg.model.vocab_size < data_vocab:
+        raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the data's vocabulary "
+                          f"({data_vocab} tokens)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+def load_init(cfg: RunConfig, tokenizer) -> torch.nn.Module:
+    """The weights of --train.init_from: GPT-2 / a Hugging Face directory, a nanoGPT ckpt.pt, or a gptforge run
+    or checkpoint. Sets cfg.model to their shape, keeping this run's dropout and attention (and, for Hugging
+    Face sources, a shorter block_size: learned positions are cropped)."""
+    from gptforge.hf import is_hf_source, load_pretrained
+    from gptforge.tokenizer import load_tokenizer
+
+    source = cfg.train.init_from
+    if is_hf_source(source):
+        model, model_cfg, init_tok = load_pretrained(source, "cpu", block_size=cfg.model.block_size,
+                                                     dropout=cfg.model.dropout, attention=cfg.model.attention)
+    elif str(source).endswith(".pt") and Path(source).is_file():
+        from gptforge.nanogpt import load_init as load_nanogpt
+
+        model, model_cfg, init_tok = load_nanogpt(source, tokenizer, block_size=cfg.model.block_size,
+                                                  dropout=cfg.model.dropout, attention=cfg.model.attention)
+    else:  # a gptforge run or checkpoint: its shape, with this run's dropout and attention
+        ckpt = ckpt_io.resolve_checkpoint(source)
+        model_cfg = dataclasses.replace(ckpt_io.read_config(ckpt).model, dropout=cfg.model.dropout,
+                                        attention=cfg.model.attention)
+        model = ckpt_io.load_model(ckpt, model_cfg)
+        init_tok = load_tokenizer(ckpt)
+    if init_tok.fingerprint() != tokenizer.fingerprint():
+        raise UserError(f"--init-from {source} uses its own {init_tok.kind} tokenizer ({init_tok.vocab_size} tokens), "
+                        f"not the one the data in {cfg.data.dir} was prepared with; prepare the data with the same "
+                        "tokenizer (for GPT-2: gptforge prepare SOURCE --tokenizer gpt2)")
+    cfg.model = model_cfg
+    return model
+
+
+def check_resumable(cfg: RunConfig, ckpt: Path, tokenizer) -> None:
+    """The run being resumed must be the one in the checkpoint: same model, same tokenizer."""
+    from gptforge.tokenizer import load_tokenizer
+
+    if ckpt_io.read_config(ckpt).model != cfg.model:
+        raise UserError(f"the model config differs from the checkpoint's in {ckpt}; model fields cannot change on resume")
+    if load_tokenizer(ckpt).fingerprint() != tokenizer.fingerprint():
+        raise UserError(f"the data in {cfg.data.dir} uses a different tokenizer than the checkpoint in {ckpt}")
+
+
+def build_model(cfg: RunConfig, pretrained: Optional[torch.nn.Module], resume_from: Optional[Path],
+                device: torch.device, world: dist.DistInfo) -> torch.nn.Module:
+    """The plain (unwrapped) model on its device: fresh, pretrained, or with the weights being resumed."""
+    from gptforge.device import seed_everything
+
+    seed_everything(cfg.train.seed)  # the same initial weights on every rank
+    if resume_from is not None:  # shapes checked against the file before anything is allocated
+        raw = ckpt_io.load_model(resume_from, cfg.model)  # before wrapping: FSDP then shards what was loaded
+    else:
+        raw = pretrained if pretrained is not None else GPT(cfg.model)
+    raw = raw.to(device).train()
+    if cfg.train.freeze_embeddings:
+        for module in (raw.transformer.wte, getattr(raw.transformer, "wpe", None)):
+            if module is not None:
+                module.weight.requires_grad_(False)
+    if world.is_distributed:
+        torch.manual_seed(cfg.train.seed + world.rank)  # but different dropout draws
+    if cfg.train.compile:
+        raw.compile_blocks()
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Restoring a checkpoint
+
+
+def restore(ckpt: Path, *, raw: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSource,
+            cfg: RunConfig, world: dist.DistInfo, task: LMTask, accum: int,
+            log: Callable[[str], None]) -> tuple[TrainState, BatchSource]:
+    """Put the optimizer, the data position and the RNG back as they were at the checkpoint."""
+    st, optimizer_sd, saved_rng = ckpt_io.read_train_state(ckpt)
+    state = TrainState.from_state_dict(st)
+    try:
+        dist.load_optimizer_state(raw, optimizer, cfg.train.dist, optimizer_sd)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"optimizer state in {ckpt} does not fit this model: {one_line(e)}") from None
+    if not batches.load_states(st["data"]["slots"]):
+        # another number of micro-batch slots (processes x accumulation): fresh, deterministic streams
+        log("note: the checkpoint has another number of micro-batches per step (processes x accumulation); "
+            "the data streams restart, seeded by the step, so the run will not repeat an uninterrupted one")
+        batches = task.batches(cfg.train.seed + state.step, world.rank, world.world_size, accum)
+    if len(saved_rng) == world.world_size:
+        ckpt_io.restore_process_rng(saved_rng[world.rank])
+    else:  # another number of processes: dropout draws restart, seeded by the step
+        torch.manual_seed(cfg.train.seed + state.step + world.rank)
+    return state, batches

@@ -1,0 +1,158 @@
+"""The loop's named steps, driven one at a time on in-memory tokens: no corpus, no subprocess, no run directory."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gptforge.config import GPTConfig, RunConfig
+from gptforge.errors import UserError
+from gptforge.model import GPT
+from gptforge.optim import build_optimizer, describe_schedule, lr_at
+from gptforge.progress import StepProgress
+from gptforge.train import LMTask, Trainer, TrainState
+
+
+def make_trainer(max_iters=8, task=None, **train_kw) -> Trainer:
+    cfg = RunConfig()
+    cfg.model = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)
+    cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_iters = 1e-2, 1e-3, 2
+    cfg.train.max_iters, cfg.train.batch_size, cfg.train.eval_interval, cfg.train.eval_iters = max_iters, 4, 4, 2
+    for k, v in train_kw.items():
+        setattr(cfg.train, k, v)
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    tokens = (np.arange(2000) % 29).astype(np.uint16)  # a periodic stream: easy to learn
+    task = task or LMTask(tokens[:1600], tokens[1600:], sampling="random", batch_size=4, block_size=8)
+    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    return Trainer(cfg, model=model, raw=model, optimizer=opt, task=task, device=torch.device("cpu"),
+                   dtype=torch.float32, log=lambda m: None)
+
+
+def test_train_step_advances_state_and_follows_the_schedule():
+    tr = make_trainer()
+    rows = [tr.train_step() for _ in range(3)]
+    assert tr.state.step == 3 and [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["lr"] for r in rows] == [lr_at(s, tr.cfg.optim, 8) for s in range(3)]
+    assert all(math.isfinite(r["loss"]) and r["mfu"] is None for r in rows)  # no peak given: no MFU
+
+
+def test_evaluate_tracks_best_and_writes_nothing_without_a_run_dir():
+    tr = make_trainer()
+    tr.evaluate()
+    first = tr.state.best_val_loss
+    for _ in range(6):
+        tr.train_step()
+    _, va = tr.evaluate()
+    assert tr.state.last_eval_step == 6 and tr.state.val_loss == va
+    assert tr.state.best_val_loss == min(first, va)
+
+
+def test_fit_runs_to_max_iters_with_final_eval():
+    tr = make_trainer(max_iters=6)
+    result = tr.fit()
+    assert result.step == 6 and tr.state.last_eval_step == 6 and result.interrupted is None
+
+
+def test_stop_decision_on_step_callback_and_stop_after():
+    tr = make_trainer(max_iters=50)
+    tr.on_step = lambda step, row: step == 3
+    assert tr.fit().interrupted == "STOP" and tr.state.step == 3
+    tr2 = make_trainer(max_iters=50, stop_after=2)
+    assert tr2.fit().step == 2
+
+
+class MaskedTask(LMTask):
+    """A task with its own targets: -1 everywhere but the last position (what SFT's masks look like)."""
+
+    def batches(self, seed, rank, world_size, accum):
+        inner = super().batches(seed, rank, world_size, accum)
+
+        class Masked:
+            def next(self, micro, device=None):
+                x, y = inner.next(micro, device)
+                y = y.clone()
+                y[:, :-1] = -1
+                return x, y
+
+            local_states, load_states = inner.local_states, inner.load_states
+
+        return Masked()
+
+
+def test_a_task_supplies_its_own_batches_and_loss_without_a_branch_in_the_loop():
+    tokens = (np.arange(2000) % 29).astype(np.uint16)
+    task = MaskedTask(tokens[:1600], tokens[1600:], sampling="random", batch_size=4, block_size=8)
+    seen = []
+    task.loss = lambda model, x, y: (seen.append(int((y != -1).sum())), model(x, y))[1]
+    tr = make_trainer(task=task)
+    tr.train_step()
+    assert seen == [4]  # one learned target per row
+
+
+def test_non_finite_loss_stops_the_run_before_anything_is_saved():
+    tr = make_trainer()
+    saved = []
+    tr.save = lambda: saved.append(tr.state.step)
+    tr.task.loss = lambda model, x, y: model(x, y) * float("nan")
+    with pytest.raises(UserError, match="diverged at step 1"):
+        tr.train_step()
+    assert saved == []
+
+
+def test_train_state_round_trips_and_reads_old_checkpoints():
+    st = TrainState(step=7, best_val_loss=1.5, val_loss=1.6, elapsed_s=3.0, last_eval_step=5)
+    assert TrainState.from_state_dict({**st.state_dict(), "tokens_seen": 99}) == st
+    assert TrainState.from_state_dict({"step": 3}) == TrainState(step=3)
+
+
+def test_mfu_never_exceeds_one(monkeypatch):
+    import gptforge.device as device
+
+    tr = make_trainer()
+    tr.peak = 1.0  # a peak far too low, as when the machine was busy at start-up
+    monkeypatch.setattr(device, "measure_peak_flops", lambda d, t: 2.0)
+    row = tr.train_step()
+    assert row["mfu"] is None and tr.peak == 2.0  # measured again, and still not believable: left out
+
+
+def test_time_estimate_names_a_gpu_for_hours_on_a_cpu():
+    tr = make_trainer(max_iters=100_000)
+    tr._step_times = [9.0, 10.0, 10.0]
+    tr.state.step = 3
+    line = tr.time_estimate()
+    assert "10 s/step" in line and "GPU" in line and "h" in line
+
+
+def test_progress_line_draws_nothing_when_disabled():
+    import io
+
+    out = io.StringIO()
+    p = StepProgress(max_iters=10, time_budget=None, enabled=False, stream=out)
+    p.update({"step": 1, "loss": 2.0, "tokens_per_s": 1000.0, "time_s": 0.1})
+    p.write(lambda m: out.write(m + "\n"), "a log line")
+    p.close()
+    assert out.getvalue() == "a log line\n"
+
+
+def test_progress_line_on_a_terminal_shows_step_loss_and_time_left():
+    import io
+
+    out = io.StringIO()
+    p = StepProgress(max_iters=None, time_budget=100.0, enabled=True, stream=out)
+    p.update({"step": 5, "loss": 2.5, "tokens_per_s": 4000.0, "time_s": 40.0})
+    p.bar.refresh()
+    text = out.getvalue()
+    assert "40/100 s" in text and "loss 2.5000" in text and "1m00s left" in text
+    p.close()
+
+
+def test_schedule_summary_says_when_it_cannot_decay_within_the_run():
+    cfg = RunConfig().optim
+    cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters = 1e-3, 1e-4, 100, 2000
+    text, warning = describe_schedule(cfg, 300)
+    assert "2000" in text and "ends at step 300" in warning
+    cfg.decay_iters = None
+    text, warning = describe_schedule(cfg, 300)
+    assert warning is None and "from step 100 to 300" in text
