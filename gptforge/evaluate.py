@@ -17,14 +17,17 @@ import torch.nn.functional as F
 from gptforge.data.loader import RandomBatches, to_device
 from gptforge.device import autocast
 from gptforge.errors import UserError
+from gptforge.progress import eval_bar, is_terminal
 
 EVAL_SEED = 0xE7A1  # the periodic evaluation reads the same batches every time, so evals compare
 
 
 @torch.no_grad()
 def estimate_loss(model: torch.nn.Module, tokens, *, batches: int, batch_size: int, block_size: int,
-                  device: torch.device, dtype: torch.dtype, rank: int = 0, world_size: int = 1) -> float:
+                  device: torch.device, dtype: torch.dtype, rank: int = 0, world_size: int = 1,
+                  progress: bool = False, desc: str = "eval") -> float:
     """Mean loss over a fixed set of `batches` random windows of the split (the same set at every call).
+    `progress` draws a transient bar (terminals only: see gptforge.progress).
 
     With several processes the batches are dealt round-robin and the sum is reduced, so the figure equals
     the single-process one; every rank runs the same number of forwards (FSDP needs that), the surplus
@@ -37,14 +40,16 @@ def estimate_loss(model: torch.nn.Module, tokens, *, batches: int, batch_size: i
     sampler = RandomBatches(tokens, batch_size, block_size, seed=EVAL_SEED)
     per_rank = -(-batches // world_size)
     loss_sum, count = 0.0, 0
-    for b in range(per_rank * world_size):
-        x, y = sampler.next()  # every rank draws every batch, so the set does not depend on world_size
-        if b % world_size != rank:
-            continue
-        with autocast(device, dtype):
-            loss = model(to_device(x, device), to_device(y, device)).item()
-        if b < batches:
-            loss_sum, count = loss_sum + loss, count + 1
+    with eval_bar(per_rank, desc, progress) as bar:
+        for b in range(per_rank * world_size):
+            x, y = sampler.next()  # every rank draws every batch, so the set does not depend on world_size
+            if b % world_size != rank:
+                continue
+            with autocast(device, dtype):
+                loss = model(to_device(x, device), to_device(y, device)).item()
+            if b < batches:
+                loss_sum, count = loss_sum + loss, count + 1
+            bar.update()
     model.train(was_training)
     if world_size > 1:
         total = all_reduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64, device=device))
@@ -67,7 +72,7 @@ class EvalResult:
 @torch.no_grad()
 def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, *, block_size: int, batch_size: int,
                     device: torch.device, dtype: torch.dtype, token_bytes: Optional[np.ndarray] = None,
-                    max_tokens: Optional[int] = None) -> EvalResult:
+                    max_tokens: Optional[int] = None, progress: bool = False) -> EvalResult:
     """Mean next-token loss over the whole split in non-overlapping windows of block_size.
 
     Every token after the first is predicted exactly once (the last window may be shorter).
@@ -82,20 +87,22 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, *, block_size: i
     model.eval()
     starts = list(range(0, n, block_size))
     loss_sum, byte_sum = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        group = starts[i:i + batch_size]
-        lengths = [min(block_size, n - s) for s in group]
-        # windows in one batch share a length; the single short tail window goes in a batch of its own
-        for T in sorted(set(lengths), reverse=True):
-            rows = [s for s, L in zip(group, lengths) if L == T]
-            w = np.stack([np.asarray(tokens[s:s + T + 1], dtype=np.int64) for s in rows])  # (b, T + 1)
-            x = to_device(torch.from_numpy(w[:, :-1].copy()), device)
-            y = to_device(torch.from_numpy(w[:, 1:].copy()), device)
-            with autocast(device, dtype):
-                logits = model(x)
-            loss_sum += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum").item()
-            if token_bytes is not None:
-                byte_sum += int(token_bytes[w[:, 1:]].sum())
+    with eval_bar(-(-len(starts) // batch_size), "eval", progress) as bar:
+        for i in range(0, len(starts), batch_size):
+            group = starts[i:i + batch_size]
+            lengths = [min(block_size, n - s) for s in group]
+            # windows in one batch share a length; the single short tail window goes in a batch of its own
+            for T in sorted(set(lengths), reverse=True):
+                rows = [s for s, L in zip(group, lengths) if L == T]
+                w = np.stack([np.asarray(tokens[s:s + T + 1], dtype=np.int64) for s in rows])  # (b, T + 1)
+                x = to_device(torch.from_numpy(w[:, :-1].copy()), device)
+                y = to_device(torch.from_numpy(w[:, 1:].copy()), device)
+                with autocast(device, dtype):
+                    logits = model(x)
+                loss_sum += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum").item()
+                if token_bytes is not None:
+                    byte_sum += int(token_bytes[w[:, 1:]].sum())
+            bar.update()
     model.train(was_training)
     loss = loss_sum / n
     bpb = None
@@ -106,7 +113,8 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, *, block_size: i
 
 
 def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "val", max_tokens: Optional[int] = None,
-                        batch_size: int = 8, which: str = "latest", device: str = "auto") -> dict:
+                        batch_size: int = 8, which: str = "latest", device: str = "auto",
+                        progress: bool = False) -> dict:
     """`gptforge eval`: loss, perplexity and bits per byte of a checkpoint on a split of its (or another) data dir."""
     from gptforge.data.loader import open_data
     from gptforge.device import pick_device, pick_dtype
@@ -127,6 +135,7 @@ def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "v
                         "prepare the data with the same tokenizer")
     result = evaluate_tokens(ck.model, td.tokens(split), block_size=ck.config.model.block_size, batch_size=batch_size,
                              device=dev, dtype=pick_dtype(ck.config.train.dtype, dev),
-                             token_bytes=ck.tokenizer.token_bytes(), max_tokens=max_tokens)
+                             token_bytes=ck.tokenizer.token_bytes(), max_tokens=max_tokens,
+                             progress=progress and is_terminal())
     return {"checkpoint": str(ck.path), "data": str(data_dir), "split": split, "step": ck.state.get("step"),
             **result.to_dict()}

@@ -38,21 +38,21 @@ class StepProgress:
         common = dict(file=stream, disable=not enabled, dynamic_ncols=True, leave=False, mininterval=0.25)
         if time_budget is None:
             self.bar = tqdm(total=max_iters, initial=initial_step, unit="step", desc="train",
-                            bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {postfix} [{elapsed}<{remaining}]",
+                            bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}]",
                             **common)
         else:
             self.bar = tqdm(total=round(time_budget), initial=round(initial_elapsed), unit="s", desc="train",
-                            bar_format="{desc} {n_fmt}/{total_fmt} s |{bar}| {postfix}", **common)
+                            bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} s", **common)
 
     def update(self, row: dict) -> None:
         """After a step, with its metrics row (step, loss, tokens_per_s, time_s)."""
         post = f"step {row['step']} | loss {row['loss']:.4f} | {row['tokens_per_s'] / 1000:.1f}k tok/s"
         if self.budget is None:
-            self.bar.set_postfix_str(post, refresh=False)
+            self.bar.set_description_str(post, refresh=False)
             self.bar.update(row["step"] - self.bar.n)
         else:
             left = max(0.0, self.budget - row["time_s"])
-            self.bar.set_postfix_str(f"{post} | {_duration(left)} left", refresh=False)
+            self.bar.set_description_str(f"{post} | {_duration(left)} left", refresh=False)
             self.bar.update(min(round(row["time_s"]), self.bar.total) - self.bar.n)
 
     def write(self, log: Callable[[str], None], msg: str) -> None:

@@ -222,7 +222,8 @@ class Trainer:
     def evaluate(self) -> tuple[float, float]:
         """Train and val loss on the fixed eval batches; then (after step 0) latest/, and best/ on a new best."""
         st, kw = self.state, dict(batches=self.cfg.train.eval_iters, device=self.device, dtype=self.dtype,
-                                  rank=self.world.rank, world_size=self.world.world_size)
+                                  rank=self.world.rank, world_size=self.world.world_size,
+                                  progress=self.progress is not None)
         t0 = time.perf_counter()
         if self._eval_s is None and self.verbosity >= 1:
             self.log(f"eval step {st.step}: measuring train and val loss over {self.cfg.train.eval_iters} batches each ...")
@@ -283,7 +284,8 @@ class Trainer:
 
     def full_val(self) -> float:
         t0 = time.perf_counter()
-        result = self.task.full_val(self.eval_model, device=self.device, dtype=self.dtype)
+        result = self.task.full_val(self.eval_model, device=self.device, dtype=self.dtype,
+                                    progress=self.progress is not None)
         self.write_row({"step": self.state.step, "val_loss_full": result.loss, "val_tokens": result.tokens,
                         "time_s": round(time.perf_counter() - self.t_start, 3)})
         self.log(f"whole val split at step {self.state.step}: loss {result.loss:.4f} over {result.tokens} tokens "

@@ -43,14 +43,16 @@ class LMTask:
         return model(x, y)
 
     def eval_loss(self, model: torch.nn.Module, split: str, *, batches: int, device: torch.device,
-                  dtype: torch.dtype, rank: int = 0, world_size: int = 1) -> float:
+                  dtype: torch.dtype, rank: int = 0, world_size: int = 1, progress: bool = False) -> float:
         """The periodic estimate: the same `batches` windows of the split at every call."""
         return estimate_loss(model, self.splits[split], batches=batches, batch_size=self.batch_size,
                              block_size=self.block_size, device=device, dtype=dtype, rank=rank,
-                             world_size=world_size)
+                             world_size=world_size, progress=progress, desc=f"eval {split}")
 
-    def full_val(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype) -> EvalResult:
+    def full_val(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype,
+                 progress: bool = False) -> EvalResult:
         """The whole val split in non-overlapping windows; forward only, so more windows per batch (up to 16k tokens)."""
         T = self.block_size
         batch = max(self.batch_size, min(64, 16384 // T))
-        return evaluate_tokens(model, self.splits["val"], block_size=T, batch_size=batch, device=device, dtype=dtype)
+        return evaluate_tokens(model, self.splits["val"], block_size=T, batch_size=batch, device=device, dtype=dtype,
+                               progress=progress)
