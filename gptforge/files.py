@@ -1,4 +1,5 @@
-"""Writing files so that nobody ever sees half of one: the one helper for atomic file writes.
+"""Writing files so that nobody ever sees half of one (the one helper for atomic writes), and checking an
+output directory before anything is written into it.
 
 Every file gptforge writes in place of another (configs, tokenizers, reports, caches, metrics) goes through
 `atomic_write` or `atomic_path`: the bytes go to a uniquely named sibling, are flushed to disk and renamed over
@@ -12,6 +13,8 @@ import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
+
+from gptforge.errors import UserError
 
 
 def temp_sibling(path: Path, suffix: str = ".tmp") -> Path:
@@ -45,3 +48,19 @@ def atomic_write(path: Union[str, os.PathLike], data: Union[str, bytes], encodin
         with open(tmp, "xb") as f:
             f.write(data.encode(encoding) if isinstance(data, str) else data)
     return path
+
+
+def check_output_dir(out: Path, overwrite: bool, sources: tuple[Path, ...] = ()) -> None:
+    """Refuse a target that is, contains or lies inside a source (replacing our file names there would
+    destroy the source), one that is a file, and without overwrite a non-empty one. With overwrite only the
+    files gptforge writes are replaced later; the user's other files in the target stay."""
+    target = out.resolve()
+    for src in sorted(sources, key=lambda s: s.resolve() != target):  # "is the source" before the others
+        s = src.resolve()
+        if target == s or s in target.parents or target in s.parents:
+            how = "is" if target == s else "lies inside" if s in target.parents else "contains"
+            raise UserError(f"cannot write into {out}: it {how} the source {src}; choose a directory outside it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose another path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists and is not empty; choose another directory or pass --overwrite")

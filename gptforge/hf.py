@@ -32,6 +32,7 @@ import torch
 
 from gptforge.config import GPTConfig, RunConfig
 from gptforge.errors import UserError, one_line
+from gptforge.files import check_output_dir
 from gptforge.tokenizer import EOT_TEXT, BPETokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
 
 GPT2_HUB_IDS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
@@ -341,7 +342,28 @@ def gpt2_hf_tokenizer_json(tok: GPT2Tokenizer) -> str:
     hf.decoder = decoders.ByteLevel()
     hf.post_processor = processors.ByteLevel(trim_offsets=False)
     hf.add_special_tokens([AddedToken(EOT_TEXT, special=True)])  # id 50256, right after the ranks
+    if tok.chat is not None:  # the chat markers, in GPT-2's padded slots 50257.. as in our tokenizer
+        from gptforge.chat_template import MARKERS
+
+        hf.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in MARKERS])
+        if any(hf.token_to_id(m) != i for m, i in tok.chat.ids.items()):
+            raise RuntimeError("the exported chat markers do not have our ids")  # a bug of ours, not the user's
     return hf.to_str()
+
+
+def hf_chat_template(tok: Tokenizer) -> str:
+    """The Jinja chat template of transformers' apply_chat_template: the same layout, so the same ids, as
+    gptforge.chat_template.render_conversation (markers as text, which the HF tokenizer reads as its
+    special tokens; with add_generation_prompt, the <|assistant|> a reply continues). One difference no template
+    can remove: transformers reads a marker typed inside a message as the marker, gptforge as plain text."""
+    t = {m.strip("<|>"): m for m in tok.chat.ids}
+    return ("{{ '" + t["bos"] + "' }}"
+            "{% for message in messages %}"
+            "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+            "{{ raise_exception('roles are system, user and assistant, not ' + message['role']) }}{% endif %}"
+            "{{ '<|' + message['role'] + '|>' + message['content'] + '" + t["end"] + "' }}"
+            "{% endfor %}"
+            "{% if add_generation_prompt %}{{ '" + t["assistant"] + "' }}{% endif %}")
 
 
 def _hf_tokenizer_json(src: Path) -> Optional[dict[str, Any]]:
@@ -460,28 +482,12 @@ def load_any(run: str | Path, device: str | torch.device = "cpu", which: str = "
     if is_hf_source(run):
         return load_pretrained_checkpoint(run, device)
     if str(run).endswith(".pt") and Path(run).is_file():  # nanoGPT's ckpt.pt, read with weights_only=True
-        from gptforge.nanogpt import load_nanogpt_checkpoint
+        from gptforge.nanogpt.checkpoint import load_nanogpt_checkpoint
 
         return load_nanogpt_checkpoint(run, device)
     from gptforge.checkpoint import load_checkpoint
 
     return load_checkpoint(run, device=device, which=which)
-
-
-def check_output_dir(out: Path, overwrite: bool, sources: tuple[Path, ...] = ()) -> None:
-    """Refuse a target that is, contains or lies inside a source (replacing our file names there would
-    destroy the source), one that is a file, and without overwrite a non-empty one. With overwrite only the
-    files gptforge writes are replaced later; the user's other files in the target stay."""
-    target = out.resolve()
-    for src in sorted(sources, key=lambda s: s.resolve() != target):  # "is the source" before the others
-        s = src.resolve()
-        if target == s or s in target.parents or target in s.parents:
-            how = "is" if target == s else "lies inside" if s in target.parents else "contains"
-            raise UserError(f"cannot write into {out}: it {how} the source {src}; choose a directory outside it")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a directory; choose another path")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} already exists and is not empty; choose another directory or pass --overwrite")
 
 
 def import_hf(name_or_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
@@ -535,6 +541,10 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
     hf_tok = {"gpt2": lambda: gpt2_hf_tokenizer_json(tok), "bpe": lambda: json.dumps(tok.to_dict()["hf_tokenizer"])}
     if tok.kind in hf_tok:
         notes.append(f"tokenizer.json holds the {tok.kind} tokenizer for transformers' AutoTokenizer.")
+        if tok.chat is not None:
+            notes.append("A chat model: tokenizer_config.json holds its chat template, so "
+                         "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)` gives the ids it "
+                         "was fine-tuned on; a reply ends at <|end|>.")
     else:
         notes.append(f"No Hugging Face tokenizer: gptforge's {tok.kind} tokenizer has no transformers counterpart. "
                      f"Encode and decode with gptforge.tokenizer.load_tokenizer('{OWN_TOKENIZER}').")
@@ -542,7 +552,8 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
 
     def write(tmp: Path) -> None:
         hf_config.save_pretrained(tmp)
-        _transformers().GenerationConfig(bos_token_id=tok.eot_id, eos_token_id=tok.eot_id,
+        stop = tok.eot_id if tok.chat is None else [tok.chat.end_id, tok.eot_id]  # a chat reply ends at <|end|>
+        _transformers().GenerationConfig(bos_token_id=tok.eot_id, eos_token_id=stop,
                                          suppress_tokens=padded or None).save_pretrained(tmp)
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         umask_mode(tmp / "model.safetensors")
@@ -551,10 +562,12 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
         if tok.kind in hf_tok:
             (tmp / "tokenizer.json").write_text(hf_tok[tok.kind](), encoding="utf-8")
             special = EOT_TEXT if tok.eot_id is not None else None
-            (tmp / "tokenizer_config.json").write_text(json.dumps(
-                {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
-                 "bos_token": special, "eos_token": special, "add_prefix_space": False,
-                 "clean_up_tokenization_spaces": False}, indent=2) + "\n")
+            tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
+                          "bos_token": special, "eos_token": special, "add_prefix_space": False,
+                          "clean_up_tokenization_spaces": False}
+            if tok.chat is not None:  # a chat model: its turn markers, and the template that lays them out
+                tok_config.update(bos_token="<|bos|>", eos_token="<|end|>", chat_template=hf_chat_template(tok))
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
         (tmp / "README.md").write_text(
             f"# Exported by gptforge {__version__}\n\nFrom `{ck.path}`: a `{name}` for `transformers`.\n\n"
             "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"

@@ -20,6 +20,7 @@ import torch
 
 from gptforge import nanogpt
 from gptforge.errors import UserError
+from gptforge.tokenizer import CharTokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
 SHAPE = dict(n_layer=2, n_head=2, n_embd=16, block_size=32, dropout=0.0)
@@ -144,7 +145,7 @@ def hf_logits(sd: dict, vocab: int, bias: bool, idx: torch.Tensor) -> torch.Tens
 @pytest.mark.parametrize("bias", [False, True])
 def test_checkpoint_logits_equal_hf_gpt2(tmp_path, compiled, bias):
     sd = write_ckpt(tmp_path / "ckpt.pt", vocab=65, bias=bias, compiled=compiled, seed=3)
-    model, cfg, tok = nanogpt.load_init(tmp_path / "ckpt.pt", nanogpt.CharTokenizer(sorted(set(TEXT)), eot=False))
+    model, cfg, tok = nanogpt.load_init(tmp_path / "ckpt.pt", CharTokenizer(sorted(set(TEXT)), eot=False))
     assert (cfg.pos, cfg.norm, cfg.mlp, cfg.bias, cfg.tie_embeddings) == ("learned", "layernorm", "gelu", bias, True)
     assert (cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd) == (65, 32, 2, 16)
     idx = torch.randint(0, 65, (2, 32), generator=torch.Generator().manual_seed(0))
