@@ -442,6 +442,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "eval_interval": 500, "eval_iters": 10, "log_interval": 50, "dtype": "float32",
                   "compile": False, "full_val_at_end": True},
     },
+    # Supervised fine-tuning on conversations (`gptforge prepare FILE --chat`, then --train.init_from a base
+    # model, whose shape it takes): a low lr decaying linearly to 0 over a short run, no weight decay, frequent
+    # evaluation of the assistant-token loss. 150 steps of 8 packed rows of 1024 tokens is about 3 epochs of
+    # alpaca_5000.json (~370k train tokens with GPT-2's tokenizer); the model section is left to --train.init_from.
+    "sft": {
+        "optim": {"lr": 5e-5, "min_lr": 0.0, "schedule": "linear", "warmup_iters": 10, "weight_decay": 0.0,
+                  "grad_clip": 1.0},
+        "train": {"max_iters": 150, "batch_size": 8, "total_batch_size": None, "eval_interval": 25,
+                  "eval_iters": 10, "log_interval": 10, "sampling": "random", "full_val_at_end": True},
+    },
 }
 
 
@@ -496,7 +506,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"config file {path} does not exist")
     if p.suffix == ".py":
-        from gptforge.nanogpt import load_config_py  # here: it imports torch, and most configs are YAML
+        from gptforge.nanogpt.config_file import load_config_py  # here: it imports torch, and most configs are YAML
 
         return load_config_py(p)
     text = _read_text(p, f"config file {path}")

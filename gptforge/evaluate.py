@@ -139,3 +139,109 @@ def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "v
                              progress=progress and is_terminal())
     return {"checkpoint": str(ck.path), "data": str(data_dir), "split": split, "step": ck.state.get("step"),
             **result.to_dict()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat: the loss on what the assistant says, and greedy answers against the reference answers
+
+
+@torch.no_grad()
+def chat_loss(model: torch.nn.Module, rows: list[tuple[list[int], list[int]]], *, batch_size: int,
+              device: torch.device, dtype: torch.dtype) -> tuple[float, int]:
+    """Mean next-token loss over the masked-in targets of (ids, mask) rows, and how many there were.
+    Rows longer than the context are cut to their first block_size + 1 tokens. Rows in a batch are padded
+    at the end with ignored targets, which causal attention keeps from touching the real positions."""
+    block = model.config.block_size
+    loss_sum, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        group = [(ids[:block + 1], mask[:block + 1]) for ids, mask in rows[i:i + batch_size]]
+        T = max(len(ids) for ids, _ in group) - 1
+        x = torch.zeros(len(group), T, dtype=torch.long)
+        y = torch.full((len(group), T), -1, dtype=torch.long)  # -1: not a target
+        for b, (ids, mask) in enumerate(group):
+            x[b, :len(ids) - 1] = torch.tensor(ids[:-1])
+            y[b, :len(ids) - 1] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+        with autocast(device, dtype):
+            logits = model(x.to(device))
+        y = y.to(device)
+        loss_sum += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
+                                    reduction="sum").item()
+        count += int((y != -1).sum())
+    return loss_sum / max(count, 1), count
+
+
+def greedy_answers(model: torch.nn.Module, tok, prompts: list[list[int]], max_new_tokens: list[int], *,
+                   batch_size: int, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The greedy answer to each prompt (which ends with <|assistant|>): the text before the first
+    <|end|>, other marker or end-of-text. Prompts of equal length decode together."""
+    from gptforge.sample import stream
+
+    stops = set(tok.chat.ids.values()) | ({tok.eot_id} if tok.eot_id is not None else set())
+    answers: list[Optional[str]] = [None] * len(prompts)
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    for group in by_len.values():
+        for j in range(0, len(group), batch_size):
+            rows = group[j:j + batch_size]
+            idx = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)
+            out: list[list[int]] = [[] for _ in rows]
+            with autocast(device, dtype):
+                steps = [s.tolist() for s in stream(model, idx, max(max_new_tokens[i] for i in rows), 0.0,
+                                                    eot_id=tok.chat.end_id, vocab_size=tok.vocab_size)]
+            for b, i in enumerate(rows):
+                for step in steps:
+                    if step[b] in stops:
+                        break
+                    out[b].append(step[b])
+                answers[i] = tok.decode(out[b])
+    return answers  # type: ignore[return-value]
+
+
+def evaluate_chat(model: torch.nn.Module, tok, conversations: list[list[dict]], *, batch_size: int = 8,
+                  device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> dict:
+    """Loss on the assistant's tokens of whole conversations, and the exact-match rate of greedy answers to
+    each conversation's last user turn against its last assistant turn (surrounding whitespace ignored)."""
+    from gptforge.chat_template import chat_of, render_conversation
+
+    chat_of(tok)  # a tokenizer without a template: one line saying so
+    rows = [render_conversation(tok, c) for c in conversations]
+    loss, count = chat_loss(model, rows, batch_size=batch_size, device=device, dtype=dtype)
+    prompts = [render_conversation(tok, c[:-1], for_generation=True)[0] for c in conversations]
+    refs = [c[-1]["content"] for c in conversations]
+    # room for the reference twice over: a longer answer is wrong anyway, however it is tokenized
+    budgets = [2 * len(tok.encode(r)) + 8 for r in refs]
+    answers = greedy_answers(model, tok, prompts, budgets, batch_size=batch_size, device=device, dtype=dtype)
+    matched = sum(a.strip() == r.strip() for a, r in zip(answers, refs))
+    block = model.config.block_size
+    return {"loss": loss, "assistant_tokens": count, "exact_match": matched / len(conversations),
+            "matched": matched, "conversations": len(conversations),
+            "too_long": sum(len(ids) > block + 1 for ids, _ in rows),
+            "examples": [{"prompt": c[-2]["content"], "reference": r, "answer": a}
+                         for c, r, a in list(zip(conversations, refs, answers))[:3]]}
+
+
+def evaluate_chat_checkpoint(run: str, file: str, *, limit: Optional[int] = None, batch_size: int = 8,
+                             which: str = "latest", device: str = "auto") -> dict:
+    """`gptforge eval RUN --task chat --file CONVS.jsonl`: `evaluate_chat` on the file's conversations (the
+    first `limit`), with the checkpoint and the number of unusable rows skipped."""
+    from gptforge.device import pick_device, pick_dtype
+    from gptforge.hf import load_any
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    from gptforge.data.chat_prepare import read_conversations
+
+    # any format `prepare --chat` reads (messages, ShareGPT, Alpaca; files, folders, parquet, hf:)
+    conversations, bad, _ = read_conversations(str(file), "auto")
+    conversations = conversations[:limit]
+    dev = pick_device(device)
+    ck = load_any(run, dev, which)
+    if getattr(ck.tokenizer, "chat", None) is None:
+        raise UserError(f"{run} has no chat template (it was not fine-tuned on conversations); "
+                        "--task chat needs a model trained on data from `gptforge prepare FILE --chat`")
+    out = evaluate_chat(ck.model, ck.tokenizer, conversations, batch_size=batch_size, device=dev,
+                        dtype=pick_dtype(ck.config.train.dtype, dev))
+    return {"checkpoint": str(ck.path), "file": str(file), "step": ck.state.get("step"), "skipped_rows": bad, **out}

@@ -170,6 +170,22 @@ def _cache_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+def new_kv_cache(model: torch.nn.Module, batch_size: int, device: torch.device) -> KVCache:
+    """An empty cache for `model`, in the dtype its keys will have (call it inside the autocast you decode in)."""
+    return KVCache(batch_size, model.config, device, _cache_dtype(model, device))
+
+
+@torch.inference_mode()
+def prefill(model: torch.nn.Module, idx: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+    """Write the keys and values of idx (B, T) onto `kv_cache`, after the kv_cache.pos tokens it holds,
+    and return the logits (B, V) that follow the last of them: a conversation's next turn goes onto the
+    cache of the turns before it instead of re-running them."""
+    if kv_cache.pos + idx.size(1) > kv_cache.block_size:
+        raise SamplingError(f"{idx.size(1)} new tokens do not fit after the {kv_cache.pos} in the cache "
+                            f"(block_size {kv_cache.block_size})")
+    return model(idx, kv_cache=kv_cache, last_only=True)[:, -1]
+
+
 def _check_args(idx: torch.Tensor, max_new_tokens: int) -> None:
     if idx.dim() != 2 or idx.size(1) == 0:
         raise SamplingError(f"the prompt must be a (batch, length >= 1) tensor of ids, got shape {tuple(idx.shape)}")
@@ -190,6 +206,7 @@ def stream(
     vocab_size: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     use_kv_cache: bool = True,
+    kv_cache: Optional[KVCache] = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token id of every sequence, (B,), step by step, for up to max_new_tokens steps.
 
@@ -198,6 +215,11 @@ def stream(
     Prompts longer than block_size are cut to their last block_size tokens, as is the context at
     every step. The model is put in eval mode for the duration and restored afterwards.
     Each yielded tensor is a row of the stream's token buffer, never written again (clone it to modify it).
+
+    With `kv_cache` (a cache that already holds kv_cache.pos tokens before idx, such as the earlier turns
+    of a chat), idx holds only the new tokens and the stream continues on that cache, leaving in it every
+    token but the last one yielded. The whole decode must fit in it: kv_cache.pos + T + max_new_tokens - 1
+    <= block_size (the last token is yielded, never fed back).
 
     The loop is lean because a small model's decode step costs little more than its Python: tokens go
     into a buffer allocated once, greedy decoding is a bare argmax written in place, and the only host
@@ -218,10 +240,16 @@ def stream(
     model.eval()
     try:
         # A cache only pays while the window has room; a prompt that fills it gets full-window forwards.
-        cache = None
-        if use_kv_cache and T < block_size:
-            cache = KVCache(B, model.config, idx.device, _cache_dtype(model, idx.device))
-        logits = model(idx[:, -block_size:], kv_cache=cache, last_only=True)[:, -1]  # (B, V)
+        cache = kv_cache
+        if cache is not None:
+            if cache.batch_size != B or cache.pos + T + max_new_tokens - 1 > block_size:
+                raise SamplingError(f"{T} new tokens and {max_new_tokens} to generate do not fit after the "
+                                    f"{cache.pos} in the cache (batch {cache.batch_size}, block_size {block_size})")
+            logits = prefill(model, idx, cache)  # (B, V)
+        else:
+            if use_kv_cache and T < block_size:
+                cache = new_kv_cache(model, B, idx.device)
+            logits = model(idx[:, -block_size:], kv_cache=cache, last_only=True)[:, -1]  # (B, V)
         for step in range(max_new_tokens):
             t = T + step
             row = tokens[t]  # (B,)
@@ -256,11 +284,12 @@ def generate(
     vocab_size: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     use_kv_cache: bool = True,
+    kv_cache: Optional[KVCache] = None,
 ) -> torch.Tensor:
     """idx (B, T) with the new tokens appended: (B, T + n), n <= max_new_tokens (fewer only when
     every sequence reached eot_id). Arguments as for `stream`."""
     new = list(stream(model, idx, max_new_tokens, temperature, top_k, top_p, eot_id=eot_id,
-                      vocab_size=vocab_size, generator=generator, use_kv_cache=use_kv_cache))
+                      vocab_size=vocab_size, generator=generator, use_kv_cache=use_kv_cache, kv_cache=kv_cache))
     if not new:
         return idx.clone()
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1)

@@ -12,6 +12,10 @@ check they use the same tokenizer.
 
 ``encode`` treats its input as ordinary text: the literal string ``<|endoftext|>`` is encoded like any
 other text, never as the special token, so a corpus cannot inject document boundaries.
+
+Each kind can carry the chat template's five turn markers (``add_chat_template``; the same never-from-text
+rule holds for them). They are here, not in gptforge.chat_template, because ``tokenizer_from_dict`` must
+restore them from tokenizer.json; that is what makes this module longer than most.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,7 @@ class Tokenizer:
     kind: str
     vocab_size: int
     eot_id: int | None
+    chat: Any = None  # the gptforge.chat_template.ChatTemplate of a tokenizer with turn markers
     _fingerprint: str | None = None
 
     def encode(self, text: str) -> list[int]:
@@ -409,6 +415,155 @@ def train_tokenizer(kind: str, documents: Iterable[str], vocab_size: int | None 
     return CharTokenizer(seen, eot=n_docs > 1)
 
 
+# ----------------------------------------------------------------------------------------------
+# Chat markers: the same five turn markers for every kind, as ids ordinary text never encodes to (rendering a
+# conversation with them is gptforge.chat_template's). They live here, beside the kinds they extend, because
+# tokenizer_from_dict restores them from tokenizer.json.
+
+BOS, SYSTEM, USER, ASSISTANT, END = "<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+MARKERS = (BOS, SYSTEM, USER, ASSISTANT, END)
+ROLES = ("system", "user", "assistant")
+GPT2_FIRST_ID = 50257  # the first of GPT-2's padded slots (its real vocabulary is 0..50256)
+
+
+@dataclass
+class ChatTemplate:
+    """marker -> token id, for the five markers."""
+
+    ids: dict[str, int]
+
+    @property
+    def bos_id(self) -> int:
+        return self.ids[BOS]
+
+    @property
+    def system_id(self) -> int:
+        return self.ids[SYSTEM]
+
+    @property
+    def user_id(self) -> int:
+        return self.ids[USER]
+
+    @property
+    def assistant_id(self) -> int:
+        return self.ids[ASSISTANT]
+
+    @property
+    def end_id(self) -> int:
+        return self.ids[END]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"markers": {m: self.ids[m] for m in MARKERS}}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ChatTemplate:
+        markers = d.get("markers") if isinstance(d, dict) else None
+        if not isinstance(markers, dict) or set(markers) != set(MARKERS):
+            raise UserError(f"the tokenizer's chat template must list the markers {', '.join(MARKERS)}")
+        ids = {m: markers[m] for m in MARKERS}
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids.values()) \
+                or len(set(ids.values())) != len(MARKERS):
+            raise UserError("the tokenizer's chat template has marker ids that are not distinct whole numbers")
+        return cls(ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer kinds with markers
+
+
+class ChatCharTokenizer(CharTokenizer):
+    """A char tokenizer whose markers follow its characters (and end-of-text)."""
+
+    def __init__(self, chars: Any, eot: bool, template: ChatTemplate):
+        super().__init__(chars, eot)
+        expected = {m: self.vocab_size + i for i, m in enumerate(MARKERS)}
+        if template.ids != expected:
+            raise UserError("the char tokenizer's chat markers must follow its vocabulary "
+                            f"(ids {self.vocab_size}..{self.vocab_size + len(MARKERS) - 1})")
+        self.chat = template
+        self.vocab_size += len(MARKERS)
+        self._itos = self._itos + list(MARKERS)  # decode shows a marker as its name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "chat": self.chat.to_dict()}
+
+
+class ChatBPETokenizer(BPETokenizer):
+    """A bpe tokenizer whose markers are special added tokens of its HF JSON (encode never matches them:
+    BPETokenizer sets encode_special_tokens)."""
+
+    def __init__(self, hf_json: dict[str, Any], template: ChatTemplate):
+        super().__init__(hf_json)
+        for marker, i in template.ids.items():
+            if self._tok.token_to_id(marker) != i:
+                raise UserError(f"the bpe tokenizer's chat marker {marker} is not its token {i}")
+        self.chat = template
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "chat": self.chat.to_dict()}
+
+
+def _gpt2_with_markers(tok: GPT2Tokenizer) -> GPT2Tokenizer:
+    state = dict(tok.to_dict())
+    if state["n_vocab"] != GPT2_FIRST_ID:
+        raise UserError(f"the gpt2 tokenizer has {state['n_vocab']} tokens, not GPT-2's {GPT2_FIRST_ID}")
+    template = ChatTemplate({m: GPT2_FIRST_ID + i for i, m in enumerate(MARKERS)})
+    state["special_tokens"] = {**state["special_tokens"], **template.ids}
+    state["n_vocab"] = GPT2_FIRST_ID + len(MARKERS)
+    state["chat"] = template.to_dict()
+    return attach_template(GPT2Tokenizer(state=state), state)
+
+
+def _bpe_with_markers(tok: BPETokenizer) -> ChatBPETokenizer:
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_str(json.dumps(tok.to_dict()["hf_tokenizer"]))
+    first = hf.get_vocab_size(with_added_tokens=True)
+    hf.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in MARKERS])
+    template = ChatTemplate({m: first + i for i, m in enumerate(MARKERS)})
+    return ChatBPETokenizer(json.loads(hf.to_str()), template)
+
+
+def add_chat_template(tok: Tokenizer) -> Tokenizer:
+    """`tok` with the five markers (a tokenizer that has them already is returned as it is)."""
+    if getattr(tok, "chat", None) is not None:
+        return tok
+    if isinstance(tok, GPT2Tokenizer):
+        return _gpt2_with_markers(tok)
+    if isinstance(tok, BPETokenizer):
+        return _bpe_with_markers(tok)
+    if isinstance(tok, CharTokenizer):
+        template = ChatTemplate({m: tok.vocab_size + i for i, m in enumerate(MARKERS)})
+        return ChatCharTokenizer(tok.chars, tok.eot_id is not None, template)
+    raise UserError(f"no chat template for the {tok.kind} tokenizer")
+
+
+def attach_template(tok: Tokenizer, d: dict[str, Any]) -> Tokenizer:
+    """The tokenizer built from dict `d` (which has a "chat" key) with its template: what
+    tokenizer_from_dict calls, and where the markers are checked against the vocabulary."""
+    template = ChatTemplate.from_dict(d["chat"])
+    if isinstance(tok, GPT2Tokenizer):
+        specials = tok._enc._special_tokens
+        if any(specials.get(m) != i for m, i in template.ids.items()):
+            raise UserError("the gpt2 tokenizer's chat markers are not among its special tokens")
+        tok.chat = template
+        return tok
+    if isinstance(tok, BPETokenizer):
+        return ChatBPETokenizer(d["hf_tokenizer"], template)
+    if isinstance(tok, CharTokenizer):
+        return ChatCharTokenizer(d["chars"], bool(d["eot"]), template)
+    raise UserError(f"no chat template for the {tok.kind} tokenizer")
+
+
+def chat_of(tok: Tokenizer) -> ChatTemplate:
+    template = getattr(tok, "chat", None)
+    if template is None:
+        raise UserError(f"this {tok.kind} tokenizer has no chat template (prepare conversation data with "
+                        "`gptforge prepare FILE --chat` to get one)")
+    return template
+
+
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     """Rebuild a tokenizer from `Tokenizer.to_dict()` output (offline)."""
     try:
@@ -425,6 +580,8 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
         raise
     except Exception as e:  # a truncated or hand-edited file: say so in one line
         raise UserError(f"not a valid gptforge tokenizer: {one_line(e, 200, with_type=True)}") from None
+    if d.get("chat") is not None:  # turn markers (gptforge.chat_template), checked against the vocabulary
+        tok = attach_template(tok, d)
     return tok
 
 

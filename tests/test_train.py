@@ -336,3 +336,14 @@ def test_second_sigterm_aborts_with_143(tmp_path, data_dir):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 143, err
     assert "Traceback" not in err
+
+
+def test_init_from_a_run_takes_its_block_size_for_the_batches(tmp_path, data_dir):
+    """--train.init_from RUN without model flags: the batches are cut to the base model's block size, not
+    the default config's 1024."""
+    train(tiny_config(data_dir, max_iters=2), tmp_path / "base", log=quiet)
+    cfg = RunConfig()
+    cfg.data.dir, cfg.train.init_from = str(data_dir), str(tmp_path / "base")
+    cfg.train.max_iters, cfg.train.batch_size, cfg.train.eval_iters, cfg.optim.warmup_iters = 2, 2, 1, 0
+    result = train(cfg, tmp_path / "ft", log=quiet)
+    assert result.step == 2 and load_checkpoint(tmp_path / "ft").config.model.block_size == 16

@@ -2,7 +2,8 @@
 
 A data directory (written by `gptforge prepare`) holds each split as one or more flat token files
 (shards), read with np.memmap so a corpus far larger than memory costs nothing to open; a split of
-several shards reads as one stream. Nothing in a data directory is trusted: `open_data` checks its
+several shards reads as one stream. Conversation data (manifest kind "chat") has a uint8 loss-mask
+file beside each shard, one byte per token, memory-mapped the same way (`TokenData.mask`). Nothing in a data directory is trusted: `open_data` checks its
 manifest, tokenizer and shard files (cheaply, without reading the shards) before anything is read.
 
 Batches come from *slots*. A training step consumes `world_size x accum` micro-batches, and micro-batch m
@@ -17,7 +18,7 @@ so a resumed run draws exactly the batches the uninterrupted run would have.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Optional, Union
 
@@ -69,6 +70,8 @@ Tokens = Union[np.ndarray, ShardedTokens]
 # token-range check on a few thousand tokens at each end of each shard).
 
 TOKEN_DTYPES = ("uint16", "uint32")  # what prepare writes (gptforge.data.prepare.token_dtype)
+DATA_KINDS = ("tokens", "chat")  # chat: each shard has a uint8 loss-mask file beside it ("mask"), one byte a token
+MASK_DTYPE = np.dtype(np.uint8)
 SAMPLE_TOKENS = 4096  # tokens read at each end of every shard to check their ids fit the vocabulary
 
 
@@ -78,10 +81,17 @@ class TokenData:
 
     path: Path
     manifest: dict[str, Any]
+    known_tokenizer: Optional[Any] = field(default=None, repr=False)
+    """the tokenizer, where it does not come from tokenizer.json (a nanoGPT directory's meta.pkl or GPT-2)"""
 
     @property
     def splits(self) -> list[str]:
         return list(self.manifest["splits"])
+
+    @property
+    def kind(self) -> str:
+        """"tokens" (plain token streams) or "chat" (conversations, with a loss mask per token)."""
+        return self.manifest.get("kind", "tokens")
 
     def shard_files(self, split: str) -> list[tuple[Path, int]]:
         """(file, tokens) of each shard of `split`, each checked to lie inside the directory."""
@@ -111,8 +121,29 @@ class TokenData:
             arrays.append(np.memmap(file, dtype=dtype, mode="r"))
         return arrays[0] if len(arrays) == 1 else ShardedTokens(arrays)
 
+    def mask_files(self, split: str) -> list[tuple[Path, int]]:
+        """(mask file, tokens) of each shard of a chat split, each checked to lie inside the directory."""
+        if self.kind != "chat":
+            raise UserError(f"{self.path} holds plain token data, not conversations: it has no loss mask")
+        info = self.manifest["splits"][split]
+        shards = info.get("shards") or [info]
+        where = f"{self.path / MANIFEST}: split {split!r}"
+        return [(_inside(self.path, shard.get("mask"), where), tokens)
+                for shard, (_, tokens) in zip(shards, self.shard_files(split))]
+
+    def mask(self, split: str) -> Tokens:
+        """The split's loss mask (uint8, 1 where the token is learned), memory-mapped like `tokens`."""
+        arrays = []
+        for file, tokens in self.mask_files(split):
+            _check_size(file, tokens, MASK_DTYPE)
+            arrays.append(np.memmap(file, dtype=MASK_DTYPE, mode="r") if tokens else np.empty(0, MASK_DTYPE))
+        return arrays[0] if len(arrays) == 1 else ShardedTokens(arrays)
+
     def tokenizer(self):
         from gptforge.tokenizer import load_tokenizer
+
+        if self.known_tokenizer is not None:
+            return self.known_tokenizer
 
         return load_tokenizer(_inside(self.path, TOKENIZER_FILE, str(self.path)))
 
@@ -162,6 +193,8 @@ def _read_manifest(manifest_file: Path) -> dict[str, Any]:
     dtype = manifest.get("dtype")
     if dtype not in TOKEN_DTYPES:
         raise bad(f"dtype {dtype!r} is not one gptforge writes ({' or '.join(TOKEN_DTYPES)})")
+    if manifest.get("kind", "tokens") not in DATA_KINDS:
+        raise bad(f"kind {manifest.get('kind')!r} is not one gptforge writes ({' or '.join(DATA_KINDS)})")
     tok = manifest.get("tokenizer")
     vocab = tok.get("vocab_size") if isinstance(tok, dict) else None
     if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
@@ -181,6 +214,9 @@ def _check_tokenizer(data: TokenData) -> None:
     if info.get("fingerprint") is not None and info["fingerprint"] != tok.fingerprint():
         raise UserError(f"{data.path / MANIFEST}: the tokenizer fingerprint does not match {tok_file} "
                         "(the tokenizer was replaced after the data was prepared); prepare the data again")
+    if data.kind == "chat" and getattr(tok, "chat", None) is None:
+        raise UserError(f"{data.path / MANIFEST} says it holds conversations, but {tok_file} has no chat template; "
+                        "prepare the data again")
 
 
 def _check_sample(file: Path, dtype: np.dtype, vocab_size: int) -> None:
@@ -199,9 +235,9 @@ def open_data(path: str | Path) -> TokenData:
     if not path.is_dir():
         raise UserError(f"data directory {path} does not exist; create it with `gptforge prepare SOURCE --out {path}`")
     if not manifest_file.is_file() and (path / "train.bin").is_file():
-        from gptforge.nanogpt import open_nanogpt_data  # nanoGPT's data/NAME/: train.bin, val.bin (+ meta.pkl)
+        from gptforge.nanogpt.data import nanogpt_manifest  # nanoGPT's data/NAME/: train.bin, val.bin (+ meta.pkl)
 
-        return open_nanogpt_data(path)
+        return TokenData(path, *nanogpt_manifest(path))
     if not manifest_file.is_file():
         raise UserError(f"{path} is not a prepared data directory (no {MANIFEST}); run `gptforge prepare` first")
     data = TokenData(path, _read_manifest(manifest_file))
@@ -211,6 +247,9 @@ def open_data(path: str | Path) -> TokenData:
         for file, tokens in data.shard_files(split):
             _check_size(file, tokens, dtype)
             _check_sample(file, dtype, data.vocab_size)
+        if data.kind == "chat":
+            for file, tokens in data.mask_files(split):
+                _check_size(file, tokens, MASK_DTYPE)
     return data
 
 

@@ -42,13 +42,13 @@ from tqdm import tqdm
 from gptforge import __version__
 from gptforge.config import save_json
 from gptforge.data import chunks, shards, sources
-from gptforge.data.shards import DEFAULT_VAL_FRACTION, MANIFEST_FILE, PROGRESS_FILE, split_sizes
+from gptforge.data.shards import (MANIFEST_FILE, MANIFEST_FORMAT, PROGRESS_FILE, check_splits, is_count,  # noqa: F401
+                                  split_sizes, token_dtype)
 from gptforge.data.sources import Corpus, open_source
 from gptforge.errors import UserError
 from gptforge.tokenizer import (TOKENIZER_FILE, CharTokenizer, Tokenizer, check_tokenizer_args, load_tokenizer,
                                 train_bpe, train_tokenizer)
 
-MANIFEST_FORMAT = "gptforge-tokens/1"
 DEFAULT_SHARD_TOKENS = 100_000_000
 MAX_DEFAULT_PROCS = 8
 
@@ -57,11 +57,6 @@ MAX_DEFAULT_PROCS = 8
 BATCH_CHARS = 1 << 20
 BATCH_ITEMS = 1024
 INFLIGHT_PER_PROC = 2
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned dtype holding every id: uint16 up to 65536 tokens, else uint32."""
-    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
 def default_num_proc() -> int:
@@ -85,8 +80,11 @@ def prepare(source: str, out: str | Path, tokenizer: str = "char", vocab_size: i
             val_fraction: float | None = None, test_fraction: float | None = None, text_field: str = "text",
             overwrite: bool = False, progress: bool = True, *, num_proc: int | None = None,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, val_tokens: int | None = None,
-            test_tokens: int | None = None) -> dict[str, Any]:
+            test_tokens: int | None = None, chat: str | None = None) -> dict[str, Any]:
     """Tokenize SOURCE into DATA_DIR `out`; returns the manifest (also written to out/manifest.json).
+
+    `chat` (auto, messages, sharegpt or alpaca) reads SOURCE as conversations instead of text: tokens plus
+    loss masks, manifest kind "chat" (gptforge.data.chat_prepare).
 
     SOURCE: see gptforge.data.sources (a file, a folder, hf:NAME[:CONFIG][@SPLIT], shakespeare, pydoc).
     val is the last `val_fraction` (default 0.1) or the last `val_tokens` tokens of the corpus, test the
@@ -95,12 +93,21 @@ def prepare(source: str, out: str | Path, tokenizer: str = "char", vocab_size: i
     Interrupted, the same call resumes from `out`.partial after the last finished shard.
     """
     source = os.fspath(source)
+    if chat is not None:
+        from gptforge.data.chat_prepare import prepare_chat
+
+        if val_tokens is not None or test_tokens is not None:
+            raise UserError("--chat splits whole conversations: use --val-fraction / --test-fraction, "
+                            "not --val-tokens / --test-tokens")
+        return prepare_chat(source, out, fmt=chat, tokenizer=tokenizer, vocab_size=vocab_size,
+                            val_fraction=val_fraction, test_fraction=test_fraction, overwrite=overwrite,
+                            progress=progress)
     check_tokenizer_args(tokenizer, vocab_size)
-    val_fraction, test_fraction = _check_splits(val_fraction, test_fraction, val_tokens, test_tokens)
+    val_fraction, test_fraction = check_splits(val_fraction, test_fraction, val_tokens, test_tokens)
     num_proc = default_num_proc() if num_proc is None else num_proc
-    if not _is_count(num_proc) or num_proc < 1:
+    if not is_count(num_proc) or num_proc < 1:
         raise UserError(f"--num-proc must be a whole number >= 1, got {num_proc!r}")
-    if not _is_count(shard_tokens) or shard_tokens < 1:
+    if not is_count(shard_tokens) or shard_tokens < 1:
         raise UserError(f"--shard-tokens must be a whole number >= 1, got {shard_tokens!r}")
     shown = os.fspath(out)
     out = Path(os.path.abspath(Path(out).expanduser()))
@@ -203,30 +210,6 @@ def _finish(work: Path, state: dict[str, Any], tok: Tokenizer, out: Path, shown:
 
 # ----------------------------------------------------------------------------------------------
 # Options
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_splits(val_fraction: float | None, test_fraction: float | None, val_tokens: int | None,
-                  test_tokens: int | None) -> tuple[float, float]:
-    """The fractions to use (0 where a token count is given instead), after checking every value."""
-    for split, fraction, tokens in (("val", val_fraction, val_tokens), ("test", test_fraction, test_tokens)):
-        if fraction is not None and tokens is not None:
-            raise UserError(f"--{split}-fraction and --{split}-tokens both given; pass one of them")
-        if tokens is not None and not (_is_count(tokens) and tokens >= 0):
-            raise UserError(f"--{split}-tokens must be a whole number >= 0, got {tokens!r}")
-    if val_fraction is None:
-        val_fraction = DEFAULT_VAL_FRACTION if val_tokens is None else 0.0
-    test_fraction = test_fraction or 0.0
-    for flag, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise UserError(f"{flag} must be a number in [0, 1), got {value!r}")
-    if val_fraction + test_fraction >= 1:
-        raise UserError(f"--val-fraction + --test-fraction must be below 1 (leaving tokens to train on), "
-                        f"got {val_fraction} + {test_fraction}")
-    return val_fraction, test_fraction
 
 
 # ----------------------------------------------------------------------------------------------

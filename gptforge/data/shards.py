@@ -35,6 +35,7 @@ MANIFEST_FILE = "manifest.json"
 PROGRESS_FORMAT = "gptforge-prepare-progress/1"
 PROGRESS_FILE = "progress.json"
 DEFAULT_VAL_FRACTION = 0.1
+MANIFEST_FORMAT = "gptforge-tokens/1"
 COPY_TOKENS = 1 << 20  # tokens per block when copying the boundary shards into splits
 
 
@@ -323,3 +324,36 @@ def install(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# What every prepared directory shares (text and chat alike)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype holding every id: uint16 up to 65536 tokens, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_splits(val_fraction: float | None, test_fraction: float | None, val_tokens: int | None,
+                  test_tokens: int | None) -> tuple[float, float]:
+    """The fractions to use (0 where a token count is given instead), after checking every value."""
+    for split, fraction, tokens in (("val", val_fraction, val_tokens), ("test", test_fraction, test_tokens)):
+        if fraction is not None and tokens is not None:
+            raise UserError(f"--{split}-fraction and --{split}-tokens both given; pass one of them")
+        if tokens is not None and not (is_count(tokens) and tokens >= 0):
+            raise UserError(f"--{split}-tokens must be a whole number >= 0, got {tokens!r}")
+    if val_fraction is None:
+        val_fraction = DEFAULT_VAL_FRACTION if val_tokens is None else 0.0
+    test_fraction = test_fraction or 0.0
+    for flag, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise UserError(f"{flag} must be a number in [0, 1), got {value!r}")
+    if val_fraction + test_fraction >= 1:
+        raise UserError(f"--val-fraction + --test-fraction must be below 1 (leaving tokens to train on), "
+                        f"got {val_fraction} + {test_fraction}")
+    return val_fraction, test_fraction

@@ -1,6 +1,6 @@
 """`train(cfg, run_dir)`: the whole of `gptforge train`, as set-up steps and then the loop.
 
-    open_run_dir -> open_task -> load_init / build_model -> wrap + optimizer -> restore -> RunDir.start -> Trainer.fit
+    open_run_dir -> open_data_dir -> load_init -> make_task -> build_model -> wrap + optimizer -> restore -> RunDir.start -> Trainer.fit
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from gptforge.config import RunConfig
 from gptforge.progress import StepProgress, is_terminal
 from gptforge.train.loop import Trainer
 from gptforge.train.setup import (RunDir, build_model, check_resumable, grad_accum_steps, load_init, open_run_dir,
-                                  open_task, restore, set_vocab, trim_metrics)
+                                  make_task, open_data_dir, restore, set_vocab, trim_metrics)
 from gptforge.train.state import TrainResult
 
 
@@ -60,10 +60,11 @@ def build_trainer(cfg: RunConfig, rd: RunDir, world: dist.DistInfo, device, log:
     from gptforge.loggers import make_logger
     from gptforge.optim import build_optimizer
 
-    data, task = open_task(cfg)
+    data = open_data_dir(cfg)
     tokenizer = data.tokenizer()
     pretrained = load_init(cfg, tokenizer) if cfg.train.init_from and rd.resume_from is None else None
     set_vocab(cfg, data.vocab_size)
+    task = make_task(cfg, data)  # after load_init: the windows are the pretrained model's block size
     if rd.resume_from is not None:
         check_resumable(cfg, rd.resume_from, tokenizer)
     accum = grad_accum_steps(cfg, world.world_size)

@@ -27,7 +27,7 @@ from gptforge.errors import UserError, one_line
 from gptforge.files import atomic_write, temp_sibling
 from gptforge.model import GPT
 from gptforge.train.state import TrainState
-from gptforge.train.task import BatchSource, LMTask
+from gptforge.train.task import BatchSource, ChatTask, LMTask
 
 CHECKPOINTS = ("latest", "best", ".latest.old", ".best.old")
 RUN_FILES = ("config.json", "metrics.jsonl", "tensorboard", *CHECKPOINTS)
@@ -137,16 +137,25 @@ def trim_metrics(path: Path, after_step: int) -> None:
 # Data
 
 
-def open_task(cfg: RunConfig):
-    """The data directory's tokenizer and an LMTask on its train and val splits; sets model.vocab_size."""
+def open_data_dir(cfg: RunConfig):
+    """The data directory, checked (see gptforge.data.loader.open_data)."""
     from gptforge.data.loader import open_data
 
     if not cfg.data.dir:
         raise UserError("no data: pass --data DATA_DIR (a directory written by `gptforge prepare`)")
-    data = open_data(cfg.data.dir)
-    task = LMTask(data.tokens("train"), data.tokens("val"), sampling=cfg.train.sampling,
+    return open_data(cfg.data.dir)
+
+
+def make_task(cfg: RunConfig, data):
+    """The task on the data's train and val splits, in the final model's block size (after --init-from): a
+    ChatTask (SFT, the loss on the assistant's tokens) for chat data, else an LMTask."""
+    if getattr(data, "kind", "tokens") == "chat":
+        say = print if os.environ.get("RANK", "0") == "0" else None  # once, not once per process
+        return ChatTask({s: (data.tokens(s), data.mask(s)) for s in ("train", "val")},
+                        bos_id=data.tokenizer().chat.bos_id, sampling=cfg.train.sampling,
+                        batch_size=cfg.train.batch_size, block_size=cfg.model.block_size, log=say)
+    return LMTask(data.tokens("train"), data.tokens("val"), sampling=cfg.train.sampling,
                   batch_size=cfg.train.batch_size, block_size=cfg.model.block_size)
-    return data, task
 
 
 def set_vocab(cfg: RunConfig, data_vocab: int) -> None:
@@ -173,7 +182,7 @@ def load_init(cfg: RunConfig, tokenizer) -> torch.nn.Module:
         model, model_cfg, init_tok = load_pretrained(source, "cpu", block_size=cfg.model.block_size,
                                                      dropout=cfg.model.dropout, attention=cfg.model.attention)
     elif str(source).endswith(".pt") and Path(source).is_file():
-        from gptforge.nanogpt import load_init as load_nanogpt
+        from gptforge.nanogpt.checkpoint import load_init as load_nanogpt
 
         model, model_cfg, init_tok = load_nanogpt(source, tokenizer, block_size=cfg.model.block_size,
                                                   dropout=cfg.model.dropout, attention=cfg.model.attention)
@@ -183,12 +192,22 @@ def load_init(cfg: RunConfig, tokenizer) -> torch.nn.Module:
                                         attention=cfg.model.attention)
         model = ckpt_io.load_model(ckpt, model_cfg)
         init_tok = load_tokenizer(ckpt)
-    if init_tok.fingerprint() != tokenizer.fingerprint():
+    if init_tok.fingerprint() != tokenizer.fingerprint() and not _adds_chat_markers(init_tok, tokenizer):
         raise UserError(f"--init-from {source} uses its own {init_tok.kind} tokenizer ({init_tok.vocab_size} tokens), "
                         f"not the one the data in {cfg.data.dir} was prepared with; prepare the data with the same "
                         "tokenizer (for GPT-2: gptforge prepare SOURCE --tokenizer gpt2)")
     cfg.model = model_cfg
     return model
+
+
+def _adds_chat_markers(init_tok, tokenizer) -> bool:
+    """The data's tokenizer is the init model's plus the chat markers (SFT of a base model): the markers take
+    ids the model already has rows for (GPT-2's padded slots; see gptforge.chat_template)."""
+    from gptforge.chat_template import add_chat_template
+
+    if tokenizer.chat is None or init_tok.chat is not None:
+        return False
+    return add_chat_template(init_tok).fingerprint() == tokenizer.fingerprint()
 
 
 def check_resumable(cfg: RunConfig, ckpt: Path, tokenizer) -> None:

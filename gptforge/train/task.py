@@ -2,19 +2,23 @@
 
 The loop asks its task for `batches(seed, rank, world_size, accum)` (a source whose position goes into
 every checkpoint), `loss(model, x, y)` and `eval_loss(model, split, ...)`, and nothing else. `LMTask` is
-next-token prediction on token streams (pretraining). An objective with masked targets (fine-tuning on
-conversations: loss on the assistant's tokens only) supplies targets of -1 where nothing is learned, which the
-model's loss ignores, through the same methods, so the loop has no branch for it.
+next-token prediction on token streams (pretraining). `ChatTask` is fine-tuning on conversations, the loss on
+the assistant's tokens only: it supplies targets of -1 where nothing is learned, which the model's loss
+ignores, through the same methods, so the loop has no branch for it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Protocol
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gptforge.data.loader import RandomBatches, SlotLoader
-from gptforge.evaluate import EvalResult, estimate_loss, evaluate_tokens
+from gptforge.errors import UserError
+from gptforge.evaluate import EVAL_SEED, EvalResult, estimate_loss, evaluate_tokens
 
 
 class BatchSource(Protocol):
@@ -56,3 +60,90 @@ class LMTask:
         batch = max(self.batch_size, min(64, 16384 // T))
         return evaluate_tokens(model, self.splits["val"], block_size=T, batch_size=batch, device=device, dtype=dtype,
                                progress=progress)
+
+
+class ChatTask:
+    """Supervised fine-tuning on conversations: the loss (train and val) counts only the assistant's tokens.
+
+    The splits' conversations are packed whole into rows of block_size + 1 tokens (gptforge.data.chat_loader:
+    none is cut where it fits; a longer one is truncated to the context, and counted); targets are -1 where
+    the loss mask is 0, which the model's loss ignores, so `loss` is LMTask's."""
+
+    def __init__(self, splits: dict[str, tuple[Any, Any]], *, bos_id: int, sampling: str, batch_size: int,
+                 block_size: int, log=None):
+        """`splits`: name -> (tokens, mask) for "train" and "val"; `log` is told about truncated conversations."""
+        from gptforge.data.chat_loader import pack
+
+        self.splits = {name: tokens for name, (tokens, _) in splits.items()}  # as LMTask's: the token streams
+        self.masks = {name: mask for name, (_, mask) in splits.items()}
+        self.sampling, self.batch_size, self.block_size = sampling, batch_size, block_size
+        self.window = block_size + 1
+        self.packed = {name: pack(tokens, mask, bos_id, self.window) for name, (tokens, mask) in splits.items()}
+        for name, p in self.packed.items():
+            if not p.rows:
+                raise UserError(f"the {name} split has no conversation with an assistant token inside "
+                                f"{self.window} tokens; use a longer model.block_size or other data")
+            if log is not None and p.truncated:
+                log(f"note: {p.truncated} of {p.conversations} {name} conversations are longer than block_size + 1 "
+                    f"= {self.window} tokens and were truncated to it ({p.dropped} of them dropped: nothing "
+                    "the assistant says fits)")
+
+    def batches(self, seed: int, rank: int, world_size: int, accum: int) -> BatchSource:
+        from gptforge.data.chat_loader import ChatBatches
+
+        tokens, mask = self.splits["train"], self.masks["train"]
+        return ChatBatches(tokens, mask, self.packed["train"].rows, window=self.window, batch_size=self.batch_size,
+                           sampling=self.sampling, seed=seed, rank=rank, world_size=world_size, accum=accum)
+
+    def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model(x, y)
+
+    @torch.no_grad()
+    def _masked_loss(self, model: torch.nn.Module, split: str, rows: list, *, device: torch.device,
+                     dtype: torch.dtype, rank: int, world_size: int, progress: bool, desc: str) -> tuple[float, int]:
+        """(mean loss over the learned targets of `rows`, their number); rows dealt round-robin over ranks in
+        batches, every rank running the same number of forwards, the sums reduced."""
+        from gptforge.data.chat_loader import batch_of
+        from gptforge.device import autocast
+        from gptforge.dist import all_reduce_sum
+        from gptforge.progress import eval_bar
+
+        tokens, mask = self.splits[split], self.masks[split]
+        groups = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        per_rank = -(-len(groups) // world_size)
+        was_training = model.training
+        model.eval()
+        loss_sum, count = 0.0, 0
+        with eval_bar(per_rank, desc, progress) as bar:
+            for g in range(rank, per_rank * world_size, world_size):
+                x, y = batch_of(tokens, mask, groups[g % len(groups)], self.window, device)
+                with autocast(device, dtype):
+                    logits = model(x)
+                if g < len(groups):  # a surplus forward (uneven split over ranks) is weighted 0
+                    loss_sum += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
+                                                ignore_index=-1, reduction="sum").item()
+                    count += int((y != -1).sum())
+                bar.update()
+        model.train(was_training)
+        if world_size > 1:
+            total = all_reduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64, device=device))
+            loss_sum, count = total.tolist()
+        return loss_sum / max(count, 1), int(count)
+
+    def eval_loss(self, model: torch.nn.Module, split: str, *, batches: int, device: torch.device,
+                  dtype: torch.dtype, rank: int = 0, world_size: int = 1, progress: bool = False) -> float:
+        """The periodic estimate: the same rows (the split's first `batches` x batch_size, in a fixed
+        shuffled order) at every call."""
+        rows = self.packed[split].rows
+        order = np.random.Generator(np.random.PCG64(EVAL_SEED)).permutation(len(rows))
+        chosen = [rows[i] for i in order[:batches * self.batch_size]]
+        return self._masked_loss(model, split, chosen, device=device, dtype=dtype, rank=rank, world_size=world_size,
+                                 progress=progress, desc=f"eval {split}")[0]
+
+    def full_val(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype,
+                 progress: bool = False) -> EvalResult:
+        """Every val conversation once; `tokens` is the number of learned (assistant) targets."""
+        loss, count = self._masked_loss(model, "val", self.packed["val"].rows, device=device, dtype=dtype, rank=0,
+                                        world_size=1, progress=progress, desc="eval val")
+        return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), bits_per_byte=None, tokens=count,
+                          bytes=None)

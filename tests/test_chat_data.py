@@ -1,0 +1,145 @@
+"""`gptforge prepare --chat`: the three conversation formats, bad rows, the data directory's loss masks and
+their checks, and SFT through `gptforge train` on it."""
+
+import json
+
+import numpy as np
+import pytest
+
+from gptforge.chat_template import render_conversation
+from gptforge.cli import main
+from gptforge.data.loader import open_data
+from gptforge.data.prepare import prepare
+from gptforge.errors import UserError
+
+CONVS = [
+    [{"role": "system", "content": "You add."}, {"role": "user", "content": "1+2?"},
+     {"role": "assistant", "content": "3"}],
+    [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi"},
+     {"role": "user", "content": "again"}, {"role": "assistant", "content": "hi hi"}],
+    [{"role": "user", "content": "Name a colour.\n\nnot red"}, {"role": "assistant", "content": "blue"}],
+] * 4
+SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def _write(path, rows, array=False):
+    text = json.dumps(rows) if array else "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _rows(fmt):
+    if fmt == "messages":
+        return [{"messages": c} for c in CONVS]
+    if fmt == "sharegpt":
+        return [{"conversations": [{"from": SHAREGPT_ROLE[m["role"]], "value": m["content"]} for m in c]}
+                for c in CONVS]
+    return [{"instruction": "Name a colour.", "input": "not red", "output": "blue"},
+            {"instruction": "say hi", "input": "", "output": "hi"}] * 6
+
+
+def _rendered(data, split):
+    tok = data.tokenizer()
+    return tok, np.asarray(data.tokens(split)), np.asarray(data.mask(split))
+
+
+@pytest.mark.parametrize("fmt", ["messages", "sharegpt", "alpaca"])
+@pytest.mark.parametrize("chosen", ["auto", "named"])
+def test_each_format_gives_the_rendered_conversations_and_masks(tmp_path, fmt, chosen):
+    src = _write(tmp_path / ("in.json" if fmt == "alpaca" else "in.jsonl"), _rows(fmt), array=fmt == "alpaca")
+    manifest = prepare(src, tmp_path / "d", chat="auto" if chosen == "auto" else fmt, progress=False,
+                       val_fraction=0.25)
+    data = open_data(tmp_path / "d")
+    assert data.kind == "chat" and manifest["kind"] == "chat" and manifest["bad_rows"]["count"] == 0
+    convs = CONVS if fmt != "alpaca" else [
+        [{"role": "user", "content": "Name a colour.\n\nnot red"}, {"role": "assistant", "content": "blue"}],
+        [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi"}]] * 6
+    tok = data.tokenizer()
+    for split, part in (("train", convs[:9]), ("val", convs[9:])):
+        want_ids, want_mask = [], []
+        for c in part:
+            ids, mask = render_conversation(tok, c)
+            want_ids += ids
+            want_mask += mask
+        _, ids, mask = _rendered(data, split)
+        assert ids.tolist() == want_ids and mask.tolist() == want_mask
+        assert data.mask(split).dtype == np.uint8 and isinstance(data.mask(split), np.memmap)
+
+
+def test_bad_rows_are_counted_and_shown_and_a_file_without_good_rows_fails(tmp_path, capsys):
+    rows = [{"messages": c} for c in CONVS[:6]]
+    src = tmp_path / "mixed.jsonl"
+    lines = [json.dumps(r) for r in rows] + [
+        json.dumps({"messages": [{"role": "user", "content": "no answer"}]}),
+        json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+        "{not json", json.dumps({"text": "plain"})]
+    src.write_bytes(("\n".join(lines) + "\n").encode() + b'{"messages": "\xff"}\n')
+    manifest = prepare(src, tmp_path / "d", chat="auto", progress=False, val_fraction=0.2)
+    assert manifest["bad_rows"]["count"] == 5 and manifest["conversations"] == 6
+    err = capsys.readouterr().err
+    assert "5 of 11 rows are not usable" in err
+    for why in ("mixed.jsonl:7: the conversation does not end with a assistant turn", "role 'robot'",
+                "mixed.jsonl:9: invalid JSON", "no 'messages', 'conversations'", "mixed.jsonl:11: not UTF-8"):
+        assert why in err
+    bad = _write(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "q"}]}] * 3)
+    with pytest.raises(UserError, match=r"bad.jsonl: no usable conversation in its 3 rows .*the first: "
+                                        r".*bad.jsonl:1: the conversation does not end") as e:
+        prepare(bad, tmp_path / "e", chat="auto", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "e").exists()
+
+
+def test_the_mask_files_are_checked_like_the_token_files(tmp_path):
+    src = _write(tmp_path / "in.jsonl", _rows("messages"))
+    prepare(src, tmp_path / "d", chat="messages", progress=False)
+    mask = tmp_path / "d" / "train.mask.bin"
+    good = mask.read_bytes()
+    mask.write_bytes(good[:-1])
+    with pytest.raises(UserError, match="train.mask.bin has .* bytes, but the manifest says"):
+        open_data(tmp_path / "d")
+    mask.write_bytes(good)
+    open_data(tmp_path / "d")
+    manifest_file = tmp_path / "d" / "manifest.json"
+    m = json.loads(manifest_file.read_text())
+    m["splits"]["val"]["mask"] = "../../etc/passwd"
+    manifest_file.write_text(json.dumps(m))
+    with pytest.raises(UserError, match="climbs out with '..'"):
+        open_data(tmp_path / "d")
+
+
+def test_folder_and_cli_flag(tmp_path, capsys):
+    folder = tmp_path / "convs"
+    folder.mkdir()
+    _write(folder / "a.jsonl", _rows("messages"))
+    _write(folder / "b.json", _rows("alpaca"), array=True)
+    (folder / "notes.txt").write_text("not conversations")
+    assert main(["prepare", str(folder), "--chat", "auto", "--out", str(tmp_path / "d"), "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["conversations"] == 24 and manifest["kind"] == "chat"
+
+
+def test_alpaca_5000(shared_data, tmp_path):
+    src = shared_data / "alpaca_5000.json"
+    if not src.is_file():
+        pytest.skip(f"no test data: {src} not found")
+    manifest = prepare(src, tmp_path / "d", chat="alpaca", progress=False)
+    assert manifest["conversations"] + manifest["bad_rows"]["count"] == 5000
+    assert manifest["conversations"] > 4900
+    data = open_data(tmp_path / "d")
+    tok, ids, mask = _rendered(data, "val")
+    assert (ids == tok.chat.bos_id).sum() == manifest["splits"]["val"]["conversations"]
+    assert 0 < mask.mean() < 1 and not mask[ids == tok.chat.user_id].any()
+
+
+def test_sft_with_gptforge_train_learns_only_the_assistant(tmp_path):
+    """`gptforge train` on chat data: a ChatTask (the run's losses are over assistant tokens) that resumes."""
+    src = _write(tmp_path / "in.jsonl", _rows("messages") * 3)
+    prepare(src, tmp_path / "d", chat="auto", progress=False)
+    flags = ["--data", str(tmp_path / "d"), "--out", str(tmp_path / "run"), "--model.n_layer", "1",
+             "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "32", "--train.batch_size", "2",
+             "--train.eval_interval", "2", "--train.eval_iters", "1", "--train.compile", "false",
+             "--train.dtype", "float32", "--train.full_val_at_end", "true"]
+    assert main(["train", *flags, "--train.max_iters", "4"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    full = [r for r in rows if "val_loss_full" in r][0]
+    data = open_data(tmp_path / "d")
+    assert full["val_tokens"] == int(np.asarray(data.mask("val")).sum())  # only assistant targets
