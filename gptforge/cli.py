@@ -2,7 +2,8 @@
 
 The `train` flags are derived from the config dataclasses by jsonargparse (`--model.n_layer 4`,
 `--train.max_iters 2000`, ...). Defaults are layered: dataclass defaults < `--preset` < `--config FILE`
-< flags, whatever the order on the command line; with `--resume RUN_DIR` the run's saved config is the base.
+< flags, whatever the order on the command line; with `--resume RUN_DIR` the run's saved config is the base
+(`config.layered_defaults` builds the base; this module only finds the flags that choose it).
 User mistakes end in one line on stderr and exit status 2.
 """
 
@@ -14,16 +15,25 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from jsonargparse import ArgumentParser, set_parsing_settings
+from jsonargparse import ActionSubCommands, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
 
 from gptforge import __version__
-from gptforge.config import (ConfigError, DataConfig, EvalConfig, GPTConfig, OptimConfig, PRESETS, RunConfig,
-                             TrainConfig, preset)
-from gptforge.errors import UserError
+from gptforge.config import EvalConfig, GPTConfig, OptimConfig, PRESETS, RunConfig, TrainConfig, layered_defaults
+from gptforge.errors import UserError, one_line
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
-DESCRIPTION = "Train GPT-style language models from scratch: prepare -> train -> eval -> sample."
+DESCRIPTION = "Train GPT-style language models from scratch: prepare -> train -> eval -> sample, and fine-tune them into a chat model."
+
+
+class _HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, less the "(required)" it gives the verb list, printed alone on a line under
+    "Available subcommands:" (the verbs are listed right below; a missing one is an error of its own)."""
+
+    def _get_help_string(self, action) -> str:
+        if isinstance(action, ActionSubCommands):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,52 +50,9 @@ def _flag_value(argv: list[str], flag: str) -> Optional[str]:
     return None
 
 
-def _read_config_file(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {path} does not exist")
-    text = p.read_text()
-    try:
-        if p.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:  # noqa: BLE001 - any parse error is the user's file
-        raise UserError(f"cannot parse config file {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of sections (model, optim, train, data)")
-    return data
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    for section, values in update.items():
-        if section not in base:
-            raise ConfigError(f"unknown config section {section!r}; sections are: {', '.join(base)}")
-        if not isinstance(values, dict):
-            raise ConfigError(f"config section {section!r} must be a mapping")
-        base[section].update(values)
-    return base
-
-
 def train_defaults(argv: list[str]) -> dict[str, Any]:
-    """The config that flags override: a resumed run's saved config, or defaults < preset < config file."""
-    resume = _flag_value(argv, "--resume")
-    if resume is not None:
-        saved = Path(resume) / "config.json"
-        if not saved.is_file():
-            raise UserError(f"{resume} is not a run directory (no config.json) and cannot be resumed")
-        return RunConfig.from_dict(json.loads(saved.read_text())).to_dict()
-    base = RunConfig().to_dict()
-    base["model"].update({"n_kv_head": None, "mlp_hidden": None})  # derived again from the final shape
-    name = _flag_value(argv, "--preset")
-    if name is not None:
-        _merge(base, preset(name))
-    config_file = _flag_value(argv, "--config")
-    if config_file is not None:
-        _merge(base, _read_config_file(config_file))
-    return base
+    """The config that flags override (see `config.layered_defaults`), from the flags that choose it."""
+    return layered_defaults(_flag_value(argv, "--preset"), _flag_value(argv, "--config"), _flag_value(argv, "--resume"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +69,8 @@ def _train_parser(defaults: dict[str, Any]) -> ArgumentParser:
     p.add_argument("--data", help="data directory written by `gptforge prepare` (sets data.dir)")
     p.add_argument("--out", help="run directory for config, metrics.jsonl and checkpoints")
     p.add_argument("--preset", help=f"named recipe applied before --config and flags: {', '.join(PRESETS)}")
-    p.add_argument("--config", help="a YAML or JSON file of sections (model, optim, train, data) applied after --preset")
+    p.add_argument("--config", help="a YAML or JSON file of sections (model, optim, train, data) applied after --preset, "
+                                    "or a nanoGPT config/*.py (its `name = literal` lines are read, never run)")
     p.add_argument("--resume", help="continue the run in this directory from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--device", help="shortcut for --train.device: auto, cpu, cuda, cuda:N, mps")
@@ -110,6 +78,10 @@ def _train_parser(defaults: dict[str, Any]) -> ArgumentParser:
     p.add_argument("--init-from", help="shortcut for --train.init_from: gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
                                        "a Hugging Face model directory, or a gptforge run directory")
     p.add_argument("--json", action="store_true", help="print the final result as one JSON object")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print the whole resolved config and a line for every step")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only evaluations, notes and errors (no summary, no step lines)")
     _add_config_flags(p, defaults, ("model", "optim", "train", "eval"))
     p.set_defaults(data=defaults["data"]["dir"] or None)
     return p
@@ -156,17 +128,24 @@ def _bench_parser(defaults: dict[str, Any]) -> ArgumentParser:
     return p
 
 
-def build_parser(train_defaults_: Optional[dict[str, Any]] = None) -> ArgumentParser:
-    parser = _parser(prog="gptforge", description=DESCRIPTION)
-    parser.add_argument("--version", action="version", version=f"gptforge {__version__}")
-    verbs = parser.add_subcommands(dest="verb")
+def _add_sampling_flags(p: ArgumentParser, what: str) -> None:
+    """The sampling flags `sample` and `chat` share."""
+    p.add_argument("--temperature", type=float, default=0.8, help="0 or --greedy: always the most likely token")
+    p.add_argument("--top-k", type=Optional[int], default=200,
+                   help="sample only among the k most likely tokens; null = all")
+    p.add_argument("--top-p", type=Optional[float], default=None, help="nucleus sampling: keep this much probability mass")
+    p.add_argument("--greedy", action="store_true", help="same as --temperature 0")
+    p.add_argument("--seed", type=int, default=1337, help=f"random seed: the same seed gives the same {what}")
 
+
+def _prepare_parser() -> ArgumentParser:
     prep = _parser(description="Tokenize a corpus into train/val(/test) token files plus a manifest.")
     prep.add_argument("source", help="a text file (.txt/.md/.txt.gz), a .jsonl(.gz) or .parquet file, a folder of "
                                      "them, hf:NAME[:CONFIG][@SPLIT] (a Hugging Face dataset, streamed; needs "
                                      "gptforge[hf]), or a built-in corpus: shakespeare (downloaded once), pydoc (offline)")
     prep.add_argument("--out", required=True, help="data directory to write")
-    prep.add_argument("--tokenizer", choices=["char", "gpt2", "bpe"], default="char")
+    prep.add_argument("--tokenizer", choices=["char", "gpt2", "bpe"], default="char",
+                      help="char: one token per character; gpt2: GPT-2's BPE (tiktoken); bpe: a BPE trained on this corpus")
     prep.add_argument("--vocab-size", type=Optional[int], default=None, help="vocabulary size (bpe only)")
     prep.add_argument("--val-fraction", type=Optional[float], default=None,
                       help="last fraction of the corpus kept for validation (default 0.1 unless --val-tokens)")
@@ -181,53 +160,76 @@ def build_parser(train_defaults_: Optional[dict[str, Any]] = None) -> ArgumentPa
     prep.add_argument("--num-proc", type=Optional[int], default=None,
                       help="encoding processes (default min(8, CPUs)); the output does not depend on it")
     prep.add_argument("--text-field", default="text", help="JSON field or parquet/dataset column holding the text")
+    prep.add_argument("--chat", choices=["auto", "messages", "sharegpt", "alpaca"], default=None,
+                      help="read SOURCE as conversations (for SFT): tokens plus a loss mask on the assistant's "
+                           "tokens; auto picks the format of each row by its keys")
     prep.add_argument("--overwrite", action="store_true",
                       help="replace an existing data directory, or discard an interrupted preparation made with other options")
     prep.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    verbs.add_subcommand("prepare", prep, help="tokenize a corpus into token shards")
+    return prep
 
-    verbs.add_subcommand("train", _train_parser(train_defaults_ or RunConfig().to_dict()), help="train a model")
 
+def _eval_parser() -> ArgumentParser:
     ev = _parser(description="Loss, perplexity and bits per byte of a checkpoint on a data split "
-                             "(--task loss), or its HellaSwag accuracy (--task hellaswag).")
+                             "(--task loss), its HellaSwag accuracy (--task hellaswag), or a chat model's loss and "
+                             "exact match on conversations (--task chat).")
     ev.add_argument("run", help="run directory, checkpoint directory, gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a Hugging Face model directory")
     ev.add_argument("--data", help="data directory (default: the one the run trained on)")
     ev.add_argument("--split", default="val", help="split to evaluate: val, test or train")
-    ev.add_argument("--task", choices=["loss", "hellaswag"], default="loss",
+    ev.add_argument("--task", choices=["loss", "hellaswag", "chat"], default="loss",
                     help="loss: loss, perplexity, bits per byte on --data; hellaswag: accuracy on HellaSwag val "
-                         "(the official file, downloaded once into ~/.cache/gptforge, or --file)")
-    ev.add_argument("--file", help="hellaswag: a local hellaswag_val.jsonl instead of the download")
-    ev.add_argument("--limit", type=Optional[int], default=None, help="hellaswag: only the first N examples")
+                         "(the official file, downloaded once into ~/.cache/gptforge, or --file); chat: loss on "
+                         "the assistant's tokens and exact match of greedy answers on the conversations of --file")
+    ev.add_argument("--file", help="hellaswag: a local hellaswag_val.jsonl instead of the download; chat: a JSONL "
+                                   "file of {\"messages\": [...]} conversations (the last assistant turn is the reference)")
+    ev.add_argument("--limit", type=Optional[int], default=None, help="hellaswag, chat: only the first N examples")
     ev.add_argument("--max-tokens", type=Optional[int], default=None, help="evaluate at most this many tokens")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batch-size", type=int, default=8,
+                    help="sequences (loss) or examples (hellaswag, 4 rows each) per forward pass")
     ev.add_argument("--best", action="store_true", help="use the best-val checkpoint instead of the latest")
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
-    verbs.add_subcommand("eval", ev, help="evaluate a checkpoint")
+    return ev
 
+
+def _report_parser() -> ArgumentParser:
     rp = _parser(description="Write RUN_DIR/report.png (loss, learning rate, HellaSwag; needs matplotlib) and "
                              "RUN_DIR/report.md (model, tokens, throughput, MFU, best and final losses) "
                              "from the run's metrics.jsonl and config.json.")
     rp.add_argument("run", help="run directory written by `gptforge train`")
     rp.add_argument("--json", action="store_true", help="print the paths and the summary as one JSON object")
-    verbs.add_subcommand("report", rp, help="plot and summarise a training run")
+    return rp
 
+
+def _sample_parser() -> ArgumentParser:
     sa = _parser(description="Generate text from a checkpoint, streamed as it is produced.")
     sa.add_argument("run", help="run directory, checkpoint directory, gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a Hugging Face model directory")
     sa.add_argument("--prompt", default="\n", help="prompt text, or FILE:path to read it from a file")
     sa.add_argument("--num-samples", type=int, default=1, help="samples, decoded together as one batch")
-    sa.add_argument("--max-new-tokens", type=int, default=500)
-    sa.add_argument("--temperature", type=float, default=0.8, help="0 or --greedy: always the most likely token")
-    sa.add_argument("--top-k", type=Optional[int], default=200)
-    sa.add_argument("--top-p", type=Optional[float], default=None, help="nucleus sampling: keep this much probability mass")
-    sa.add_argument("--greedy", action="store_true", help="same as --temperature 0")
-    sa.add_argument("--seed", type=int, default=1337)
+    sa.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
+    _add_sampling_flags(sa, "samples")
     sa.add_argument("--no-kv-cache", action="store_true", help="recompute the full forward at every step")
     sa.add_argument("--best", action="store_true", help="use the best-val checkpoint instead of the latest")
-    sa.add_argument("--device", default="auto")
+    sa.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     sa.add_argument("--json", action="store_true", help="print the samples as one JSON object instead of streaming")
-    verbs.add_subcommand("sample", sa, help="generate text")
+    return sa
 
+
+def _chat_parser() -> ArgumentParser:
+    ch = _parser(description="Talk to a chat model (one fine-tuned on data from `gptforge prepare --chat`) in the "
+                             "terminal, turn after turn; replies are streamed. In the chat: /clear, /system TEXT, "
+                             "/quit; Ctrl-D ends, Ctrl-C stops a reply. With -p: one answer, then exit.")
+    ch.add_argument("run", help="run directory, checkpoint directory, or a Hugging Face model directory with a chat template")
+    ch.add_argument("-p", "--prompt", default=None, help="answer this one message, print the answer and exit")
+    ch.add_argument("--system", default=None, help="system prompt at the start of the conversation")
+    ch.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply, in tokens")
+    _add_sampling_flags(ch, "replies")
+    ch.add_argument("--best", action="store_true", help="use the best-val checkpoint instead of the latest")
+    ch.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    return ch
+
+
+def _export_parser() -> ArgumentParser:
     ex = _parser(description="Write a checkpoint as a Hugging Face transformers directory (safetensors): "
                              "GPT2LMHeadModel for the classic block, LlamaForCausalLM for RoPE + RMSNorm + SwiGLU. "
                              "Needs gptforge[hf].")
@@ -235,31 +237,61 @@ def build_parser(train_defaults_: Optional[dict[str, Any]] = None) -> ArgumentPa
     ex.add_argument("--to", choices=["hf"], default="hf", help="target format (Hugging Face transformers)")
     ex.add_argument("out", help="directory to write: config.json, model.safetensors, tokenizer, README.md")
     ex.add_argument("--best", action="store_true", help="export the best-val checkpoint instead of the latest")
-    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    ex.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory, replacing only the files an export writes")
     ex.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    verbs.add_subcommand("export", ex, help="export a checkpoint for Hugging Face transformers")
+    return ex
 
+
+def _import_parser() -> ArgumentParser:
     im = _parser(description="Turn GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded once), a hub id "
                              "OWNER/NAME or a local transformers directory (GPT-2 or Llama architecture) into a "
                              "gptforge checkpoint. Needs gptforge[hf].")
-    im.add_argument("source", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | OWNER/NAME | a local directory")
+    im.add_argument("source", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | OWNER/NAME | a local directory | "
+                                   "a nanoGPT ckpt.pt (read with weights_only=True; needs no gptforge[hf])")
+    im.add_argument("--data", help="for a nanoGPT ckpt.pt: the nanoGPT data directory it trained on (its meta.pkl "
+                                   "gives the tokenizer; without meta.pkl, or without --data, GPT-2 BPE)")
     im.add_argument("--out", required=True, help="checkpoint directory to write")
-    im.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    im.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing only the checkpoint files")
     im.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    verbs.add_subcommand("import", im, help="import GPT-2 or a Hugging Face model as a checkpoint")
+    return im
 
-    qs = _parser(description="Prepare CPython's bundled docs at character level, train the tiny CPU preset "
-                             "on them, and print samples. Needs no network.")
+
+def _quickstart_parser() -> ArgumentParser:
+    from gptforge.quickstart import DEFAULT_TIME_BUDGET_S  # light: config and errors only
+
+    qs = _parser(description="Prepare CPython's bundled documentation at character level, train the "
+                             "speedrun-cpu recipe on it for a time budget, and print samples, the val loss and "
+                             "the next commands. Needs no network.")
     qs.add_argument("--out", default="gptforge-quickstart", help="folder for the data and the run")
-    qs.add_argument("--max-iters", type=int, default=2000)
-    qs.add_argument("--device", default="auto")
+    qs.add_argument("--time-budget", type=float, metavar="SECONDS",
+                    help=f"seconds of training, evaluations included (default {DEFAULT_TIME_BUDGET_S:g}: "
+                         "about 100 s for the whole command on a 2-core CPU)")
+    qs.add_argument("--max-iters", type=int, help="train exactly this many steps instead of a time budget")
+    qs.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     qs.add_argument("--overwrite", action="store_true", help="replace a previous quickstart in --out")
-    verbs.add_subcommand("quickstart", qs, help="the whole pipeline in one command, offline, on CPU")
+    return qs
 
-    verbs.add_subcommand("bench", _bench_parser(train_defaults_ or RunConfig().to_dict()),
-                         help="measure training and decoding speed on this machine")
 
-    verbs.add_subcommand("presets", _parser(description="List the named presets."), help="list presets")
+def build_parser(train_defaults_: Optional[dict[str, Any]] = None) -> ArgumentParser:
+    parser = _parser(prog="gptforge", description=DESCRIPTION, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"gptforge {__version__}")
+    verbs = parser.add_subcommands(dest="verb")
+    defaults = train_defaults_ or RunConfig().to_dict()
+    subparsers = {
+        "prepare": (_prepare_parser(), "tokenize a corpus into token shards"),
+        "train": (_train_parser(defaults), "train a model"),
+        "eval": (_eval_parser(), "evaluate a checkpoint"),
+        "report": (_report_parser(), "plot and summarise a training run"),
+        "sample": (_sample_parser(), "generate text"),
+        "chat": (_chat_parser(), "talk to a chat model"),
+        "export": (_export_parser(), "export a checkpoint for Hugging Face transformers"),
+        "import": (_import_parser(), "import GPT-2, a Hugging Face model or a nanoGPT ckpt.pt as a checkpoint"),
+        "quickstart": (_quickstart_parser(), "the whole pipeline in one command, offline, on CPU"),
+        "bench": (_bench_parser(defaults), "measure training and decoding speed on this machine"),
+        "presets": (_parser(description="List the named presets."), "list presets"),
+    }
+    for verb, (sub, help_text) in subparsers.items():
+        verbs.add_subcommand(verb, sub, help=help_text)
     return parser
 
 
@@ -273,7 +305,7 @@ def _run_prepare(a) -> int:
     manifest = prepare(a.source, a.out, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
                        val_fraction=a.val_fraction, test_fraction=a.test_fraction, text_field=a.text_field,
                        overwrite=a.overwrite, progress=not a.json, num_proc=a.num_proc, shard_tokens=a.shard_tokens,
-                       val_tokens=a.val_tokens, test_tokens=a.test_tokens)
+                       val_tokens=a.val_tokens, test_tokens=a.test_tokens, chat=a.chat)
     if a.json:
         print(json.dumps(manifest))
     else:
@@ -283,17 +315,11 @@ def _run_prepare(a) -> int:
 
 
 def _run_train(a) -> int:
-    from gptforge.train import train
-
     d = a.as_dict()
-    cfg = RunConfig.from_dict({"model": d["model"], "optim": d["optim"], "train": d["train"], "eval": d["eval"],
-                               "data": {"dir": d["data"] or ""}})
-    if a.device:
-        cfg.train.device = a.device
-    if a.dist:
-        cfg.train.dist = a.dist
-    if a.init_from:
-        cfg.train.init_from = a.init_from
+    shortcuts = {"device": a.device, "dist": a.dist, "init_from": a.init_from}
+    cfg = RunConfig.from_dict({"model": d["model"], "optim": d["optim"], "eval": d["eval"],
+                               "train": {**d["train"], **{k: v for k, v in shortcuts.items() if v}},
+                               "data": {"dir": d["data"] or ""}})  # every section checks itself here
     if a.resume:
         run_dir = Path(a.resume)
         if a.out and Path(a.out) != run_dir:
@@ -302,8 +328,16 @@ def _run_train(a) -> int:
         run_dir = Path(a.out)
     else:
         raise UserError("pass --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
-    log = (lambda msg: print(msg, file=sys.stderr)) if a.json else print
-    result = train(cfg, run_dir, resume=bool(a.resume), overwrite=a.overwrite, log=log)
+    if not cfg.data.dir:  # train's own words (train/setup.py open_data_dir), said before torch loads
+        raise UserError("no data: pass --data DATA_DIR (a directory written by `gptforge prepare`)")
+    from gptforge.train import train  # after the checks: a bad flag should not wait for torch to load
+
+    if a.verbose and a.quiet:
+        raise UserError("--verbose and --quiet contradict each other; pass one")
+    out = sys.stderr if a.json else sys.stdout
+    result = train(cfg, run_dir, resume=bool(a.resume), overwrite=a.overwrite,
+                   log=lambda msg: print(msg, file=out, flush=True), verbosity=2 if a.verbose else 0 if a.quiet else 1,
+                   progress=True)
     if a.json:
         print(json.dumps(result.to_dict()))
     return {"SIGINT": 130, "SIGTERM": 143}.get(result.interrupted, 0)  # stop_after is a normal end
@@ -324,10 +358,20 @@ def _run_eval(a) -> int:
             print(f"hellaswag: acc {out['acc']:.4f} | acc_norm {out['acc_norm']:.4f} | {out['n']:,} examples "
                   f"| {out['checkpoint']}")
         return 0
+    if a.task == "chat":
+        from gptforge.evaluate import evaluate_chat_checkpoint
+
+        if not a.file:
+            raise UserError("--task chat needs --file CONVS.jsonl (rows of {\"messages\": [...]})")
+        out = evaluate_chat_checkpoint(a.run, a.file, limit=a.limit, batch_size=a.batch_size,
+                                       which="best" if a.best else "latest", device=a.device)
+        print(json.dumps(out) if a.json else f"chat: loss {out['loss']:.4f} on {out['assistant_tokens']:,} assistant "
+              f"tokens | exact match {out['exact_match']:.4f} ({out['matched']}/{out['conversations']}) | {out['checkpoint']}")
+        return 0
     if a.file or a.limit is not None:
-        raise UserError("--file and --limit apply to --task hellaswag")
+        raise UserError("--file and --limit apply to --task hellaswag and --task chat")
     out = evaluate_checkpoint(a.run, data=a.data, split=a.split, max_tokens=a.max_tokens, batch_size=a.batch_size,
-                              which="best" if a.best else "latest", device=a.device)
+                              which="best" if a.best else "latest", device=a.device, progress=not a.json)
     if a.json:
         print(json.dumps(out))
     else:
@@ -338,14 +382,9 @@ def _run_eval(a) -> int:
 
 
 def _run_sample(a) -> int:
-    from gptforge.sample import sample_checkpoint
+    from gptforge.sample import read_prompt, sample_checkpoint
 
-    prompt = a.prompt
-    if prompt.startswith("FILE:"):
-        path = Path(prompt[5:])
-        if not path.is_file():
-            raise UserError(f"prompt file {path} does not exist")
-        prompt = path.read_text(encoding="utf-8")
+    prompt = read_prompt(a.prompt)
     samples = sample_checkpoint(a.run, prompt, num_samples=a.num_samples, max_new_tokens=a.max_new_tokens,
                                 temperature=0.0 if a.greedy else a.temperature, top_k=a.top_k, top_p=a.top_p,
                                 seed=a.seed, use_kv_cache=not a.no_kv_cache, which="best" if a.best else "latest",
@@ -353,6 +392,14 @@ def _run_sample(a) -> int:
     if a.json:
         print(json.dumps({"prompt": prompt, "samples": samples}))
     return 0
+
+
+def _run_chat(a) -> int:
+    from gptforge.chat import chat_checkpoint
+
+    return chat_checkpoint(a.run, prompt=a.prompt, system=a.system, max_new_tokens=a.max_new_tokens,
+                           temperature=0.0 if a.greedy else a.temperature, top_k=a.top_k, top_p=a.top_p,
+                           seed=a.seed, which="best" if a.best else "latest", device=a.device)
 
 
 def _run_export(a) -> int:
@@ -367,6 +414,15 @@ def _run_export(a) -> int:
 def _run_import(a) -> int:
     from gptforge.hf import import_hf
 
+    if str(a.source).endswith(".pt") and Path(a.source).is_file():  # nanoGPT's ckpt.pt
+        from gptforge.nanogpt.checkpoint import import_checkpoint
+
+        out = import_checkpoint(a.source, a.out, data=a.data, overwrite=a.overwrite)
+        print(json.dumps(out) if a.json else f"wrote {out['path']}: nanoGPT step {out['step']:,} as a gptforge "
+              f"checkpoint, vocab {out['vocab_size']:,}, {out['tokenizer']} tokenizer; try `gptforge sample {out['path']}`")
+        return 0
+    if a.data is not None:
+        raise UserError("--data applies to importing a nanoGPT ckpt.pt")
     out = import_hf(a.source, a.out, overwrite=a.overwrite)
     print(json.dumps(out) if a.json else f"wrote {out['path']}: {out['architecture']} as a gptforge checkpoint, "
           f"vocab {out['vocab_size']:,}, {out['tokenizer']} tokenizer; try `gptforge sample {out['path']}`")
@@ -376,12 +432,15 @@ def _run_import(a) -> int:
 def _run_quickstart(a) -> int:
     from gptforge.quickstart import quickstart
 
-    quickstart(a.out, max_iters=a.max_iters, device=a.device, overwrite=a.overwrite)
+    quickstart(a.out, time_budget=a.time_budget, max_iters=a.max_iters, device=a.device, overwrite=a.overwrite)
     return 0
 
 
 def _run_presets(a) -> int:
     for name, p in PRESETS.items():
+        if "model" not in p:  # a fine-tuning recipe: the shape comes from --train.init_from
+            print(f"{name:22s} training settings only (the model's shape comes from --train.init_from)")
+            continue
         m = GPTConfig(**{**p["model"], "vocab_size": 50304})
         print(f"{name:22s} {m.n_layer:>2d} layers, {m.n_head:>2d} heads, {m.n_embd:>4d} wide, block {m.block_size:>4d}, "
               f"{m.pos}/{m.norm}/{m.mlp}")
@@ -444,17 +503,13 @@ def _run_bench(a, shape_given: bool) -> int:
 
 
 VERBS = {"prepare": _run_prepare, "train": _run_train, "eval": _run_eval, "report": _run_report,
-         "sample": _run_sample,
+         "sample": _run_sample, "chat": _run_chat,
          "export": _run_export, "import": _run_import, "quickstart": _run_quickstart, "presets": _run_presets}
-
-
-def _one_line(msg: str) -> str:
-    return " ".join(str(msg).split())
 
 
 def _argument_error(msg: str) -> str:
     """jsonargparse's type errors, said as a user would: `--model.n_layer expects int, got 'abc'`."""
-    msg = _one_line(msg)
+    msg = one_line(msg)
     m = re.match(r'Parser key "([^"]+)":\s*Expected a (.+?)\. Got value: (.*)$', msg)
     union = re.match(r'Parser key "([^"]+)":.*Union subtypes Subtypes: \[(.*?)\].*Given value: (.*)$', msg)
     if union is not None:
@@ -486,13 +541,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _run_bench(args.bench, shape_given)
         return VERBS[args.verb](args[args.verb])
     except UserError as e:
-        print(f"gptforge: error: {_one_line(e)}", file=sys.stderr)
+        print(f"gptforge: error: {one_line(e)}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help and --version
         return int(e.code or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # a second Ctrl-C / SIGTERM while stopping: 128 + the signal's number
         print("gptforge: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)
+    except OSError as e:  # a backstop: a path the verb did not check (unwritable, missing, disk full) is the user's
+        where = f": {e.filename}" if e.filename else ""
+        print(f"gptforge: error: {e.strerror or one_line(e)}{where}", file=sys.stderr)
+        return 2
     except Exception as e:  # argument errors from the parser
         from argparse import ArgumentError
 

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,7 @@ def corpus(tmp_path_factory, shared_data):
     return path
 
 
+@pytest.mark.integration
 def test_prepare_train_eval_sample_end_to_end(tmp_path, corpus):
     data, run = tmp_path / "data", tmp_path / "run"
     r = gptforge("prepare", str(corpus), "--out", str(data), "--tokenizer", "char")
@@ -69,13 +71,25 @@ def test_prepare_train_eval_sample_end_to_end(tmp_path, corpus):
     assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 25
 
 
+@pytest.mark.integration
 def test_quickstart_runs_offline(tmp_path):
-    r = gptforge("quickstart", "--out", str(tmp_path / "qs"), "--max-iters", "20", cwd=tmp_path)
+    import re
+
+    out = tmp_path / "qs"
+    r = gptforge("quickstart", "--out", str(out), "--time-budget", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "[3/3]" in r.stdout and str(tmp_path / "qs" / "run") in r.stdout
-    assert (tmp_path / "qs" / "run" / "latest" / "model.safetensors").is_file()
-    again = gptforge("quickstart", "--out", str(tmp_path / "qs"), "--max-iters", "20", cwd=tmp_path)
-    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert "CPython's own documentation" in r.stdout and "speedrun-cpu" in r.stdout  # says what it trains on
+    assert "[3/3] two samples" in r.stdout and "-" * 15 in r.stdout  # two samples, separated
+    assert re.search(r"val loss \d+\.\d{4} \(the whole val split\)", r.stdout)
+    assert f"gptforge sample {out / 'run'}" in r.stdout and f"gptforge eval {out / 'run'}" in r.stdout
+    assert "\x1b[" not in r.stdout + r.stderr and "\r" not in r.stderr  # not a terminal: no live line drawn
+    config = json.loads((out / "run" / "config.json").read_text())
+    assert config["train"]["time_budget"] == 3 and config["optim"]["optimizer"] == "muon"
+    assert (out / "run" / "latest" / "model.safetensors").is_file()
+    again = gptforge("quickstart", "--out", str(out), "--time-budget", "3", cwd=tmp_path)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and again.stdout == ""
+    both = gptforge("quickstart", "--out", str(tmp_path / "qs2"), "--time-budget", "3", "--max-iters", "5", cwd=tmp_path)
+    assert both.returncode == 2 and "not both" in both.stderr and not (tmp_path / "qs2").exists()
 
 
 def parse_train(argv):
@@ -117,13 +131,54 @@ def test_resume_uses_the_saved_config(tmp_path):
     (["eval", "missing-run"], "does not exist"),
     (["sample", "missing-run"], "does not exist"),
     (["sample", "missing-run", "--top-p", "2"], "top_p must be in (0, 1]"),
+    # impossible config values, refused before any work (some used to give tracebacks, some NaN losses)
+    (["train", "--data", "d", "--out", "r", "--optim.beta1", "2"], "optim.beta1 must be in [0, 1), got 2"),
+    (["train", "--data", "d", "--out", "r", "--optim.eps", "-1"], "optim.eps must be > 0, got -1"),
+    (["train", "--data", "d", "--out", "r", "--optim.weight_decay", "-1"], "optim.weight_decay must be >= 0"),
+    (["train", "--data", "d", "--out", "r", "--optim.lr", "0"], "optim.lr must be > 0"),
+    (["train", "--data", "d", "--out", "r", "--optim.muon_ns_steps", "0"], "optim.muon_ns_steps must be at least 1"),
+    (["train", "--data", "d", "--out", "r", "--model.norm_eps", "-1"], "model.norm_eps must be > 0, got -1"),
+    (["train", "--data", "d", "--out", "r", "--model.norm_eps", "0"], "model.norm_eps must be > 0, got 0"),
+    (["train", "--data", "d", "--out", "r", "--model.pos", "rope", "--model.rope_theta", "0"],
+     "model.rope_theta must be > 0, got 0"),
+    (["train", "--data", "d", "--out", "r", "--optim.lr", "nan"], "--optim.lr expects float, got 'nan'"),
+    (["train", "--data", "d", "--out", "r", "--config", "nan.yaml"], "optim.lr must be a finite number, got nan"),
+    (["train", "--data", "d", "--out", "r", "--train.max_iters", "-1"], "train.max_iters must be >= 0"),
+    (["bench", "--optim.beta1", "2"], "optim.beta1 must be in [0, 1)"),
+    # unreadable files
+    (["train", "--data", "d", "--out", "r", "--config", "binary.yaml"], "config file binary.yaml is not UTF-8 text"),
+    (["train", "--data", "d", "--out", "r", "--config", "broken.yaml"], "cannot parse config file broken.yaml"),
+    (["train", "--data", "d", "--out", "r", "--config", "typo.yaml"], "typo.yaml: unknown field(s) in model: n_layers"),
+    (["train", "--resume", "damaged-run"], "damaged-run/config.json is not valid JSON"),
+    (["sample", "missing-run", "--prompt", "FILE:latin1.txt"], "prompt file latin1.txt is not UTF-8 text"),
+    (["sample", "missing-run", "--prompt", "FILE:missing.txt"], "prompt file missing.txt does not exist"),
+    # requests that could only end out of memory, and flags that make no sense
+    (["sample", "missing-run", "--max-new-tokens", "1000000000000000"], "--max-new-tokens 1,000,000,000,000,000 x"),
+    (["sample", "missing-run", "--num-samples", "1000000000"], "--num-samples must be at most 1024"),
+    (["sample", "missing-run", "--num-samples", "0"], "--num-samples must be at least 1"),
+    (["eval", "missing-run", "--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
+    (["eval", "missing-run", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    # unwritable output paths
+    (["prepare", "small.txt", "--out", "/proc/x"], "/proc/x"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
+    bad_input_files(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("gptforge: error: ") and message in err
     assert err.count("\n") == 1, err
+
+
+def bad_input_files(where):
+    (where / "nan.yaml").write_text("optim:\n  lr: .nan\n")
+    (where / "binary.yaml").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4)  # as a copied /bin/ls
+    (where / "broken.yaml").write_text("model: [\n")
+    (where / "typo.yaml").write_text("model:\n  n_layers: 4\n")
+    (where / "damaged-run").mkdir()
+    (where / "damaged-run" / "config.json").write_text('{"model": {"n_layer": ')  # cut short
+    (where / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (where / "small.txt").write_text("to be or not to be\n" * 50)
 
 
 def test_bad_corpora_and_corrupt_checkpoint(tmp_path, monkeypatch, capsys):
@@ -159,3 +214,49 @@ def test_help_lists_every_verb_and_derived_flags(capsys):
     assert "number of transformer blocks" in out  # field docs become help text
     assert main(["presets"]) == 0
     assert "shakespeare-char-cpu" in capsys.readouterr().out
+
+
+T = ["--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "32",
+     "--train.batch_size", "4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, corpus):
+    """A prepared data dir and a 2-step run, made by the command itself."""
+    where = tmp_path_factory.mktemp("tiny")
+    assert gptforge("prepare", str(corpus), "--out", str(where / "data")).returncode == 0
+    r = gptforge("train", "--data", str(where / "data"), "--out", str(where / "run"), *T, "--train.max_iters", "2",
+                 "--train.eval_interval", "2", "--train.eval_iters", "1")
+    assert r.returncode == 0, r.stderr
+    return where
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("args, message", [
+    (["train", "--data", "{data}", "--out", "{tmp}/r", *T, "--optim.beta1", "2"], "optim.beta1 must be in [0, 1)"),
+    (["train", "--data", "{data}", "--out", "{tmp}/r", *T, "--optim.eps", "-1"], "optim.eps must be > 0"),
+    (["train", "--data", "{data}", "--out", "{tmp}/r", *T, "--model.norm_eps", "-1"], "model.norm_eps must be > 0"),
+    (["train", "--data", "{data}", "--out", "{tmp}/r", *T, "--model.pos", "rope", "--model.rope_theta", "0"],
+     "model.rope_theta must be > 0"),
+    (["train", "--data", "{data}", "--out", "{tmp}/r", *T, "--config", "/bin/ls"], "is not UTF-8 text"),
+    (["train", "--data", "{data}", "--out", "/proc/x", *T, "--train.max_iters", "1"], "/proc/x"),
+    (["sample", "{run}", "--prompt", "FILE:{tmp}/latin1.txt"], "is not UTF-8 text"),
+    (["sample", "{run}", "--max-new-tokens", "1000000000000000"], "--max-new-tokens"),
+    (["sample", "{run}", "--num-samples", "1000000000"], "--num-samples must be at most"),
+    (["eval", "{run}", "--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (["prepare", "{tmp}/small.txt", "--out", "/proc/x"], "/proc/x"),
+    (["export", "{run}", "/proc/x"], "/proc"),
+])
+def test_the_command_ends_bad_input_in_one_line(tmp_path, tiny_run, args, message):
+    """The same refusals through the installed command: exit 2, one line, no traceback, no NaN run."""
+    if "/proc/x" in args and not Path("/proc").is_dir():
+        pytest.skip("needs a Linux /proc to have a path that cannot be created")
+    if args[0] == "train" and "--config" in args and not Path("/bin/ls").is_file():
+        pytest.skip("needs /bin/ls as a binary file")
+    bad_input_files(tmp_path)
+    fill = {"data": str(tiny_run / "data"), "run": str(tiny_run / "run"), "tmp": str(tmp_path)}
+    r = gptforge(*(a.format(**fill) for a in args))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("gptforge: error: ") and message in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "r").exists()  # refused before a run directory was made

@@ -33,12 +33,15 @@ def test_ci_runs_the_readme_test_command():
     assert test_line in ci
 
 
-@pytest.mark.parametrize("verb", ["prepare", "train", "eval", "sample", "export", "import", "bench"])
-def test_every_readme_command_parses(verb):
+@pytest.mark.parametrize("verb", ["prepare", "train", "eval", "sample", "export", "import", "bench", "chat"])
+def test_every_readme_command_parses(verb, tmp_path):
     commands = readme_commands(verb)
     assert commands, f"the README shows no `gptforge {verb}` command"
+    nanogpt_config = tmp_path / "train_shakespeare_char.py"  # a nanoGPT config lives in the user's nanoGPT folder
+    nanogpt_config.write_text("n_layer = 6\n")
     for argv in commands:
         argv = [a.replace("RUN_DIR", "runs/x").replace("DATA_DIR", "data/x") for a in argv]
+        argv = [str(nanogpt_config) if a.startswith("config/") and a.endswith(".py") else a for a in argv]
         build_parser(train_defaults(argv) if verb in ("train", "bench") else None).parse_args(argv)
 
 
