@@ -229,6 +229,31 @@ def _chat_parser() -> ArgumentParser:
     return ch
 
 
+def _serve_parser() -> ArgumentParser:
+    se = _parser(description="Serve a model over HTTP: OpenAI-compatible /v1/chat/completions, /v1/completions and "
+                             "/v1/models (any OpenAI client works with base_url http://HOST:PORT/v1), with "
+                             "continuous batching of concurrent requests, and a web chat page at /. Needs "
+                             "gptforge[serve].")
+    se.add_argument("run", help="run directory, checkpoint directory, gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a Hugging Face model directory")
+    se.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    se.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, printed at start)")
+    se.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on every /v1 route (default: $GPTFORGE_API_KEY, else none)")
+    se.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
+                    help="allow browser pages from this origin (repeatable; default: no cross-origin requests)")
+    se.add_argument("--context-length", type=Optional[int], default=None,
+                    help="prompt + reply tokens at most (default: the model's block_size)")
+    se.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one reply may ask for")
+    se.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together at most (the batch)")
+    se.add_argument("--max-queue", type=int, default=64, help="requests waiting for a place at most; more get 429")
+    se.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body accepted")
+    se.add_argument("--prefill-chunk", type=int, default=256,
+                    help="prompt tokens prefilled per decode step, so long prompts do not stall running streams")
+    se.add_argument("--best", action="store_true", help="serve the best-val checkpoint instead of the latest")
+    se.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    return se
+
+
 def _export_parser() -> ArgumentParser:
     ex = _parser(description="Write a checkpoint as a Hugging Face transformers directory (safetensors): "
                              "GPT2LMHeadModel for the classic block, LlamaForCausalLM for RoPE + RMSNorm + SwiGLU. "
@@ -284,6 +309,7 @@ def build_parser(train_defaults_: Optional[dict[str, Any]] = None) -> ArgumentPa
         "report": (_report_parser(), "plot and summarise a training run"),
         "sample": (_sample_parser(), "generate text"),
         "chat": (_chat_parser(), "talk to a chat model"),
+        "serve": (_serve_parser(), "serve a model over an OpenAI-compatible HTTP API"),
         "export": (_export_parser(), "export a checkpoint for Hugging Face transformers"),
         "import": (_import_parser(), "import GPT-2, a Hugging Face model or a nanoGPT ckpt.pt as a checkpoint"),
         "quickstart": (_quickstart_parser(), "the whole pipeline in one command, offline, on CPU"),
@@ -402,6 +428,15 @@ def _run_chat(a) -> int:
                            seed=a.seed, which="best" if a.best else "latest", device=a.device)
 
 
+def _run_serve(a) -> int:
+    from gptforge.serve import serve_checkpoint
+
+    return serve_checkpoint(a.run, host=a.host, port=a.port, api_key=a.api_key, cors=a.cors,
+                            context_length=a.context_length, max_tokens=a.max_tokens, max_seqs=a.max_seqs,
+                            max_queue=a.max_queue, max_request_bytes=a.max_request_bytes,
+                            prefill_chunk=a.prefill_chunk, which="best" if a.best else "latest", device=a.device)
+
+
 def _run_export(a) -> int:
     from gptforge.hf import export_hf
 
@@ -503,7 +538,7 @@ def _run_bench(a, shape_given: bool) -> int:
 
 
 VERBS = {"prepare": _run_prepare, "train": _run_train, "eval": _run_eval, "report": _run_report,
-         "sample": _run_sample, "chat": _run_chat,
+         "sample": _run_sample, "chat": _run_chat, "serve": _run_serve,
          "export": _run_export, "import": _run_import, "quickstart": _run_quickstart, "presets": _run_presets}
 
 

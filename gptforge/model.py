@@ -4,7 +4,8 @@ One model whose block is a ladder from classic GPT-2 (learned positions, LayerNo
 embeddings) to a modern block (RoPE, RMSNorm, SwiGLU, grouped-query attention, QK-norm); each rung
 is a typed field of `GPTConfig`. Parameter names follow GPT-2 (`transformer.h.0.attn.c_attn.weight`...)
 so GPT-2 weights load by a key copy. Generation (the KV cache, sampling) lives in `sample.py`; the
-model only accepts an optional cache object with `pos`, `update(layer, k, v)` and `advance(n)`.
+model only accepts an optional cache object with `pos`, `update(layer, k, v)` and `advance(n)` (and, for a
+batch of rows of different lengths, `row_pos` and `attn_mask`).
 """
 
 from __future__ import annotations
@@ -117,6 +118,9 @@ class CausalSelfAttention(nn.Module):
         is_causal, mask = Tk == T and T > 1, None
         if Tk != T and T > 1:
             mask = causal_mask(T, Tk, x.device)
+        row_mask = getattr(kv_cache, "attn_mask", None)  # (B, 1, T, Tk): a batch of rows of different lengths
+        if row_mask is not None:
+            is_causal, mask = False, row_mask
         dropout_p = self.dropout if self.training else 0.0
         if self.use_sdpa:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
@@ -239,10 +243,15 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
+        # a cache with row_pos (B,) holds rows of different lengths (gptforge serve's batch): each row's own positions
+        rows = getattr(kv_cache, "row_pos", None)
+        pos = slice(start, start + T) if rows is None else rows[:, None] + torch.arange(T, device=idx.device)  # (B, T)
         if self.config.pos == "learned":
-            x = x + self.transformer.wpe.weight[start:start + T]  # positions start..start+T-1, (T, C)
+            x = x + self.transformer.wpe.weight[pos]  # positions start..start+T-1, (T, C) or (B, T, C)
         else:
-            rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))  # (T, hs)
+            rope = (self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype))  # (T, hs) or (B, T, hs)
+            if rows is not None:
+                rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))  # (B, 1, T, hs): the same angles for every head
         if self.training:
             x = self.transformer.drop(x)
         for block in self.transformer.h:

@@ -118,7 +118,7 @@ def _log_start(trainer: Trainer, rd: RunDir, data) -> None:
     tok = data.tokenizer()
     parallel = f" ({t.dist})" if world.is_distributed else ""
     splits = ", ".join(f"{s} {len(trainer.task.splits[s]):,}" for s in ("train", "val"))
-    length = f"{t.max_iters:,} steps" if t.time_budget is None else f"{t.time_budget:g} s (at most {t.max_iters:,} steps)"
+    length = f"{t.max_iters:,} step{'s' * (t.max_iters != 1)}" if t.time_budget is None else f"{t.time_budget:g} s (at most {t.max_iters:,} steps)"
     peak = (f" | mfu against {trainer.peak / 1e9:,.0f} GFLOP/s ({'a matmul measured here' if trainer.device.type == 'cpu' else 'the data sheet'})"
             if trainer.peak else "")
     lines = [

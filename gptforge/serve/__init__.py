@@ -1,0 +1,114 @@
+"""`gptforge serve`: an OpenAI-compatible HTTP server with continuous batching, and a web chat page.
+
+`app` holds the routes (FastAPI), `engine` the decode loop that batches every request onto one model,
+`protocol` the request bodies; `static/` the page served at /. This module is the verb: load a checkpoint,
+start the engine, bind the socket, run uvicorn. FastAPI and uvicorn are imported only here and below, so
+the rest of gptforge works without the `serve` extra.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Optional
+
+from gptforge.errors import UserError
+
+API_KEY_ENV = "GPTFORGE_API_KEY"
+
+
+def _require_libraries() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UserError("gptforge serve needs FastAPI and uvicorn: pip install 'gptforge[serve]'") from None
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so a busy port is one clear line and --port 0 can say what it got."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        family = socket.AF_INET  # a host name
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+        raise UserError(f"{host}:{port} {why}; pick another --port or --host") from None
+    sock.listen(128)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def build_server(run, *, device: str = "auto", which: str = "latest", api_key: Optional[str] = None,
+                 cors: Optional[list[str]] = None, context_length: Optional[int] = None, max_tokens: int = 1024,
+                 max_seqs: int = 16, max_queue: int = 64, max_request_bytes: int = 1 << 20,
+                 prefill_chunk: int = 256):
+    """(app, engine) for a checkpoint: the engine's thread is started; close it with engine.close()."""
+    _require_libraries()
+    from gptforge.device import pick_device, pick_dtype
+    from gptforge.hf import load_any
+    from gptforge.sample import use_decode_layout
+    from gptforge.serve.app import Limits, create_app
+    from gptforge.serve.engine import Engine
+
+    for name, value, least in (("--max-tokens", max_tokens, 1), ("--max-seqs", max_seqs, 1),
+                               ("--max-queue", max_queue, 1), ("--max-request-bytes", max_request_bytes, 1024),
+                               ("--prefill-chunk", prefill_chunk, 1)):
+        if value < least:
+            raise UserError(f"{name} must be at least {least}, got {value}")
+    dev = pick_device(device)
+    ck = load_any(run, dev, which)
+    block = ck.model.config.block_size
+    if context_length is not None and not 2 <= context_length <= block:
+        raise UserError(f"--context-length must be in [2, {block}] (the model's block_size), got {context_length}")
+    if dev.type == "cpu":
+        use_decode_layout(ck.model)  # as `gptforge sample` does: the same weights layout gives the same numbers
+    ck.model.eval()  # grad mode is per thread: the engine's own thread turns it off for itself
+    engine = Engine(ck.model, ck.tokenizer, dev, pick_dtype(ck.config.train.dtype, dev), max_seqs=max_seqs,
+                    max_queue=max_queue, prefill_chunk=prefill_chunk).start()
+    limits = Limits(context_length or block, max_tokens, max_request_bytes)
+    name = str(run) if not Path(str(run)).exists() else Path(str(run)).resolve().name
+    app = create_app(engine, ck.tokenizer, name, limits, api_key=api_key, cors=cors)
+    return app, engine
+
+
+def serve_checkpoint(run, *, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
+                     cors: Optional[list[str]] = None, log_level: str = "warning", **server_kw) -> int:
+    """`gptforge serve`: serve `run` until interrupted; the exit status."""
+    _require_libraries()
+    import uvicorn
+
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be in [0, 65535], got {port}")
+    sock = _bind(host, port)  # before loading the model: a busy port fails in a second, not after the load
+    app, engine = build_server(run, api_key=api_key, cors=cors, **server_kw)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"gptforge serve: http://{shown}:{bound}/ (OpenAI API at http://{shown}:{bound}/v1"
+          f"{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
+    if not _is_loopback(host) and not api_key:
+        print(f"gptforge serve: note: listening on {host} without an API key: anyone who can reach this "
+              f"address can use the model (set --api-key or {API_KEY_ENV})", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=2))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.close()
+        sock.close()
+    return 0

@@ -1,0 +1,90 @@
+"""The request bodies of the OpenAI-compatible routes, as pydantic models, and the error body.
+
+Field names and meanings follow OpenAI's API (and vLLM's `protocol.py` for the extensions clients rely on, such
+as `top_k`); unknown fields are ignored, as vLLM does, so clients that send more than we use still work.
+Range checks that need the model (the context length, the server's limits) are made by the routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP = 16  # stop strings per request: each is searched for at every token
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """What chat and completions requests share."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: Optional[int] = None  # extension; None, 0 or -1: no top-k filter
+    max_tokens: Optional[int] = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=16)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v: Optional[int]) -> Optional[int]:
+        if v is None or v in (0, -1):
+            return None
+        if v < 1:
+            raise ValueError("top_k must be at least 1 (or 0 / -1 for no top-k filter)")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Optional[Union[str, list[str]]]) -> Optional[list[str]]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: Union[str, list[dict[str, Any]], None] = None
+
+    def text(self) -> Optional[str]:
+        """The content as one string: OpenAI's list of parts is joined from its text parts."""
+        if isinstance(self.content, list):
+            parts = [p.get("text") for p in self.content]
+            if not all(isinstance(p, str) for p in parts):
+                return None  # an image or another part we cannot read
+            return "".join(parts)
+        return self.content
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Union[str, list[str], list[int]] = ""
+    echo: bool = False
+    max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
+               code: Optional[str] = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
