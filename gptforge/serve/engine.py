@@ -6,14 +6,15 @@ to `Engine.submit`, which queues it; the engine's thread, at each step,
   2. prefills at most one chunk of one waiting prompt (so a long prompt delays the running streams by one
      chunk's forward per step, never by its whole prefill), and when the prompt is done, samples each
      choice's first token from its logits and gives each choice a row of the batch,
-  3. runs one decode step for every row together and samples each row with its own settings and generator.
+  3. runs one decode step for every row together and samples every row at once (`sample_rows`: one filter
+     pass per group of rows with the same settings; only the random draw is per row, from its own generator).
 Text goes back through the request's `emit` callback (thread-safe on the server's side) as `Event`s.
 
 The batch's keys and values live in a `BatchKVCache`: rows of different lengths side by side, each written at
 its own position, with a mask that hides the unwritten tail of the shorter rows. A prompt is prefilled on a
 plain one-row `KVCache` (gptforge.sample) and copied into its rows. A single request at batch 1 runs exactly the
 forwards of `gptforge sample` (same prefill, no mask when every row has the same length, the same per-request
-`torch.Generator` and `sample_next`), so the same seed gives the same text.
+`torch.Generator` and `sample_next`'s ops), so the same seed gives the same text.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from typing import Callable, Optional
 import torch
 
 from gptforge.device import autocast
-from gptforge.sample import KVCache, TextStreamer, new_kv_cache, sample_next
+from gptforge.sample import (KVCache, TextStreamer, apply_temperature, new_kv_cache, top_k_filter,
+                             top_p_filter)
 
 log = logging.getLogger("gptforge.serve")
 
@@ -58,6 +60,11 @@ class BatchKVCache:
         self.row_pos: Optional[torch.Tensor] = None
         self.attn_mask: Optional[torch.Tensor] = None
         self.pos = 0
+        # made once: per step the engine only slices them, so a step builds no index tensors of its own
+        self._keys = torch.arange(config.block_size, device=device)
+        self._row_base = torch.arange(max_rows, device=device)[:, None] * (config.n_kv_head * config.block_size) \
+            + torch.arange(config.n_kv_head, device=device) * config.block_size  # (R, nkv): flat offset of (row, head)
+        self._flat: Optional[torch.Tensor] = None
 
     @property
     def rows(self) -> int:
@@ -84,21 +91,24 @@ class BatchKVCache:
 
     def begin_step(self) -> None:
         """Set the positions and mask that the next one-token forward over every row reads."""
+        B = self.rows
         self.row_pos = torch.tensor(self.lengths, device=self.device)  # (B,)
+        # where each (row, head)'s new key goes in the cache flattened to (R * nkv * block, hs): one index_copy_
+        # per layer instead of an advanced-index write with two index tensors
+        self._flat = (self._row_base[:B] + self.row_pos[:, None]).view(-1)  # (B * nkv,)
         self.pos = max(self.lengths)
         if min(self.lengths) == self.pos:
             self.attn_mask = None  # equal lengths: the plain path, bit for bit what one sequence alone computes
         else:  # key j is visible to row b when j <= row_pos[b] (its own new token included)
-            keys = torch.arange(self.pos + 1, device=self.device)
+            keys = self._keys[:self.pos + 1]
             self.attn_mask = (keys[None, :] <= self.row_pos[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one new token per row, k, v (B, nkv, 1, hs), at each row's position; return (B, nkv, pos + 1, hs)."""
-        B = k.size(0)
-        rows = torch.arange(B, device=k.device)
-        k_all, v_all = self.k[layer_idx], self.v[layer_idx]  # (R, nkv, block, hs)
-        k_all[rows, :, self.row_pos] = k[:, :, 0]  # (B, nkv, hs)
-        v_all[rows, :, self.row_pos] = v[:, :, 0]
+        B, hs = k.size(0), k.size(-1)
+        k_all, v_all = self.k[layer_idx], self.v[layer_idx]  # (R, nkv, block, hs), contiguous
+        k_all.view(-1, hs).index_copy_(0, self._flat, k.reshape(-1, hs).to(k_all.dtype))  # (B * nkv, hs)
+        v_all.view(-1, hs).index_copy_(0, self._flat, v.reshape(-1, hs).to(v_all.dtype))
         return k_all[:B, :, :self.pos + 1], v_all[:B, :, :self.pos + 1]
 
     def advance(self, n: int) -> None:
@@ -152,10 +162,6 @@ class Sequence:
         self.text, self.sent = "", 0  # text decoded so far; characters of it already emitted
         self.last: Optional[int] = None  # the token to feed at the next decode step
 
-    def sample(self, logits: torch.Tensor) -> int:
-        r = self.req
-        return int(sample_next(logits, r.temperature, r.top_k, r.top_p, self.generator, self.vocab_size)[0])
-
     def take(self, token: int) -> bool:
         """Account for a new token and emit what text is safe to send; True when the choice is finished."""
         self.ids.append(token)
@@ -193,6 +199,48 @@ class Sequence:
             if any(s.startswith(tail[-n:]) for s in self.req.stop):
                 return n
         return 0
+
+
+def sample_rows(logits: torch.Tensor, seqs: list[Sequence], vocab_size: int) -> list[int]:
+    """One next token per row of logits (B, V) for seqs[b], the same ids as `sample_next` row by row.
+
+    Rows that share temperature, top-k and top-p are filtered and soft-maxed as one batch (every op is row-wise,
+    so each row's numbers are the ones it gets alone); only the random draw stays per row, from each choice's
+    own generator, so a seed gives the same text whoever else is in the batch.
+    """
+    logits = logits[:, :vocab_size]  # the padded ids are never chosen
+    groups: dict[tuple, list[int]] = {}
+    for b, s in enumerate(seqs):
+        r = s.req
+        groups.setdefault((r.temperature, r.top_k, r.top_p), []).append(b)
+    out = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+    for (temperature, top_k, top_p), rows in groups.items():
+        whole = len(rows) == len(seqs)
+        x = logits if whole else logits[rows]
+        if temperature == 0:
+            ids = x.argmax(dim=-1)
+        else:
+            ids = _race(x, temperature, top_k, top_p, [seqs[b].generator for b in rows])
+        if whole:
+            return ids.tolist()
+        out[rows] = ids
+    return out.tolist()  # one move to Python per step
+
+
+def _race(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+          generators: list[torch.Generator]) -> torch.Tensor:
+    """`sample_next`'s filters and exponential race over rows (G, V) that share their settings; (G,) ids."""
+    x = apply_temperature(logits.float(), temperature)
+    if top_k is not None:
+        x = top_k_filter(x, top_k)
+    if top_p is not None:
+        x = top_p_filter(x, top_p)
+    probs = torch.softmax(x, dim=-1)  # (G, V)
+    race = torch.empty_like(probs)
+    for row, g in zip(race, generators):  # each row's draw consumes its own generator exactly as alone
+        row.exponential_(generator=g)
+    race.clamp_(min=torch.finfo(probs.dtype).tiny)
+    return probs.div_(race).argmax(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +342,8 @@ class Engine:
             return
         self._prefilling = None
         seqs = [Sequence(req, i, self.tok.decode, self.tok.vocab_size, self.device) for i in range(req.n)]
-        alive = [s for s in seqs if not s.take(s.sample(logits))]
+        first = sample_rows(logits.expand(len(seqs), -1), seqs, self.tok.vocab_size)  # (1, V) shared by the choices
+        alive = [s for s, t in zip(seqs, first) if not s.take(t)]
         if alive:
             self._cache.add(self._scratch, len(alive))
             self._rows += alive
@@ -304,7 +353,8 @@ class Engine:
         cache.begin_step()
         idx = torch.tensor([[s.last] for s in self._rows], device=self.device)  # (B, 1)
         logits = self.model(idx, kv_cache=cache, last_only=True)[:, -1]  # (B, V)
-        finished = [b for b, s in enumerate(self._rows) if s.take(s.sample(logits[b:b + 1]))]
+        tokens = sample_rows(logits, self._rows, self.tok.vocab_size)
+        finished = [b for b, (s, t) in enumerate(zip(self._rows, tokens)) if s.take(t)]
         for b in reversed(finished):
             self._free_row(b)
 
