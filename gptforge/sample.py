@@ -104,6 +104,17 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
+def filtered_probs(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None,
+                   top_p: Optional[float] = None) -> torch.Tensor:
+    """Next-token probabilities after temperature, top-k and top-p (temperature > 0): (B, V) -> (B, V)."""
+    x = apply_temperature(logits.float(), temperature)
+    if top_k is not None:
+        x = top_k_filter(x, top_k)
+    if top_p is not None:
+        x = top_p_filter(x, top_p)
+    return torch.softmax(x, dim=-1)
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -126,12 +137,7 @@ def sample_next(
         raise SamplingError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = apply_temperature(logits.float(), temperature)
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    probs = filtered_probs(logits, temperature, top_k, top_p)  # (B, V)
     # Exponential race: argmax of p_i / E_i with E_i ~ Exp(1) picks id i with probability p_i.
     # Same distribution as torch.multinomial, a few times cheaper per step, and no host sync on GPU.
     # The clamp guards against a backend drawing an exact 0 (0/0 would make argmax pick a filtered id).

@@ -28,8 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from gptforge.device import autocast
-from gptforge.sample import (KVCache, TextStreamer, apply_temperature, new_kv_cache, top_k_filter,
-                             top_p_filter)
+from gptforge.sample import KVCache, TextStreamer, filtered_probs, new_kv_cache
 
 log = logging.getLogger("gptforge.serve")
 
@@ -230,12 +229,7 @@ def sample_rows(logits: torch.Tensor, seqs: list[Sequence], vocab_size: int) -> 
 def _race(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
           generators: list[torch.Generator]) -> torch.Tensor:
     """`sample_next`'s filters and exponential race over rows (G, V) that share their settings; (G,) ids."""
-    x = apply_temperature(logits.float(), temperature)
-    if top_k is not None:
-        x = top_k_filter(x, top_k)
-    if top_p is not None:
-        x = top_p_filter(x, top_p)
-    probs = torch.softmax(x, dim=-1)  # (G, V)
+    probs = filtered_probs(logits, temperature, top_k, top_p)  # (G, V)
     race = torch.empty_like(probs)
     for row, g in zip(race, generators):  # each row's draw consumes its own generator exactly as alone
         row.exponential_(generator=g)
