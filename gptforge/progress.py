@@ -21,7 +21,8 @@ def is_terminal(stream: Optional[TextIO] = None) -> bool:
         return False
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A short human duration: 45s, 4m05s, 21h30m."""
     seconds = max(0, int(seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
@@ -52,7 +53,7 @@ class StepProgress:
             self.bar.update(row["step"] - self.bar.n)
         else:
             left = max(0.0, self.budget - row["time_s"])
-            self.bar.set_description_str(f"{post} | {_duration(left)} left", refresh=False)
+            self.bar.set_description_str(f"{post} | {duration(left)} left", refresh=False)
             self.bar.update(min(round(row["time_s"]), self.bar.total) - self.bar.n)
 
     def write(self, log: Callable[[str], None], msg: str) -> None:

@@ -4,6 +4,7 @@ completions, streamed and not, n > 1, stop, max_tokens / max_completion_tokens, 
 text as `gptforge sample` for the same seed, the API key, and a bounded load/fault test on 127.0.0.1."""
 
 import asyncio
+import functools
 import json
 import socket
 import subprocess
@@ -14,10 +15,10 @@ import time
 import pytest
 import torch
 
+import test_chat
 from gptforge.chat_template import add_chat_template, render_conversation
 from gptforge.checkpoint import model_state, write_checkpoint
-from gptforge.config import GPTConfig, RunConfig
-from gptforge.model import GPT
+from gptforge.config import RunConfig
 from gptforge.sample import generate, sample_checkpoint
 from gptforge.serve.engine import Engine, Event, Request, Sequence
 from gptforge.tokenizer import CharTokenizer
@@ -29,15 +30,8 @@ httpx = pytest.importorskip("httpx")
 CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"
 
 
-def tiny_model(tok, seed=0, block_size=96, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=tok.vocab_size,
-                          dropout=0.0, **overrides))
-    with torch.no_grad():  # logits far apart: greedy ids do not hinge on rounding
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3)
-    return model.eval()
+# test_chat's tiny chat model, with room for the server tests' longer prompts
+tiny_model = functools.partial(test_chat.tiny_model, block_size=96)
 
 
 def save_run(path, model, tok):

@@ -27,7 +27,7 @@ from gptforge.device import autocast
 from gptforge.errors import UserError
 from gptforge.loggers import NoLogger
 from gptforge.optim import lr_at, lr_at_progress, set_lr
-from gptforge.progress import StepProgress
+from gptforge.progress import StepProgress, duration
 from gptforge.train.state import TrainResult, TrainState
 from gptforge.train.task import LMTask
 
@@ -46,12 +46,6 @@ def apply_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
 
 ESTIMATE_AFTER = 3  # steps measured (the first is warm-up) before the time estimate is logged
 LONG_RUN_S = 3600.0  # on a CPU, a run estimated longer than this gets a hint
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
-    return f"{h} h {rest // 60:02d} min" if h else f"{rest // 60} min {rest % 60:02d} s" if rest >= 60 else f"{rest} s"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -344,7 +338,7 @@ class Trainer:
         total = left * per_step + evals * (self._eval_s or 0.0)
         line = (f"time: {per_step:.3g} s/step measured over steps {st.step - ESTIMATE_AFTER + 2}-{st.step}; the "
                 f"{left:,} steps left{f' and {evals} evaluations' if self._eval_s else ''} take about "
-                f"{_duration(total)} on this machine ({self.device.type})")
+                f"{duration(total)} on this machine ({self.device.type})")
         if total > LONG_RUN_S and self.device.type != "cuda":
             line += ("; this recipe is meant for a GPU: on a CPU try --preset speedrun-cpu or "
                      "--preset shakespeare-char-cpu, or fewer --train.max_iters")

@@ -64,7 +64,7 @@ def build_trainer(cfg: RunConfig, rd: RunDir, world: dist.DistInfo, device, log:
     tokenizer = data.tokenizer()
     pretrained = load_init(cfg, tokenizer) if cfg.train.init_from and rd.resume_from is None else None
     set_vocab(cfg, data.vocab_size)
-    task = make_task(cfg, data)  # after load_init: the windows are the pretrained model's block size
+    task = make_task(cfg, data, tokenizer)  # after load_init: the windows are the pretrained model's block size
     if rd.resume_from is not None:
         check_resumable(cfg, rd.resume_from, tokenizer)
     accum = grad_accum_steps(cfg, world.world_size)
@@ -94,14 +94,14 @@ def build_trainer(cfg: RunConfig, rd: RunDir, world: dist.DistInfo, device, log:
                       eval_model=dist.eval_module(model, raw, mode), tokenizer=tokenizer, run_dir=rd.path,
                       tracker=tracker, hellaswag_examples=hs_examples, peak_flops=peak_flops(device, dtype), log=log,
                       on_step=on_step, verbosity=verbosity)
-    _log_start(trainer, rd, data)
+    _log_start(trainer, rd)
     if progress:  # after the summary, so the live line stays below it
         trainer.progress = StepProgress(max_iters=cfg.train.max_iters, time_budget=cfg.train.time_budget,
                                         initial_step=trainer.state.step, initial_elapsed=trainer.state.elapsed_s)
     return trainer
 
 
-def _log_start(trainer: Trainer, rd: RunDir, data) -> None:
+def _log_start(trainer: Trainer, rd: RunDir) -> None:
     """A few lines a person reads at start-up (the whole config is in RUN_DIR/config.json; -v prints it)."""
     import json
 
@@ -115,7 +115,6 @@ def _log_start(trainer: Trainer, rd: RunDir, data) -> None:
         return
     if trainer.verbosity >= 2:
         trainer.log(json.dumps(cfg.to_dict(), indent=2))
-    tok = data.tokenizer()
     parallel = f" ({t.dist})" if world.is_distributed else ""
     splits = ", ".join(f"{s} {len(trainer.task.splits[s]):,}" for s in ("train", "val"))
     length = f"{t.max_iters:,} step{'s' * (t.max_iters != 1)}" if t.time_budget is None else f"{t.time_budget:g} s (at most {t.max_iters:,} steps)"
@@ -125,7 +124,7 @@ def _log_start(trainer: Trainer, rd: RunDir, data) -> None:
         f"run: {rd.path} (config in {rd.path / 'config.json'})" + (f", resuming from {rd.resume_from} at step {trainer.state.step}" if rd.resume_from else ""),
         f"model: {raw.num_params() / 1e6:.2f}M parameters | {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
         f"block {m.block_size} | {m.pos}/{m.norm}/{m.mlp} | vocab {m.vocab_size:,}",
-        f"data: {cfg.data.dir} | {tok.kind} tokenizer | tokens {splits}",
+        f"data: {cfg.data.dir} | {trainer.tokenizer.kind} tokenizer | tokens {splits}",
         f"batch: {trainer.tokens_per_step:,} tokens/step = {t.batch_size} seqs x {m.block_size} tokens x {trainer.accum} accum "
         f"x {world.world_size} procs{parallel} | device {trainer.device} | {str(trainer.dtype).split('.')[-1]}{peak}",
         f"schedule: {length} | {schedule}",

@@ -146,13 +146,13 @@ def open_data_dir(cfg: RunConfig):
     return open_data(cfg.data.dir)
 
 
-def make_task(cfg: RunConfig, data):
+def make_task(cfg: RunConfig, data, tokenizer):
     """The task on the data's train and val splits, in the final model's block size (after --init-from): a
     ChatTask (SFT, the loss on the assistant's tokens) for chat data, else an LMTask."""
     if getattr(data, "kind", "tokens") == "chat":
         say = print if os.environ.get("RANK", "0") == "0" else None  # once, not once per process
         return ChatTask({s: (data.tokens(s), data.mask(s)) for s in ("train", "val")},
-                        bos_id=data.tokenizer().chat.bos_id, sampling=cfg.train.sampling,
+                        bos_id=tokenizer.chat.bos_id, sampling=cfg.train.sampling,
                         batch_size=cfg.train.batch_size, block_size=cfg.model.block_size, log=say)
     return LMTask(data.tokens("train"), data.tokens("val"), sampling=cfg.train.sampling,
                   batch_size=cfg.train.batch_size, block_size=cfg.model.block_size)
