@@ -8,7 +8,8 @@ Two measurements, both on random tokens and randomly initialised weights (no dat
 - `bench_generate`: greedy decoding through `gptforge.sample.stream` (KV cache): prompt processing
   (prefill) and per-token decoding speed at several batch sizes, optionally side by side with Hugging
   Face `generate` on the same weights, plus the memory bandwidth of this machine and the decode speed it
-  bounds (every weight is read once per decoded token).
+  bounds (every weight is read once per decoded token), and at batch 1 the GEMV ceiling: the step's
+  matrix products alone, timed between the decode runs.
 Figures depend on what else the machine is doing: compare within one run, not across runs.
 """
 
@@ -271,6 +272,37 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
+def decode_matmuls(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The Linear layers one decode step runs, in order: per block qkv, attention out, MLP in and out,
+    then the output layer."""
+    layers = []
+    for block in model.transformer.h:
+        layers += [block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj]
+    return layers + [model.lm_head]
+
+
+def gemv_timer(model: torch.nn.Module, device: torch.device) -> Callable[[], float]:
+    """A function that times a batch-1 decode step's matrix products alone, in seconds: one row through each
+    of `decode_matmuls`, with the model's own weights in their layout and the threads a decode step runs
+    with. What a step would cost with no attention, norms, Python or sampling around them."""
+    from gptforge.sample import decode_threads
+
+    layers = decode_matmuls(model)
+    rows = [torch.randn(1, 1, m.in_features, device=device, dtype=m.weight.dtype) for m in layers]
+
+    @torch.inference_mode()
+    def once() -> float:
+        synchronize(device)
+        t0 = time.perf_counter()
+        with decode_threads(device, 1):
+            for m, x in zip(layers, rows):
+                m(x)
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    return once
+
+
 def _hf_generate_once(hf, prompt: torch.Tensor, new_tokens: int) -> tuple[tuple[float, float], torch.Tensor]:
     """One greedy `transformers` generation of the prompt, timed like `_decode_once`: a streamer notes
     when the first new token arrives."""
@@ -348,7 +380,7 @@ def bench_generate(shapes: dict[str, GPTConfig], *, batch_sizes: Sequence[int] =
         seed_everything(seed)
         model = GPT(cfg).to(dev).eval()
         if dev.type == "cpu":
-            use_decode_layout(model)  # as `gptforge sample` does
+            use_decode_layout(model)  # as `load_checkpoint` loads every model onto a CPU
         g = torch.Generator(device=dev).manual_seed(seed)
         results = []
         for B in batch_sizes:
@@ -356,12 +388,22 @@ def bench_generate(shapes: dict[str, GPTConfig], *, batch_sizes: Sequence[int] =
             log(f"{name}: batch {B}, prompt {P}, {N} new tokens ...")
             with autocast(dev, dt):
                 generate(model, prompt, min(N, 4), temperature=0.0)  # warm-up: allocator, kernels, caches
-                runs = _timed_runs(lambda: _decode_once(model, prompt, N, dev), repeats, min_time)
+                if B == 1:  # the ceiling's runs between decode's, so that a change in the machine's load hits both
+                    gemv = gemv_timer(model, dev)
+                    gemv()  # warm-up
+                    pairs = _timed_runs(lambda: (_decode_once(model, prompt, N, dev), [gemv() for _ in range(4)]),
+                                        repeats, min_time)
+                    runs, gemv_s = [r for r, _ in pairs], statistics.median(t for _, ts in pairs for t in ts)
+                else:
+                    runs, gemv_s = _timed_runs(lambda: _decode_once(model, prompt, N, dev), repeats, min_time), None
             prefill_s, decode_s = _median_run(runs)
             results.append({"batch_size": B, "prefill_ms": prefill_s * 1e3,
                             "prefill_tokens_per_s": B * P / prefill_s,
                             "decode_ms_per_step": decode_s / (N - 1) * 1e3,
                             "decode_tokens_per_s": B * (N - 1) / decode_s, "runs": len(runs)})
+            if gemv_s is not None:
+                results[-1]["gemv_ceiling"] = {"ms_per_token": gemv_s * 1e3, "tokens_per_s": 1 / gemv_s,
+                                               "achieved_fraction": gemv_s * (N - 1) / decode_s}
         weights = weight_bytes_per_token(model)
         kv_bytes = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * (P + N / 2) * torch.finfo(dt).bits // 8
         bound = bandwidth / (weights + kv_bytes)
@@ -421,7 +463,7 @@ def _compare_hf(model, cfg: GPTConfig, P: int, N: int, dev: torch.device, g, rep
 
 def format_generate(r: dict[str, Any]) -> str:
     bw = r["bandwidth_bytes_per_s"]
-    layout = " | weights in decode layout, as `gptforge sample` keeps them on CPU" if r["decode_layout"] else ""
+    layout = " | weights in decode layout, as `load_checkpoint` gives them on CPU" if r["decode_layout"] else ""
     lines = [f"gptforge bench --generate: greedy decoding with the KV cache, random weights | {r['device']} "
              f"({r['device_name']}) | {r['dtype']} | {r['threads']} threads{layout}",
              f"memory bandwidth: {bw / 1e9:.1f} GB/s ({r['bandwidth_mb']} MB tensor copy, read + write bytes, median)"]
@@ -444,6 +486,11 @@ def format_generate(r: dict[str, Any]) -> str:
         if weights_mb < 64 and r["device"] == "cpu":
             line += " (the weights fit in the CPU caches: per-step overhead, not bandwidth, sets the pace)"
         lines.append(line)
+        ceiling = next((x["gemv_ceiling"] for x in s["results"] if "gemv_ceiling" in x), None)
+        if ceiling is not None:
+            lines.append(f"  GEMV ceiling, batch 1: the step's {4 * m.n_layer + 1} matrix products alone (one row each, "
+                         f"decode's layout and threads) take {ceiling['ms_per_token']:.2f} ms = "
+                         f"{ceiling['tokens_per_s']:,.1f} tokens/s; decode reaches {ceiling['achieved_fraction'] * 100:.0f}% of it")
         h = s["hf"]
         if h is not None:
             same = "tokens identical" if h["tokens_identical"] else \

@@ -118,6 +118,12 @@ class GPTConfig:
     """share the token embedding matrix with the output head"""
     zero_init_proj: bool = False
     """initialise the projections into the residual stream (attn and mlp c_proj) to zero, so every block starts as the identity"""
+    value_embeds: bool = False
+    """give every layer a learned vector per token that is added to its attention values (value embeddings)"""
+    unet_skips: bool = False
+    """U-net: the first half of the blocks hand their outputs to the mirrored blocks of the second half, added in with learned weights"""
+    logit_softcap: Optional[float] = None
+    """squash the output logits smoothly into (-cap, cap) with cap * tanh(logits / cap); null = plain logits"""
     attention: Literal["sdpa", "manual"] = "sdpa"
     """scaled_dot_product_attention (fast, flash on GPU) or the step-by-step version for learners"""
 
@@ -141,7 +147,7 @@ class GPTConfig:
         _check_ranges("model", self, {
             **{name: "at least 1" for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd",
                                                "n_kv_head", "mlp_hidden")},
-            "dropout": "in [0, 1)", "norm_eps": "> 0", "rope_theta": "> 0"})  # eps <= 0 or theta 0: NaN loss
+            "dropout": "in [0, 1)", "norm_eps": "> 0", "rope_theta": "> 0", "logit_softcap": "> 0"})  # eps <= 0 or theta 0: NaN loss
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
@@ -222,6 +228,8 @@ class TrainConfig:
     """evaluate, log and checkpoint every this many steps"""
     eval_iters: int = 20
     """batches per split in the periodic evaluation (a fixed token budget)"""
+    eval_at_start: bool = True
+    """evaluate before the first step too (the untrained model's loss); false spends that time training"""
     full_val_at_end: bool = False
     """at the end, also measure the loss over the whole val split in non-overlapping windows of block_size (val_loss_full)"""
     log_interval: int = 10
@@ -439,7 +447,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "min_lr": 0.0, "schedule": "linear", "warmup_iters": 30, "beta1": 0.9, "beta2": 0.99,
                   "weight_decay": 0.1, "grad_clip": 1.0},
         "train": {"time_budget": 60.0, "max_iters": 1_000_000, "batch_size": 12, "total_batch_size": None,
-                  "eval_interval": 500, "eval_iters": 10, "log_interval": 50, "dtype": "float32",
+                  "eval_interval": 500, "eval_iters": 10, "eval_at_start": False, "log_interval": 50, "dtype": "float32",
                   "compile": False, "full_val_at_end": True},
     },
     # Supervised fine-tuning on conversations (`gptforge prepare FILE --chat`, then --train.init_from a base

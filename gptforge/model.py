@@ -96,12 +96,15 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.use_sdpa = config.attention == "sdpa"
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]], kv_cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]], kv_cache=None,
+                value_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, C = x.size()
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([q_size, kv_size, kv_size], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if value_embed is not None:  # (B, T, nkv * hs): this layer's learned vector for each token
+            v = v + value_embed
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -166,8 +169,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope=None, kv_cache=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, kv_cache)
+    def forward(self, x: torch.Tensor, rope=None, kv_cache=None, value_embed=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, value_embed)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -190,6 +193,11 @@ class GPT(nn.Module):
             cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)  # derived, never saved
             self.register_buffer("rope_sin", sin, persistent=False)
+        if config.value_embeds:  # looked up by token id, like wte: AdamW trains them as it trains the embeddings
+            kv_size = config.n_kv_head * config.head_dim
+            self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, kv_size) for _ in range(config.n_layer))
+        if config.unet_skips:  # block n_layer-1-i adds skip_weights[i] x the output of block i, for i < n_layer // 2
+            self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight
@@ -218,16 +226,35 @@ class GPT(nn.Module):
             block.compile()
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; by default without the position embeddings (GPT-2's convention)."""
+        """Parameter count; by default without the lookup tables that are not also a matmul: the position
+        embeddings (GPT-2's convention) and the value embeddings."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and self.config.pos == "learned":
             n -= self.transformer.wpe.weight.numel()
+        if non_embedding and self.config.value_embeds:
+            n -= sum(e.weight.numel() for e in self.value_embeds)
         return n
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward): 6 N plus attention's 12 L H T (PaLM appendix B)."""
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+
+    def _blocks(self, x: torch.Tensor, idx: torch.Tensor, rope, kv_cache) -> torch.Tensor:
+        """The transformer blocks in order, with the value embeddings and U-net skips when the config has them."""
+        c = self.config
+        if not (c.value_embeds or c.unet_skips):
+            for block in self.transformer.h:
+                x = block(x, rope, kv_cache)
+            return x
+        skips, half = [], c.n_layer // 2
+        for i, block in enumerate(self.transformer.h):
+            if c.unet_skips and i >= c.n_layer - half:
+                x = x + self.skip_weights[c.n_layer - 1 - i] * skips.pop()
+            x = block(x, rope, kv_cache, self.value_embeds[i](idx) if c.value_embeds else None)
+            if c.unet_skips and i < half:
+                skips.append(x)
+        return x
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, kv_cache=None,
                 last_only: bool = False) -> torch.Tensor:
@@ -254,14 +281,16 @@ class GPT(nn.Module):
                 rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))  # (B, 1, T, hs): the same angles for every head
         if self.training:
             x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, rope, kv_cache)
+        x = self._blocks(x, idx, rope, kv_cache)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.advance(T)
         if last_only and targets is None:
             x = x[:, -1:]  # (B, 1, C)
         logits = self.lm_head(x)  # (B, T, vocab)
+        if self.config.logit_softcap is not None:  # bounded logits: no token grows confident faster than the rest learn
+            cap = self.config.logit_softcap
+            logits = torch.tanh(logits / cap) * cap
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)

@@ -9,8 +9,10 @@ budget, of the fraction of the budget used), so a resumed run needs nothing but 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -70,7 +72,45 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return (x[0] if single else x).to(g.dtype)
 
 
-class MuonAdamW(torch.optim.AdamW):
+# torch.optim marks Optimizer.add_param_group, zero_grad, state_dict and load_state_dict as never to be traced by
+# torch.compile with a wrapper that imports torch._dynamo on its first call, and Adam's step imports it on every
+# call to place graph breaks: 2.1 s of a CPU run's start-up here (cProfile of `gptforge train --preset
+# speedrun-cpu`), a sixth of the whole process at an eighth of nanoGPT's recipe's time. The marks only matter when
+# compiled code calls the optimizer, which gptforge never does (compile covers the model's blocks), so an
+# optimizer built and stepped by gptforge skips them until something else has imported torch._dynamo.
+_DYNAMO_MARKED = ("add_param_group", "zero_grad", "state_dict", "load_state_dict")
+
+
+@contextlib.contextmanager
+def eager_optimizers():
+    """Within this context, torch optimizers call the methods under their torch._dynamo marks directly (the marks'
+    own cache, "__dynamo_disable", set to the plain method); on exit every mark is as torch left it."""
+    set_here = []
+    for name in _DYNAMO_MARKED:
+        plain = getattr(getattr(torch.optim.Optimizer, name), "__wrapped__", None)
+        if plain is not None and not hasattr(plain, "__dynamo_disable") and "torch._dynamo" not in sys.modules:
+            setattr(plain, "__dynamo_disable", plain)
+            set_here.append(plain)
+    try:
+        yield
+    finally:
+        for plain in set_here:
+            if getattr(plain, "__dynamo_disable", None) is plain:
+                delattr(plain, "__dynamo_disable")
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, stepped without importing torch._dynamo while nothing else has (see eager_optimizers)."""
+
+    def step(self, closure=None):
+        plain = inspect.unwrap(torch.optim.Adam.step)
+        if plain is torch.optim.Adam.step or "torch._dynamo" in sys.modules:
+            return super().step(closure)
+        with torch.no_grad():  # what the mark does outside torch.compile (the optimizer is not differentiable)
+            return plain(self, closure)
+
+
+class MuonAdamW(AdamW):
     """AdamW, except that param groups marked {"muon": True} are updated by Muon.
 
     Muon: a Nesterov momentum buffer per matrix, orthogonalised (`orthogonalize`), scaled by
@@ -114,7 +154,7 @@ class MuonAdamW(torch.optim.AdamW):
                 p.add_(update, alpha=-group["lr"] * scale)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> AdamW:
     """AdamW (or MuonAdamW); a group may carry "lr_scale", its learning rate relative to the schedule's."""
     fused_ok = device.type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     fused = fused_ok if cfg.fused is None else cfg.fused
@@ -124,8 +164,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     if cfg.optimizer == "muon":
         return MuonAdamW(muon_param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                          **kwargs)
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, **kwargs)
+    return AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                 **kwargs)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

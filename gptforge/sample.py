@@ -13,6 +13,7 @@ run that same full-window forward.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -150,23 +151,60 @@ def sample_next(
 
 
 def use_decode_layout(model: torch.nn.Module) -> torch.nn.Module:
-    """Keep every Linear weight of `model` transposed in memory, (in, out) row by row, with the same shape,
-    values and names; returns the model. For a model that is about to decode on a CPU.
+    """Keep the Linear weights that decoding reads faster transposed in memory, (in, out) row by row, with
+    the same shape, values and names; returns the model. For a model that is about to decode on a CPU;
+    `load_checkpoint` applies it to every model it loads onto the CPU.
 
     Decoding one token multiplies a single row by every weight matrix, so its speed is the speed of
-    reading the weights. With MKL on an AMD EPYC, a one-row matmul streams (in, out)-ordered weights 1.5x
-    faster than nn.Linear's (out, in) order (13 -> 20 GB/s; GPT-2 124M decodes 1.2x faster at batch 1, see
-    `gptforge bench --generate`), and prefill is no slower. Training still works and checkpoints are still
-    written contiguous, but that is not what this is for: `gptforge sample` applies it to the model it
-    loaded, `generate` never changes a caller's model.
+    reading the weights, and with MKL that depends on the layout (AMD EPYC, fp32, GB/s read by a one-row
+    product, (out, in) vs (in, out) storage; F.linear, mv, addmv and addmm all alike):
+    qkv 2304x768 10.5 vs 14.4, fc 3072x768 9.9 vs 15.1, head 50304x768 10.5 vs 13.8, but the MLP's
+    768x3072 down-projection 14.5 vs 12.0, and 768x768 the same either way. So only weights with more
+    outputs than inputs are transposed: GPT-2 124M decodes 24.2 tok/s so, 22.9 with every weight
+    transposed and 19.2 with none (same run). Prefill is no slower and training still works (checkpoints
+    are written contiguous); products of 8 rows or more give bit-identical results, those of one or two
+    rows differ in the last bits.
+    Changing the layout costs a transposed copy of each weight (0.4 s for 124M, about ten decode steps),
+    which is why `generate` does not do it per call: a caller's model is theirs.
     A tied embedding matrix is transposed with the output layer; a lookup reads a strided row, which costs
     microseconds for a few tokens.
     """
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
+            if (isinstance(module, torch.nn.Linear) and module.out_features > module.in_features
+                    and module.weight.is_contiguous()):
                 module.weight.data = module.weight.data.t().contiguous().t()  # (out, in) shape, (in, out) storage
     return model
+
+
+# A step that decodes a few rows reads every weight once and computes little, and one core reads them as
+# fast as two here (AMD EPYC, 2 threads: a one-row product reads 13.8 GB/s with 1 thread or 2). A second
+# OpenMP thread only adds a hand-off to each of the ~200 small ops of a step, and while anything else runs
+# on the machine every hand-off waits for the OS to schedule the helper: GPT-2 124M decoded 3.2 tok/s with
+# 2 threads and 14 with 1 at load average 4 (same run). Bigger batches have real arithmetic to share.
+DECODE_ONE_THREAD_ROWS = 4
+
+
+@contextmanager
+def decode_threads(device: torch.device, rows: int):
+    """Run a decode step of `rows` rows single-threaded on a CPU (see DECODE_ONE_THREAD_ROWS); the caller's
+    thread count is back on exit, so prefill, training and the caller's own code keep theirs."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or rows > DECODE_ONE_THREAD_ROWS or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)  # 0.3 us a switch, nothing next to a step
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def decode_step(model: torch.nn.Module, idx: torch.Tensor, kv_cache) -> torch.Tensor:
+    """Logits (B, V) after one new token per row, idx (B, 1), on `kv_cache`: the step `stream` and the
+    server's engine both run."""
+    with decode_threads(idx.device, idx.size(0)):
+        return model(idx, kv_cache=kv_cache, last_only=True)[:, -1]
 
 
 def _cache_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
@@ -190,6 +228,23 @@ def prefill(model: torch.nn.Module, idx: torch.Tensor, kv_cache: KVCache) -> tor
         raise SamplingError(f"{idx.size(1)} new tokens do not fit after the {kv_cache.pos} in the cache "
                             f"(block_size {kv_cache.block_size})")
     return model(idx, kv_cache=kv_cache, last_only=True)[:, -1]
+
+
+def _prefill_rows(model: torch.nn.Module, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """`prefill` of idx (B, T) onto an empty cache; B copies of one prompt (`--num-samples`) are run once
+    and their keys and values copied to every row. A row's numbers do not depend on the rows beside it
+    (each is its own product over the same weights; tests check the tokens are the same), so the samples
+    are those of B prefills, for the price of one: a 200-token prompt for 8 samples of GPT-2 124M took
+    6.6 s batched and 2.4 s so (CPU, 2 threads, a loaded machine; same run)."""
+    B, T = idx.shape
+    if B == 1 or not bool((idx == idx[:1]).all()):
+        return prefill(model, idx, cache)
+    one = KVCache(1, model.config, idx.device, cache.k.dtype)  # untouched positions are never committed
+    logits = prefill(model, idx[:1], one)  # (1, V)
+    cache.k[:, :, :, :T] = one.k[:, :, :, :T]  # (L, 1, nkv, T, hs) broadcast to every row
+    cache.v[:, :, :, :T] = one.v[:, :, :, :T]
+    cache.advance(T)
+    return logits.expand(B, -1).contiguous()  # (B, V): filters and the sampler write rows of their own
 
 
 def _check_args(idx: torch.Tensor, max_new_tokens: int) -> None:
@@ -227,6 +282,8 @@ def stream(
     token but the last one yielded. The whole decode must fit in it: kv_cache.pos + T + max_new_tokens - 1
     <= block_size (the last token is yielded, never fed back).
 
+    A batch of identical prompts (several samples of one prompt) is prefilled once and its cache copied to
+    every row; steps of a few rows run single-threaded on a CPU (`decode_threads`).
     The loop is lean because a small model's decode step costs little more than its Python: tokens go
     into a buffer allocated once, greedy decoding is a bare argmax written in place, and the only host
     sync per step is the end-of-text check, made only when eot_id is given.
@@ -252,10 +309,11 @@ def stream(
                 raise SamplingError(f"{T} new tokens and {max_new_tokens} to generate do not fit after the "
                                     f"{cache.pos} in the cache (batch {cache.batch_size}, block_size {block_size})")
             logits = prefill(model, idx, cache)  # (B, V)
+        elif use_kv_cache and T < block_size:
+            cache = new_kv_cache(model, B, idx.device)
+            logits = _prefill_rows(model, idx, cache)  # (B, V)
         else:
-            if use_kv_cache and T < block_size:
-                cache = new_kv_cache(model, B, idx.device)
-            logits = model(idx[:, -block_size:], kv_cache=cache, last_only=True)[:, -1]  # (B, V)
+            logits = model(idx[:, -block_size:], last_only=True)[:, -1]  # (B, V)
         for step in range(max_new_tokens):
             t = T + step
             row = tokens[t]  # (B,)
@@ -270,7 +328,7 @@ def stream(
             if step == max_new_tokens - 1 or (done is not None and bool(done.all())):
                 return
             if cache is not None and cache.pos < block_size:
-                logits = model(tokens[t:t + 1].t(), kv_cache=cache, last_only=True)[:, -1]  # (B, V)
+                logits = decode_step(model, tokens[t:t + 1].t(), cache)  # (B, V)
             else:
                 cache = None  # full: from here on the plain path, which the cached one must equal exactly
                 logits = model(tokens[max(0, t + 1 - block_size):t + 1].t(), last_only=True)[:, -1]
@@ -409,7 +467,7 @@ def sample_checkpoint(run, prompt: str = "\n", *, num_samples: int = 1, max_new_
     sample_next(torch.zeros(1, 2), temperature, top_k, top_p)
     dev = pick_device(device)
     ck = load_any(run, dev, which)
-    if dev.type == "cpu":
+    if dev.type == "cpu":  # load_checkpoint has done it already; GPT-2 and nanoGPT loads have not
         use_decode_layout(ck.model)  # this model only decodes: store its weights the way one-token steps read them
     tok = ck.tokenizer
     ids = tok.encode(prompt)

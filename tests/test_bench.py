@@ -54,7 +54,19 @@ def test_generate_bench_reports_prefill_and_decode_per_batch_size(capsys):
     assert bound["weight_bytes_per_token"] == 4 * sum(p.numel() for p in GPT(GPTConfig(**shape["model"])).parameters()
                                                       ) - 4 * 32 * 32  # all weights but the position table
     assert bound["tokens_per_s"] > 0 and bound["achieved_fraction"] > 0
+    ceiling = shape["results"][0]["gemv_ceiling"]  # batch 1 only: the step's matrix products alone
+    assert ceiling["tokens_per_s"] > 0 and ceiling["achieved_fraction"] > 0 and "gemv_ceiling" not in shape["results"][1]
     assert shape["hf"] is None
+
+
+def test_gemv_ceiling_times_every_matrix_product_of_a_decode_step():
+    from gptforge.bench import decode_matmuls
+
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    layers = decode_matmuls(model)
+    assert len(layers) == 4 * 3 + 1 and layers[-1] is model.lm_head
+    weights = {id(m.weight) for m in layers}
+    assert weights == {id(p) for n, p in model.named_parameters() if p.dim() == 2 and "wpe" not in n}  # none missed
 
 
 @pytest.mark.integration

@@ -61,6 +61,18 @@ def test_stop_decision_on_step_callback_and_stop_after():
     assert tr.fit().interrupted == "STOP" and tr.state.step == 3
     tr2 = make_trainer(max_iters=50, stop_after=2)
     assert tr2.fit().step == 2
+    # stop_after reaching the last step is the end of the run, not a stop: the final evaluation happens
+    tr3 = make_trainer(max_iters=6, stop_after=6)
+    result = tr3.fit()
+    assert result.interrupted is None and tr3.state.last_eval_step == 6
+
+
+def test_eval_at_start_false_spends_step_zero_training():
+    tr = make_trainer(max_iters=4, eval_at_start=False)
+    assert not tr.eval_due()
+    tr.fit()
+    assert tr.state.last_eval_step == 4  # the periodic one at step 4, which is also the final one
+    assert make_trainer().eval_due()  # the default: evaluate the untrained model first
 
 
 class MaskedTask(LMTask):

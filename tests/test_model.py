@@ -24,6 +24,9 @@ VARIANTS = {
     "no_bias_untied": dict(bias=False, tie_embeddings=False),
     "modern": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, qk_norm=True, bias=False,
                    tie_embeddings=False),
+    "value_embeds": dict(value_embeds=True, n_kv_head=2),
+    "unet_skips": dict(unet_skips=True, n_layer=3),
+    "logit_softcap": dict(logit_softcap=5.0),
 }
 
 
@@ -179,3 +182,41 @@ def test_public_api_imports():
     assert G is GPT and C is GPTConfig and callable(generate) and callable(load_checkpoint)
     with pytest.raises(AttributeError):
         gptforge.nope
+
+
+def test_value_embeds_and_unet_skips_at_zero_are_the_plain_model():
+    """The wiring: zero value vectors and zero skip weights leave exactly the plain model's logits."""
+    torch.manual_seed(0)
+    plain = GPT(tiny(n_layer=4, pos="rope"))
+    full = GPT(tiny(n_layer=4, pos="rope", value_embeds=True, unet_skips=True))
+    missing = full.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["skip_weights"] + [f"value_embeds.{i}.weight" for i in range(4)]
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        for e in full.value_embeds:
+            e.weight.zero_()
+        full.skip_weights.zero_()
+        assert torch.equal(full(x), plain(x))
+        full.skip_weights.fill_(1.0)  # now block 3 sees block 0's output, block 2 block 1's
+        assert not torch.allclose(full(x), plain(x))
+    assert full.num_params() == plain.num_params() + 2  # value tables are lookups, not counted; two skip weights
+
+
+def test_logit_softcap_bounds_the_logits():
+    torch.manual_seed(0)
+    model = GPT(tiny(logit_softcap=2.0))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000)  # raw logits in the hundreds
+        logits = model(torch.randint(0, 64, (2, 16)))
+    assert logits.abs().max() <= 2.0 and logits.abs().max() > 1.9
+    with pytest.raises(ConfigError, match="logit_softcap"):
+        tiny(logit_softcap=0.0).validate()
+
+
+def test_new_rungs_refuse_hugging_face_export():
+    from gptforge.errors import UserError
+    from gptforge.hf import hf_architecture
+
+    for option in (dict(value_embeds=True), dict(unet_skips=True), dict(logit_softcap=15.0)):
+        with pytest.raises(UserError, match=f"model.{next(iter(option))} is not mapped"):
+            hf_architecture(tiny(**option))

@@ -123,3 +123,46 @@ def test_muon_groups_and_step():
     opt2 = build_optimizer(model, cfg, torch.device("cpu"))
     opt2.load_state_dict(opt.state_dict())
     torch.testing.assert_close(opt2.state[w]["momentum_buffer"], opt.state[w]["momentum_buffer"])
+
+
+def test_optimizers_build_step_and_save_without_importing_dynamo():
+    """torch.optim's compile marks import torch._dynamo (2 s of a CPU run's start-up); gptforge's own steps skip
+    them, and the marks are as torch left them once the context ends. A fresh process: other tests import it."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from gptforge.config import OptimConfig
+from gptforge.optim import build_optimizer, eager_optimizers
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+for name in ("adamw", "muon"):
+    with eager_optimizers():
+        opt = build_optimizer(model, OptimConfig(optimizer=name), torch.device("cpu"))
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step(); opt.zero_grad(); opt.load_state_dict(opt.state_dict())
+assert "torch._dynamo" not in sys.modules, "imported"
+plain = torch.optim.Optimizer.zero_grad.__wrapped__
+assert not hasattr(plain, "__dynamo_disable"), "mark left changed"
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_eager_adamw_steps_exactly_as_torch_adamw():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    b.load_state_dict(a.state_dict())
+    from gptforge.optim import AdamW, eager_optimizers
+
+    with eager_optimizers():
+        ours = AdamW(a.parameters(), lr=1e-2, weight_decay=0.1)
+        theirs = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
+        for _ in range(3):
+            x = torch.randn(5, 8)
+            for m, opt in ((a, ours), (b, theirs)):
+                opt.zero_grad()
+                m(x).pow(2).sum().backward()
+                opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

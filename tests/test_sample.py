@@ -398,3 +398,84 @@ def test_decode_layout_keeps_shapes_ties_logits_and_greedy_tokens(variant):
         torch.testing.assert_close(moved(idx), model(idx), atol=1e-5, rtol=1e-5)
     assert torch.equal(generate(moved, idx, 20, temperature=0.0), generate(model, idx, 20, temperature=0.0))
     assert all(v.shape == model.state_dict()[k].shape for k, v in moved.state_dict().items())
+
+
+def test_decode_layout_transposes_only_weights_with_more_outputs_than_inputs():
+    from gptforge.sample import use_decode_layout
+
+    model = use_decode_layout(tiny_model())
+    block = model.transformer.h[0]
+    assert not block.attn.c_attn.weight.is_contiguous() and not block.mlp.c_fc.weight.is_contiguous()  # 96x32, 128x32
+    assert block.mlp.c_proj.weight.is_contiguous()  # 32x128: read faster as (out, in)
+    assert block.attn.c_proj.weight.is_contiguous()  # square: no faster either way
+
+
+def test_load_checkpoint_gives_cpu_models_in_decode_layout_with_the_same_tokens(tmp_path):
+    from gptforge import checkpoint as ck
+    from gptforge.config import RunConfig
+    from gptforge.tokenizer import CharTokenizer
+
+    model = tiny_model()
+    cfg = RunConfig()
+    cfg.model = model.config
+    ck.write_checkpoint(tmp_path / "c", ck.model_state(model), cfg, CharTokenizer("abcdefgh", eot=False), None)
+    loaded = ck.load_checkpoint(tmp_path / "c").model
+    assert not loaded.lm_head.weight.is_contiguous()  # the README path: load_checkpoint then generate
+    idx = prompt(1, 5)
+    assert torch.equal(generate(loaded, idx, 10, temperature=0.0), generate(model, idx, 10, temperature=0.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode steps: one thread for few rows; identical prompts prefilled once
+
+
+def _threads_in_forwards(model, run):
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args[0].shape, torch.get_num_threads())),
+                                           with_kwargs=True)
+    try:
+        run()
+    finally:
+        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("B", [1, 8])
+def test_few_row_decode_steps_run_single_threaded_and_restore_the_thread_count(B):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = tiny_model()
+        seen = _threads_in_forwards(model, lambda: generate(model, prompt(B, 3), 5, temperature=0.0))
+        assert seen[0] == (torch.Size([B, 3]), 2)  # prefill keeps the caller's threads
+        assert {n for _, n in seen[1:]} == {1 if B <= 4 else 2}  # decode steps
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_identical_prompts_are_prefilled_once_and_sample_exactly_as_a_batched_prefill(variant):
+    from gptforge.sample import new_kv_cache
+
+    model = tiny_model(**VARIANTS[variant])
+    idx = prompt(1, 6).repeat(5, 1)  # `gptforge sample --num-samples 5`
+
+    def sampled(**kw):
+        g = torch.Generator().manual_seed(7)
+        return generate(model, idx, 9, temperature=1.0, top_k=20, generator=g, **kw)
+
+    seen = _threads_in_forwards(model, lambda: sampled())
+    assert seen[0][0] == torch.Size([1, 6])  # the prompt ran once
+    shared = sampled()
+    batched = sampled(kv_cache=new_kv_cache(model, 5, idx.device))  # the old path: 5 identical rows prefilled
+    assert torch.equal(shared, batched)
+    assert len({tuple(r) for r in shared[:, 6:].tolist()}) > 1  # rows sample on their own: no shared cache rows
+
+
+def test_different_prompts_are_still_prefilled_together():
+    model = tiny_model()
+    idx = torch.cat([prompt(1, 6, seed=1), prompt(1, 6, seed=2)])
+    seen = _threads_in_forwards(model, lambda: generate(model, idx, 3, temperature=0.0))
+    assert seen[0][0] == torch.Size([2, 6])
+    assert torch.equal(generate(model, idx, 3, temperature=0.0)[1:], generate(model, idx[1:], 3, temperature=0.0))

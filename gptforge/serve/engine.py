@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from gptforge.device import autocast
-from gptforge.sample import KVCache, TextStreamer, filtered_probs, new_kv_cache
+from gptforge.sample import KVCache, TextStreamer, decode_step, filtered_probs, new_kv_cache
 
 log = logging.getLogger("gptforge.serve")
 
@@ -346,7 +346,7 @@ class Engine:
         cache = self._cache
         cache.begin_step()
         idx = torch.tensor([[s.last] for s in self._rows], device=self.device)  # (B, 1)
-        logits = self.model(idx, kv_cache=cache, last_only=True)[:, -1]  # (B, V)
+        logits = decode_step(self.model, idx, cache)  # (B, V), as `stream` steps (single-threaded for few rows)
         tokens = sample_rows(logits, self._rows, self.tok.vocab_size)
         finished = [b for b, (s, t) in enumerate(zip(self._rows, tokens)) if s.take(t)]
         for b in reversed(finished):

@@ -293,7 +293,8 @@ class Trainer:
         return self.state.step >= t.max_iters or (t.time_budget is not None and self.elapsed >= t.time_budget)
 
     def eval_due(self) -> bool:
-        return self.state.step % self.cfg.train.eval_interval == 0 and self.state.step != self.state.last_eval_step
+        step, t = self.state.step, self.cfg.train
+        return step % t.eval_interval == 0 and step != self.state.last_eval_step and (step > 0 or t.eval_at_start)
 
     def hellaswag_due(self) -> bool:
         every, st = self.cfg.eval.hellaswag_every, self.state
@@ -304,8 +305,8 @@ class Trainer:
         if self.on_step is not None and self.on_step(self.state.step, row):
             stopper.signal_name = stopper.signal_name or "STOP"
         stop_after = self.cfg.train.stop_after
-        if stop_after is not None and self.state.step - first_step >= stop_after:
-            stopper.signal_name = stopper.signal_name or "STOP"
+        if stop_after is not None and self.state.step - first_step >= stop_after and not self.finished():
+            stopper.signal_name = stopper.signal_name or "STOP"  # (a stop at the last step is just the end)
         stop = stopper.signal_name is not None
         self.elapsed = time.perf_counter() - self.t_start
         if self.world.is_distributed:  # all ranks must leave the loop at the same step, with the same lr

@@ -31,11 +31,14 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     notes and the end, 1 a start-up summary, the time estimate and a line every train.log_interval steps,
     2 also the whole config and every step. `progress` draws a live line on a terminal (stderr).
     """
+    from gptforge.optim import eager_optimizers
+
     run_dir = Path(run_dir)
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before anything is started: bad values fail fast
     world, device = dist.init(cfg.train.device)
     try:
         with ExitStack() as stack:
+            stack.enter_context(eager_optimizers())
             rd = open_run_dir(run_dir, resume=resume, overwrite=overwrite, world=world, stack=stack)
             trainer = build_trainer(cfg, rd, world, device, log if world.is_main else _silent, on_step,
                                     verbosity=verbosity, progress=progress and world.is_main and is_terminal())
