@@ -20,6 +20,7 @@ import torch
 
 from gptforge import nanogpt
 from gptforge.errors import UserError
+from gptforge.sample import use_decode_layout
 from gptforge.tokenizer import CharTokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
@@ -182,6 +183,7 @@ def test_import_writes_a_gptforge_checkpoint(tmp_path):
     assert (ck.config.train.device, ck.config.train.compile, ck.config.data.dir) == ("auto", False, str(data))
     assert ck.tokenizer.encode("Speak, speak.") == [stoi[c] for c in "Speak, speak."]
     ref, _, _ = nanogpt.load_init(tmp_path / "ckpt.pt", data)
+    use_decode_layout(ref)  # as load_checkpoint stores CPU weights: the same layout sums in the same order
     idx = torch.tensor([[stoi[c] for c in "All:\nSpeak"]])
     with torch.no_grad():
         torch.testing.assert_close(ck.model(idx), ref(idx), rtol=0, atol=0)
