@@ -462,6 +462,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", which:
 
         # A loaded model is mostly decoded from, and on a CPU decoding reads (in, out)-stored weights 1.3x
         # faster; relaying out per `generate` call would cost ten decode steps of 124M each time (see
-        # use_decode_layout). Forwards of 8 rows or more give bit-identical results; training still works.
+        # use_decode_layout). Results may differ from the contiguous layout's in the last bits; training works.
         use_decode_layout(model)
     return Checkpoint(model=model, tokenizer=tokenizer, config=config, path=ckpt, state=state)

@@ -478,16 +478,22 @@ def load_pretrained_checkpoint(name_or_dir: str | Path, device: str | torch.devi
 def load_any(run: str | Path, device: str | torch.device = "cpu", which: str = "latest"):
     """What `eval` and `sample` load for their RUN argument, as a `Checkpoint`: GPT-2 or a Hugging Face model
     directory (`load_pretrained_checkpoint`), else a gptforge run or checkpoint directory (`which` of a
-    run: "latest" or "best")."""
+    run: "latest" or "best"). On a CPU every one comes in the decode layout, as `load_checkpoint` gives it."""
     if is_hf_source(run):
-        return load_pretrained_checkpoint(run, device)
-    if str(run).endswith(".pt") and Path(run).is_file():  # nanoGPT's ckpt.pt, read with weights_only=True
+        ck = load_pretrained_checkpoint(run, device)
+    elif str(run).endswith(".pt") and Path(run).is_file():  # nanoGPT's ckpt.pt, read with weights_only=True
         from gptforge.nanogpt.checkpoint import load_nanogpt_checkpoint
 
-        return load_nanogpt_checkpoint(run, device)
-    from gptforge.checkpoint import load_checkpoint
+        ck = load_nanogpt_checkpoint(run, device)
+    else:
+        from gptforge.checkpoint import load_checkpoint
 
-    return load_checkpoint(run, device=device, which=which)
+        return load_checkpoint(run, device=device, which=which)
+    if next(ck.model.parameters()).device.type == "cpu":
+        from gptforge.sample import use_decode_layout
+
+        use_decode_layout(ck.model)  # GPT-2 and nanoGPT loads decode (sample, chat, serve) as fast as our own
+    return ck
 
 
 def import_hf(name_or_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Any]:

@@ -162,8 +162,8 @@ def use_decode_layout(model: torch.nn.Module) -> torch.nn.Module:
     768x3072 down-projection 14.5 vs 12.0, and 768x768 the same either way. So only weights with more
     outputs than inputs are transposed: GPT-2 124M decodes 24.2 tok/s so, 22.9 with every weight
     transposed and 19.2 with none (same run). Prefill is no slower and training still works (checkpoints
-    are written contiguous); products of 8 rows or more give bit-identical results, those of one or two
-    rows differ in the last bits.
+    are written contiguous); results can differ from the contiguous layout's in the last bits (MKL sums in
+    another order: 4.8e-7 in a 10-token forward of a char model), so compare models in the same layout.
     Changing the layout costs a transposed copy of each weight (0.4 s for 124M, about ten decode steps),
     which is why `generate` does not do it per call: a caller's model is theirs.
     A tied embedding matrix is transposed with the output layer; a lookup reads a strided row, which costs
@@ -466,9 +466,7 @@ def sample_checkpoint(run, prompt: str = "\n", *, num_samples: int = 1, max_new_
     _check_request(num_samples, max_new_tokens)  # bad settings fail before any work or output
     sample_next(torch.zeros(1, 2), temperature, top_k, top_p)
     dev = pick_device(device)
-    ck = load_any(run, dev, which)
-    if dev.type == "cpu":  # load_checkpoint has done it already; GPT-2 and nanoGPT loads have not
-        use_decode_layout(ck.model)  # this model only decodes: store its weights the way one-token steps read them
+    ck = load_any(run, dev, which)  # on a CPU, in the decode layout
     tok = ck.tokenizer
     ids = tok.encode(prompt)
     if not ids:

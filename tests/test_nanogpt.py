@@ -408,6 +408,19 @@ def test_config_value_of_the_wrong_type_is_refused(tmp_path):
     single_line(e.value)
 
 
+def test_load_any_gives_a_ckpt_pt_the_decode_layout_as_load_checkpoint_does(tmp_path, monkeypatch):
+    """sample, chat and serve load a ckpt.pt through load_any: on a CPU it decodes in the same layout."""
+    from gptforge.hf import load_any
+
+    stoi = write_char_data(tmp_path / "data" / "shakespeare_char")
+    write_ckpt(tmp_path / "ckpt.pt", vocab=len(stoi))
+    monkeypatch.chdir(tmp_path)  # nanoGPT's data/<dataset>/ is found from here
+    ck = load_any(tmp_path / "ckpt.pt")
+    block = ck.model.transformer.h[0]
+    assert not block.attn.c_attn.weight.is_contiguous() and not ck.model.lm_head.weight.is_contiguous()
+    assert block.mlp.c_proj.weight.is_contiguous()  # read faster as it is
+
+
 # ----------------------------------------------------------------------------------------------
 # The CLI, end to end
 
