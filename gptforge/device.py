@@ -1,4 +1,5 @@
-"""Device and precision in one place: device choice, compute dtype, autocast, TF32, seeding, peak FLOPs."""
+"""Device and precision in one place: device choice, compute dtype, autocast, TF32, seeding, peak FLOPs, and the
+memory a device has free (so a command that cannot fit is refused before it allocates)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,23 @@ def setup_backends(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+# What torch.manual_seed and torch.Generator.manual_seed accept: a 64-bit integer, signed or unsigned.
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+
+
+def check_seed(seed: int, what: str = "--seed", count: int = 1, each: str = "sample") -> int:
+    """`seed` if it and the `count - 1` seeds after it (one per `each`: sample, choice) are seeds torch
+    takes; a UserError naming `what` otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"{what} must be a whole number, got {seed!r}")
+    if not SEED_MIN <= seed <= SEED_MAX - (count - 1):
+        top = f"{SEED_MAX - (count - 1):,}"
+        if count > 1:
+            top += f": {count} {each}s take the seeds {what} to {what} + {count - 1}"
+        raise UserError(f"{what} must be in [{SEED_MIN:,}, {top}], got {seed:,}")
+    return seed
 
 
 def seed_everything(seed: int) -> None:
@@ -199,3 +217,70 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024
         synchronize(device)
         best = max(best, 2 * n**3 / (time.perf_counter() - t0))
     return best
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: what a device has free, so a command that cannot fit says so before it allocates
+
+
+def _read_int(path: str) -> Optional[int]:
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _host_available() -> Optional[int]:
+    """Bytes this process can still take on the host: the kernel's MemAvailable, or the room left under the
+    cgroup (container) limit when that is smaller; None when neither can be read (not Linux)."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+    if limit is not None and used is not None:  # cgroup v2; "max" (no limit) is not a number
+        found.append(max(0, limit - used))
+    if not found:
+        try:
+            import os
+
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return min(found)
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free for new tensors on `device`: the GPU's free memory on CUDA, the host's elsewhere (an Apple
+    GPU shares it); None when this cannot be told."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    return _host_available()
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def check_memory(need: int, device: torch.device, what: str, fix: str) -> None:
+    """Refuse, in one line with the estimate, `what` needing `need` bytes where `device` has less free.
+    Estimates are lower bounds; a device whose free memory cannot be read is not refused."""
+    free = available_memory(device)
+    if free is not None and need > free:
+        where = "GPU memory" if device.type == "cuda" else "memory"
+        raise UserError(f"{what} needs about {format_bytes(need)}, more than the {format_bytes(free)} of {where} "
+                        f"free on this machine ({device.type}); {fix}")
+
