@@ -41,6 +41,10 @@ TOKENIZER_FORMAT = "gptforge-tokenizer/1"
 KINDS = ("char", "gpt2", "bpe")
 # 256 byte tokens + the end-of-text token + at least one merge, or BPE has nothing to learn.
 MIN_BPE_VOCAB = 257 + 1
+# 2**20 = 1,048,576: four times the largest vocabularies in use (~256k), still a uint32 token file. HF's trainer
+# allocates for the vocabulary it is asked for (10**12 aborted the process), and a model needs an embedding row
+# per token: 2**20 x 768 is already 0.8B parameters.
+MAX_BPE_VOCAB = 1 << 20
 
 
 class Tokenizer:
@@ -117,6 +121,9 @@ class CharTokenizer(Tokenizer):
             raise UserError("cannot build a char vocabulary from an empty corpus")
         if any(len(c) != 1 for c in chars):
             raise UserError("a char vocabulary must hold single characters")
+        if lone := next((c for c in chars if "\ud800" <= c <= "\udfff"), None):  # tokenizer.json is UTF-8
+            raise UserError(f"character U+{ord(lone):04X} is a lone UTF-16 surrogate, which UTF-8 text cannot "
+                            "hold; it cannot be in a char vocabulary")
         self.chars: list[str] = chars
         self.eot_id = len(chars) if eot else None
         self.vocab_size = len(chars) + (1 if eot else 0)
@@ -395,6 +402,9 @@ def check_tokenizer_args(kind: str, vocab_size: int | None) -> None:
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB:
             raise UserError(f"--vocab-size must be an integer of at least {MIN_BPE_VOCAB} "
                             f"(256 bytes + end-of-text + 1 merge), got {vocab_size!r}")
+        if vocab_size > MAX_BPE_VOCAB:
+            raise UserError(f"--vocab-size must be at most {MAX_BPE_VOCAB:,} (2**20; the largest vocabularies in "
+                            f"use have ~256k tokens), got {vocab_size}")
 
 
 def train_tokenizer(kind: str, documents: Iterable[str], vocab_size: int | None = None) -> Tokenizer:

@@ -117,6 +117,76 @@ def test_folder_and_cli_flag(tmp_path, capsys):
     assert manifest["conversations"] == 24 and manifest["kind"] == "chat"
 
 
+def test_overwrite_keeps_the_users_files_and_an_input_inside_out_is_refused(tmp_path, capsys):
+    """The issue's report: a source inside the output folder, and the user's notes there, were deleted."""
+    good, out = _write(tmp_path / "good.jsonl", _rows("messages")), tmp_path / "D2"
+    assert main(["prepare", str(good), "--chat", "auto", "--out", str(out), "--val-fraction", "0.3"]) == 0
+    (out / "my_convs.jsonl").write_bytes(good.read_bytes())
+    (out / "NOTES.txt").write_text("notes\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["prepare", str(out / "my_convs.jsonl"), "--chat", "auto", "--out", str(out), "--overwrite",
+                 "--val-fraction", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"gptforge: error: cannot write into {out}: it contains the source {out}/my_convs.jsonl; " \
+                  "choose a directory outside it\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(["prepare", str(good), "--chat", "auto", "--out", str(out), "--overwrite", "--test-fraction",
+                 "0.2"]) == 0
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after["NOTES.txt"] == b"notes\n" and after["my_convs.jsonl"] == good.read_bytes()
+    assert "test.mask.bin" in after and sorted(p.name for p in tmp_path.iterdir()) == ["D2", "good.jsonl"]
+
+
+def test_lone_surrogates_are_replaced_and_too_deep_or_too_long_rows_are_bad_rows(tmp_path, capsys, monkeypatch):
+    from gptforge.data import chunks
+
+    rows = _rows("messages")
+    rows[0]["messages"][1]["content"] = "1+2?\ud800"  # json.dumps writes the escape "\\ud800"
+    deep = "[" * 1500 + "]" * 1500  # past Python's recursion limit (1000): RecursionError in json.loads
+    lines = [deep] + [json.dumps(r) for r in rows] + [json.dumps(rows[1]) + " " * 5000]  # not an array: .jsonl
+    src = tmp_path / "odd.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    monkeypatch.setattr(chunks, "MAX_LINE_BYTES", 4000)
+    manifest = prepare(src, tmp_path / "d", chat="auto", progress=False, val_fraction=0.25)
+    assert manifest["conversations"] == len(rows) and manifest["bad_rows"]["count"] == 2
+    err = capsys.readouterr().err
+    assert "odd.jsonl:1: invalid JSON (nested too deeply)" in err
+    assert f"odd.jsonl:{len(rows) + 2}: a line longer than 4000 bytes" in err
+    (tmp_path / "d" / "tokenizer.json").read_bytes().decode("utf-8")  # valid UTF-8
+    tok, ids, _ = _rendered(open_data(tmp_path / "d"), "train")
+    assert "1+2?\ufffd" in tok.decode([i for i in ids.tolist() if i < tok.chat.bos_id])
+
+
+def test_memory_does_not_grow_with_blank_lines(tmp_path):
+    """A small .jsonl.gz can hold a huge run of newlines: rows are read line by line, never the whole file."""
+    import gzip
+    import tracemalloc
+
+    good = "".join(json.dumps(r) + "\n" for r in _rows("messages")).encode()
+    src = tmp_path / "bomb.jsonl.gz"
+    with gzip.open(src, "wb") as f:
+        f.write(good + b"\n" * (16 << 20) + good)
+    assert src.stat().st_size < 100_000
+    tracemalloc.start()
+    try:
+        manifest = prepare(src, tmp_path / "d", chat="auto", progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert manifest["conversations"] == 2 * len(CONVS)
+    assert peak < 8 << 20, peak  # reading it whole: 16 MiB, and 128 MiB more to split it into lines
+
+
+def test_a_json_array_too_big_for_memory_is_refused(tmp_path, monkeypatch):
+    from gptforge import device
+
+    src = _write(tmp_path / "rows.json", _rows("alpaca") * 100, array=True)
+    monkeypatch.setattr(device, "available_memory", lambda dev: src.stat().st_size)
+    with pytest.raises(UserError, match=r"rows\.json: parsing this JSON array needs about .* write it as JSON "
+                                        r"lines"):
+        prepare(src, tmp_path / "d", chat="auto", progress=False)
+
+
 def test_alpaca_5000(shared_data, tmp_path):
     src = shared_data / "alpaca_5000.json"
     if not src.is_file():

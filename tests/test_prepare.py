@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,28 @@ def test_jsonl_errors_name_the_line(tmp_path, content, match):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("kind, vocab_size", [("char", None), ("bpe", 300)])
+def test_jsonl_lone_surrogates_become_replacement_characters(tmp_path, kind, vocab_size):
+    """JSON can spell a lone UTF-16 surrogate ("\\ud800") that no UTF-8 text holds: it is read as U+FFFD
+    (as tiktoken does), so tokenizer.json stays UTF-8; a proper pair is one character as ever."""
+    src = write(tmp_path / "s.jsonl", '{"text": "a\\ud800b"}\n{"text": "c\\udfffd \\ud83d\\ude00"}\n' * 4)
+    prepare(str(src), tmp_path / "out", tokenizer=kind, vocab_size=vocab_size, progress=False)
+    (tmp_path / "out" / "tokenizer.json").read_bytes().decode("utf-8")  # valid UTF-8
+    text = load_tokenizer(tmp_path / "out").decode(all_tokens(tmp_path / "out"))
+    assert text == EOT_TEXT.join(["a\ufffdb", "c\ufffdd \U0001F600"] * 4)
+
+
+def test_jsonl_too_deep_or_too_long_lines_are_one_line_errors(tmp_path, monkeypatch):
+    deep = write(tmp_path / "deep.jsonl", '{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(UserError, match=r"deep\.jsonl:2: invalid JSON \(nested too deeply\)"):
+        prepare(str(deep), tmp_path / "out", progress=False)
+    monkeypatch.setattr(chunks, "MAX_LINE_BYTES", 1000)  # the cap on one line, held whole to parse it
+    long = write(tmp_path / "long.jsonl", '{"text": "ok"}\n{"text": "%s"}\n' % ("x" * 5000))
+    with pytest.raises(UserError, match=r"long\.jsonl:2: a line longer than 1000 bytes"):
+        prepare(str(long), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
 def test_pydoc_builtin(tmp_path, monkeypatch):
     from pydoc_data.topics import topics
 
@@ -267,6 +290,20 @@ def test_bad_options(tmp_path, kwargs, match):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
+def test_a_huge_vocab_size_is_refused_before_any_work(tmp_path):
+    """It used to reach HF's trainer, which aborted the process (a Rust backtrace) and left OUT.partial."""
+    import subprocess
+    import sys
+
+    src = write(tmp_path / "t.txt", "some text\n" * 10)
+    run = subprocess.run([sys.executable, "-m", "gptforge", "prepare", str(src), "--out", str(tmp_path / "x"),
+                          "--tokenizer", "bpe", "--vocab-size", "1000000000000"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and run.stderr.startswith("gptforge: error: --vocab-size must be at most 1,048,576")
+    assert run.stderr.count("\n") == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
 def test_bad_sources(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cases = {
@@ -304,6 +341,36 @@ def test_bad_sources(tmp_path, monkeypatch):
         prepare(str(tmp_path / "small.txt"), tmp_path / "out", val_fraction=0.5, test_fraction=0.1, progress=False)
 
 
+def test_sources_that_are_not_readable_files_are_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "here.txt", "text in the current folder\n" * 20)
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "dangling").symlink_to("nowhere.txt")
+    os.mkfifo(tmp_path / "fifo.txt")
+    (tmp_path / "devices").mkdir()
+    (tmp_path / "devices" / "zero.txt").symlink_to("/dev/zero")
+    cases = {"": r"^SOURCE is empty", "loop": r"^loop is a symbolic link that loops back on itself$",
+             "dangling": r"^dangling is a symbolic link to nowhere\.txt, which does not exist$",
+             "/dev/zero": r"^/dev/zero is not a regular file \(a device, pipe or socket\)$",
+             "fifo.txt": r"^fifo\.txt is not a regular file \(a device, pipe or socket\)$",
+             "devices": r"^devices/zero\.txt is not a regular file \(a device, pipe or socket\)$"}
+    for source, match in cases.items():
+        for chat in (None, "auto"):
+            if chat and source == "devices":
+                continue  # a conversation folder skips what is not a conversation file
+            with pytest.raises(UserError, match=match):
+                prepare(source, tmp_path / "out", chat=chat, progress=False)
+            assert not (tmp_path / "out").exists() and leftovers(tmp_path) == [], (source, chat)
+
+
+def test_an_empty_out_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    src = write(tmp_path / "a.txt", "some text\n" * 10)
+    for chat in (None, "auto"):
+        with pytest.raises(UserError, match=r"^--out is empty"):
+            prepare(str(src), "", chat=chat, progress=False)
+
+
 # ---------------------------------------------------------------------------------------------- the data dir
 
 
@@ -331,7 +398,7 @@ def test_overwrite_rules(tmp_path):
     with pytest.raises(UserError, match="not a gptforge data folder"):
         prepare(str(src), tmp_path / "fake", overwrite=True, progress=False)
     with pytest.raises(UserError, match="is not a folder"):
-        prepare(str(src), src, overwrite=True, progress=False)
+        prepare(str(src), other, overwrite=True, progress=False)
 
     (tmp_path / "empty-dir").mkdir()
     prepare(str(src), tmp_path / "empty-dir", progress=False)
@@ -375,6 +442,95 @@ def test_failed_prepare_keeps_the_old_data(tmp_path, monkeypatch):
     m = prepare(str(src), out, overwrite=True, progress=False)
     assert m["inputs"][0]["name"] == "a.txt" and load_tokenizer(out).decode(all_tokens(out)) == src.read_text()
     assert leftovers(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "data"]
+
+
+def data_dir_with_my_files(tmp_path: Path, src: Path, **kwargs) -> Path:
+    out = tmp_path / "data"
+    prepare(str(src), out, progress=False, **kwargs)
+    write(out / "NOTES.txt", "my notes")
+    write(out / "plots" / "loss.png", b"png")
+    write(out / ".git" / "HEAD", "ref")
+    return out
+
+
+def test_overwrite_replaces_only_what_gptforge_wrote(tmp_path):
+    src = write(tmp_path / "a.txt", "the first corpus\n" * 20)
+    out = data_dir_with_my_files(tmp_path, src, test_fraction=0.1)
+    other = write(tmp_path / "b.txt", "a different corpus entirely\n" * 20)
+    prepare(str(other), out, overwrite=True, progress=False)  # no test split this time
+    assert sorted(snapshot(out)) == [".git/HEAD", "NOTES.txt", "manifest.json", "plots/loss.png", "tokenizer.json",
+                                     "train.bin", "val.bin"]
+    assert (out / "NOTES.txt").read_text() == "my notes"
+    assert load_tokenizer(out).decode(all_tokens(out)) == other.read_text()
+    assert leftovers(tmp_path) == []
+    write(out / "test.bin", b"mine, not in the manifest")
+    before = snapshot(out)
+    with pytest.raises(UserError, match=r"data/test\.bin is not listed in its manifest\.json"):
+        prepare(str(src), out, overwrite=True, progress=False)
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+    (tmp_path / "link").symlink_to("data")  # replacing the link would carry the folder's files off with it
+    with pytest.raises(UserError, match=r"link is a symbolic link; pass the folder it points to \(.*data\)"):
+        prepare(str(src), tmp_path / "link", overwrite=True, progress=False)
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+
+
+def test_a_failed_install_loses_no_file(tmp_path, monkeypatch):
+    """The old folder is swapped out whole, the new one in, and the user's entries moved across: whichever
+    step fails, every file of the user's is still in DATA_DIR or in the folder the message names."""
+    src = write(tmp_path / "a.txt", "the first corpus\n" * 20)
+    out = data_dir_with_my_files(tmp_path, src)
+    mine = {name: data for name, data in snapshot(out).items() if name in (".git/HEAD", "NOTES.txt", "plots/loss.png")}
+    before, rename = snapshot(out), os.rename
+
+    def fail_at(n):
+        calls = []
+
+        def fake(a, b):
+            calls.append(a)
+            if len(calls) == n:
+                raise OSError(5, "Input/output error", str(a))
+            return rename(a, b)
+        return fake
+
+    monkeypatch.setattr(shards.os, "rename", fail_at(2))  # renaming the new folder into place fails
+    with pytest.raises(UserError, match="Input/output error"):
+        prepare(str(src), out, overwrite=True, progress=False)
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+    monkeypatch.setattr(shards.os, "rename", fail_at(4))  # moving the user's second entry across fails
+    with pytest.raises(UserError, match=r"your other files in .*data are in .*\.data\.[0-9a-f]+\.old") as e:
+        prepare(str(src), out, overwrite=True, progress=False)
+    monkeypatch.setattr(shards.os, "rename", rename)
+    kept = Path(str(e.value).split(" are in ")[1].split(";")[0])
+    assert (out / "manifest.json").is_file() and kept.is_dir()
+    found = {**snapshot(out), **snapshot(kept)}
+    assert all(found[name] == data for name, data in mine.items())
+    with pytest.raises(UserError, match=r"an earlier --overwrite of .*data was interrupted: .*\.old"):
+        prepare(str(src), out, overwrite=True, progress=False)
+
+
+def test_the_output_never_is_contains_or_lies_in_an_input(tmp_path):
+    texts = tmp_path / "texts"
+    for i in range(3):
+        write(texts / f"t{i}.txt", f"hello world {i}\n" * 50)
+    prepare(str(texts), tmp_path / "elsewhere", progress=False)
+    for p in (tmp_path / "elsewhere").iterdir():  # the folder of texts now looks like prepared data too
+        write(texts / p.name, p.read_bytes())
+    src = write(tmp_path / "data" / "a.txt", "corpus\n" * 30)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "l.jsonl").symlink_to(src)  # a folder's file that is another folder's
+    write(tmp_path / "y.partial" / "b.txt", "more corpus\n" * 30)
+    cases = [(texts, texts, r"texts: it is the source .*texts;"),
+             (texts, texts / "sub", r"sub: it lies inside the source .*texts;"),
+             (src, tmp_path / "data", r"data: it contains the source .*a\.txt;"),
+             (tmp_path / "linked", tmp_path / "data", r"data: it contains the source .*linked/l\.jsonl;"),
+             (tmp_path / "y.partial", tmp_path / "y", r"y\.partial: it is the source .*y\.partial;")]
+    for source, out, how in cases:
+        before = snapshot(tmp_path)
+        for overwrite in (False, True):
+            for chat in (None, "auto")[:1 if source.name == "y.partial" else 2]:  # chat has no work folder
+                with pytest.raises(UserError, match=rf"^cannot write into .*{how}"):
+                    prepare(str(source), out, overwrite=overwrite, chat=chat, progress=False)
+                assert snapshot(tmp_path) == before and leftovers(tmp_path) == [], (source, out, chat)
 
 
 def test_progress_goes_to_stderr_only_when_asked(tmp_path, capfd):

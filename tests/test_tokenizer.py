@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from gptforge.errors import UserError
-from gptforge.tokenizer import (EOT_TEXT, CharTokenizer, load_tokenizer, tokenizer_from_dict,
-                                train_tokenizer)
+from gptforge.tokenizer import (EOT_TEXT, MAX_BPE_VOCAB, CharTokenizer, check_tokenizer_args, load_tokenizer,
+                                tokenizer_from_dict, train_tokenizer)
 
 REPO = Path(__file__).resolve().parents[1]
 NON_ASCII = "Ünïcödé — naïve café, Ελληνικά, 日本語のテキスト, emoji 😀🚀\n\ttabs  and  spaces\r\n"
@@ -86,6 +86,12 @@ def test_char_non_ascii_roundtrip():
 def test_char_empty_corpus():
     with pytest.raises(UserError, match="empty corpus"):
         train_tokenizer("char", ["", ""])
+
+
+def test_char_vocabulary_refuses_lone_surrogates():
+    """A lone surrogate cannot be written as UTF-8: refused when the vocabulary is built, not when it is saved."""
+    with pytest.raises(UserError, match=r"U\+D800 is a lone UTF-16 surrogate"):
+        train_tokenizer("char", ["ab\ud800"])
 
 
 # ---------------------------------------------------------------------------------------------- gpt2
@@ -248,6 +254,14 @@ def test_bpe_vocab_size_rules():
         train_tokenizer("wordpiece", ["abc"])
     with pytest.raises(UserError, match="empty corpus"):
         train_tokenizer("bpe", ["", ""], 300)
+
+
+@pytest.mark.parametrize("vocab_size", [MAX_BPE_VOCAB + 1, 10 ** 12])
+def test_bpe_vocab_size_has_a_ceiling(vocab_size):
+    """Checked before any training: HF's trainer would try to allocate the whole vocabulary and abort."""
+    with pytest.raises(UserError, match=rf"--vocab-size must be at most {MAX_BPE_VOCAB:,} .*got {vocab_size}"):
+        check_tokenizer_args("bpe", vocab_size)
+    check_tokenizer_args("bpe", MAX_BPE_VOCAB)
 
 
 # ---------------------------------------------------------------------------------------------- files

@@ -6,28 +6,33 @@ Owns reading conversation rows and turning each format into the template's messa
     sharegpt   {"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...]}
     alpaca     {"instruction": ..., "input": optional, "output": ...}   (user: instruction, a blank line, input)
 
-from a .jsonl / .jsonl.gz / .json.gz file (one row a line), a .json file (a JSON array of rows, or JSON
+from a .jsonl / .jsonl.gz file (one row a line), a .json / .json.gz file (a JSON array of rows, or JSON
 lines), a .parquet file (one row a row), a folder of those, or hf:NAME[:CONFIG][@SPLIT]. `auto` picks the
-format of each row by its keys. A row that is not a usable conversation (bad JSON, not UTF-8, wrong roles,
-empty content, not ending with the assistant: gptforge.chat_template.validate_messages) is counted and
-skipped, the first few shown; a file with no usable row is an error.
+format of each row by its keys. A row that is not a usable conversation (bad JSON, nested too deeply, a line
+past chunks.MAX_LINE_BYTES, not UTF-8, wrong roles, empty content, not ending with the assistant:
+gptforge.chat_template.validate_messages) is counted and skipped, the first few shown; a file with no usable
+row is an error. JSON's lone surrogates ("\\ud800") are read as U+FFFD (text_files.json_value).
 
 The data directory is the text path's (gptforge.data.prepare) with, per split, a uint8 loss-mask file
 beside the tokens (NAME.mask.bin, 1 = learned) and manifest kind "chat". Splits are cut between
-conversations: val (then test) are the last fractions of the conversations, in order. Conversation data is
-small next to pretraining corpora, so it is read into memory and written in one go (not resumable); the
-output is still a pure function of the input and the options.
+conversations: val (then test) are the last fractions of the conversations, in order. SOURCE is read twice,
+row by row: once to count the conversations and build the tokenizer, once to render and write them, so
+memory holds a row and the tokenizer, not the data (JSON lines through gptforge.data.text_files.lines; only a
+.json array is parsed whole, after checking it fits in memory). Not resumable (conversation data is small
+next to pretraining corpora); the output is a pure function of the input and the options.
 """
 
 from __future__ import annotations
 
+import collections
 import gzip
-import json
+import itertools
 import os
 import shutil
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,6 +42,8 @@ from gptforge import __version__
 from gptforge.chat_template import add_chat_template, render_conversation, validate_messages
 from gptforge.config import save_json
 from gptforge.data import shards
+from gptforge.data.sources import check_outputs, local_path
+from gptforge.data.text_files import SNIFF_BYTES, json_value, lines, too_long_line
 from gptforge.errors import UserError, one_line
 from gptforge.tokenizer import Tokenizer, check_tokenizer_args, train_tokenizer
 
@@ -46,7 +53,11 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
                   "chatgpt": "assistant"}
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".json", ".parquet")
 
+ARRAY_BLOCK = 1 << 24  # a .json array is read in blocks of this many bytes, checking free memory after each
+ARRAY_MEMORY = 4  # parsing a JSON array holds about 4x its size (the bytes, their text, the rows: measured on Alpaca)
+
 Row = tuple[str, Any]  # (where, the decoded row or a Bad reason)
+ChatInput = tuple[str, Optional[Path], Callable[[], Iterator[Row]]]  # (display, local file or None, read its rows)
 
 
 class Bad(str):
@@ -96,34 +107,53 @@ def to_messages(row: Any, fmt: str) -> tuple[Optional[list[dict[str, str]]], Opt
 # Reading rows from files, folders, parquet and hf:
 
 
-def _decode_line(raw: bytes) -> Any:
+def _decode_line(raw: Optional[bytes]) -> Any:
+    if raw is None:
+        return Bad(too_long_line())
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json_value(raw)
     except UnicodeDecodeError:
         return Bad("not UTF-8 text")
-    except ValueError as e:
+    except ValueError as e:  # "nested too deeply" included
         return Bad(f"invalid JSON ({getattr(e, 'msg', e)})")
 
 
 def _json_rows(path: Path, display: str) -> Iterator[Row]:
+    """The rows of a JSON-lines file, line by line; of a JSON array (Alpaca's layout: a file not named .jsonl
+    that starts with "["), after parsing it whole. A .jsonl line that is an array is a bad row like any other."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
+    lines_only = path.name.lower().endswith((".jsonl", ".jsonl.gz"))
     try:
         with opener(path, "rb") as f:
-            data = f.read()
+            if not lines_only and f.peek(SNIFF_BYTES)[:SNIFF_BYTES].lstrip()[:1] == b"[":
+                yield from ((f"{display}[{i}]", row) for i, row in enumerate(_json_array(f, display), 1))
+                return
+            for lineno, raw in lines(f):
+                yield f"{display}:{lineno}", _decode_line(raw)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise UserError(f"{display}: corrupt or truncated gzip data ({one_line(e)})") from None
     except OSError as e:
         raise UserError(f"{display}: cannot read it ({e.strerror or one_line(e)})") from None
-    except (EOFError, zlib.error) as e:
-        raise UserError(f"{display}: corrupt or truncated gzip data ({one_line(e)})") from None
-    if data.lstrip()[:1] == b"[":  # a JSON array (Alpaca's layout)
-        rows = _decode_line(data)
-        if isinstance(rows, Bad) or not isinstance(rows, list):
-            raise UserError(f"{display}: not a JSON array of rows ({rows if isinstance(rows, Bad) else 'an object'})")
-        for i, row in enumerate(rows, 1):
-            yield f"{display}[{i}]", row
-        return
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-        if raw.strip():
-            yield f"{display}:{lineno}", _decode_line(raw)
+
+
+def _json_array(f: Any, display: str) -> list[Any]:
+    """The rows of a file holding one JSON array, read in blocks and refused as soon as parsing what it holds
+    would not fit in free memory (gptforge.device.check_memory)."""
+    import torch
+
+    from gptforge.device import check_memory
+
+    blocks, n = [], 0
+    while block := f.read(ARRAY_BLOCK):
+        blocks.append(block)
+        n += len(block)
+        check_memory(ARRAY_MEMORY * n, torch.device("cpu"), f"{display}: parsing this JSON array",
+                     "write it as JSON lines, one row a line (e.g. jq -c '.[]' FILE > rows.jsonl), which are read "
+                     "row by row")
+    rows = _decode_line(b"".join(blocks))
+    if isinstance(rows, Bad) or not isinstance(rows, list):
+        raise UserError(f"{display}: not a JSON array of rows ({rows if isinstance(rows, Bad) else 'an object'})")
+    return rows
 
 
 def _parquet_rows(path: Path, display: str) -> Iterator[Row]:
@@ -158,60 +188,98 @@ def _hf_rows(source: str) -> Iterator[Row]:
         yield f"{source} row {i}", row
 
 
-def chat_inputs(source: str) -> list[tuple[str, Iterator[Row]]]:
-    """(display name, its rows) of each input of SOURCE, in order (a folder: sorted by relative path)."""
+def chat_inputs(source: str) -> list[ChatInput]:
+    """(display name, local file or None, its rows) of each input of SOURCE, in order (a folder: sorted by
+    relative path). Listed, not read: each call of an input's third item reads its rows afresh."""
     if source.startswith("hf:"):
-        return [(source, _hf_rows(source))]
-    path = Path(source).expanduser()
+        return [(source, None, lambda: _hf_rows(source))]
+    path = local_path(source)
 
-    def rows_of(p: Path, display: str) -> Iterator[Row]:
-        return _parquet_rows(p, display) if p.name.lower().endswith(".parquet") else _json_rows(p, display)
+    def input_of(p: Path, display: str) -> ChatInput:
+        read = _parquet_rows if p.name.lower().endswith(".parquet") else _json_rows
+        return display, p, lambda: read(p, display)
 
-    if path.is_file():
-        return [(source, rows_of(path, source))]
-    if path.is_dir():
+    if path is not None and path.is_dir():
         found = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
                        if p.is_file() and p.name.lower().endswith(SUFFIXES)
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not found:
             raise UserError(f"{source}: no .jsonl, .json or .parquet files of conversations in this folder")
-        return [(os.path.join(source, rel), rows_of(path / rel, os.path.join(source, rel))) for rel in found]
+        return [input_of(path / rel, os.path.join(source, rel)) for rel in found]
+    if path is not None:
+        return [input_of(path, source)]
     raise UserError(f"{source}: no such file or folder (conversations come from .jsonl, .json, .parquet files, "
                     "folders of them, or hf:NAME)")
 
 
-def read_conversations(source: str, fmt: str) -> tuple[list[list[dict[str, str]]], int, list[str]]:
-    """(conversations, bad rows, the first SHOW_BAD of them described); a file without a usable row fails."""
-    if fmt not in CHAT_FORMATS:
-        raise UserError(f"unknown chat format {fmt!r}; choose one of: {', '.join(CHAT_FORMATS)}")
-    convs: list[list[dict[str, str]]] = []
-    n_bad, shown = 0, []
-    for display, rows in chat_inputs(source):
+@dataclass
+class BadRows:
+    """Rows that are not usable conversations: how many, and the first SHOW_BAD described."""
+
+    count: int = 0
+    first: list[str] = field(default_factory=list)
+
+    def add(self, described: str) -> None:
+        self.count += 1
+        if len(self.first) < SHOW_BAD:
+            self.first.append(described)
+
+
+def conversations(inputs: list[ChatInput], fmt: str, bad: Optional[BadRows] = None
+                  ) -> Iterator[list[dict[str, str]]]:
+    """The usable conversations of `inputs` in order, row by row; the other rows are counted in `bad`. An input
+    without a usable row fails."""
+    for display, _, read in inputs:
         good, first_problem, n_rows = 0, None, 0
-        for where, row in rows:
+        for where, row in read():
             n_rows += 1
             messages, problem = to_messages(row, fmt)
             if messages is None:
-                n_bad += 1
                 first_problem = first_problem or f"{where}: {problem}"
-                if len(shown) < SHOW_BAD:
-                    shown.append(f"{where}: {problem}")
+                if bad is not None:
+                    bad.add(f"{where}: {problem}")
                 continue
             good += 1
-            convs.append(messages)
+            yield messages
         if not good:
             why = f"; the first: {first_problem}" if first_problem else ""
             raise UserError(f"{display}: no usable conversation in its {n_rows} rows (format {fmt}){why}")
-    return convs, n_bad, shown
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in CHAT_FORMATS:
+        raise UserError(f"unknown chat format {fmt!r}; choose one of: {', '.join(CHAT_FORMATS)}")
+
+
+def read_conversations(source: str, fmt: str) -> tuple[list[list[dict[str, str]]], int, list[str]]:
+    """(conversations, bad rows, the first SHOW_BAD of them described), all in memory; a file without a usable
+    row fails."""
+    _check_format(fmt)
+    bad = BadRows()
+    convs = list(conversations(chat_inputs(source), fmt, bad))
+    return convs, bad.count, bad.first
 
 
 # ----------------------------------------------------------------------------------------------
 # The verb
 
 
-def _chat_tokenizer(kind: str, convs: list[list[dict[str, str]]], vocab_size: Optional[int]) -> Tokenizer:
-    texts = (m["content"] for conv in convs for m in conv)
-    return add_chat_template(train_tokenizer(kind, list(texts) if kind != "gpt2" else [], vocab_size))
+def _first_pass(kind: str, inputs: list[ChatInput], fmt: str, bad: BadRows, vocab_size: Optional[int]
+                ) -> tuple[Tokenizer, int]:
+    """Read 1: the tokenizer (built on every message's text, in order, as it streams by) and the number of
+    usable conversations; the unusable rows are counted in `bad`."""
+    n = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal n
+        for conv in conversations(inputs, fmt, bad):
+            n += 1
+            yield from (m["content"] for m in conv)
+
+    if kind == "gpt2":  # GPT-2's vocabulary is fixed: the texts are only counted
+        collections.deque(texts(), maxlen=0)
+        return add_chat_template(train_tokenizer(kind, [])), n
+    return add_chat_template(train_tokenizer(kind, texts(), vocab_size)), n
 
 
 def _split_counts(n: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
@@ -229,62 +297,78 @@ def prepare_chat(source: str, out: str | Path, *, fmt: str = "auto", tokenizer: 
                  ) -> dict[str, Any]:
     """Conversations of SOURCE -> data directory `out` of kind "chat"; returns its manifest. (`progress` is
     accepted like prepare's, but there is no bar: conversation files are read in seconds.)"""
-    from gptforge.data.shards import MANIFEST_FORMAT, check_splits, token_dtype
-
     source = os.fspath(source)
     check_tokenizer_args(tokenizer, vocab_size)
-    val_fraction, test_fraction = check_splits(val_fraction, test_fraction, None, None)
-    shown_out = os.fspath(out)
-    out = Path(os.path.abspath(Path(out).expanduser()))
+    _check_format(fmt)
+    val_fraction, test_fraction = shards.check_splits(val_fraction, test_fraction, None, None)
+    out, shown_out = shards.out_path(out)
+    inputs = chat_inputs(source)  # listed, not read: the output may not be, hold or lie in an input
+    if not source.startswith("hf:"):
+        check_outputs(source, (p for _, p, _ in inputs if p is not None), (out,))
     shards.check_out(out, shown_out, overwrite)
-    convs, n_bad, bad_rows = read_conversations(source, fmt)
-    if n_bad:
-        print(f"gptforge: {n_bad} of {n_bad + len(convs)} rows are not usable conversations and were skipped; "
-              f"the first {len(bad_rows)}:", file=sys.stderr)
-        for line in bad_rows:
+    bad = BadRows()
+    tok, n = _first_pass(tokenizer, inputs, fmt, bad, vocab_size)
+    if bad.count:
+        print(f"gptforge: {bad.count} of {bad.count + n} rows are not usable conversations and were skipped; "
+              f"the first {len(bad.first)}:", file=sys.stderr)
+        for line in bad.first:
             print(f"  {line}", file=sys.stderr)
-    tok = _chat_tokenizer(tokenizer, convs, vocab_size)
-    dtype = token_dtype(tok.vocab_size)
-    counts = _split_counts(len(convs), val_fraction, test_fraction)
+    counts = _split_counts(n, val_fraction, test_fraction)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = shards.new_hidden_dir(out, "tmp")
     try:
-        splits, start, total = {}, 0, 0
-        for name, count in counts.items():
-            if not count:
-                continue
-            splits[name] = _write_split(tmp, name, tok, convs[start:start + count], dtype)
-            start += count
-            total += splits[name]["tokens"]
+        splits = _write_splits(tmp, tok, conversations(inputs, fmt), counts, source)
         tok.save(tmp)
-        manifest = {
-            "format": MANIFEST_FORMAT, "kind": "chat", "gptforge_version": __version__, "source": source,
-            "chat_format": fmt, "conversations": len(convs), "documents": len(convs),
-            "bad_rows": {"count": n_bad, "first": bad_rows},
-            "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
-                          "fingerprint": tok.fingerprint(), "file": "tokenizer.json",
-                          "chat": tok.chat.to_dict()},
-            "dtype": dtype.name, "tokens": total, "val_fraction": val_fraction, "test_fraction": test_fraction,
-            "splits": {name: splits[name] for name in ("train", "val", "test") if name in splits},
-        }
+        manifest = _manifest(source, fmt, tok, splits, bad, val_fraction, test_fraction)
         save_json(manifest, tmp / shards.MANIFEST_FILE)
         shards.check_out(out, shown_out, overwrite)  # it may have changed while we worked
-        shards.install(tmp, out)
+        shards.install(tmp, out, shown_out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
 
-def _write_split(tmp: Path, name: str, tok: Tokenizer, convs: list[list[dict[str, str]]],
+def _manifest(source: str, fmt: str, tok: Tokenizer, splits: dict[str, dict[str, Any]], bad: BadRows,
+              val_fraction: float, test_fraction: float) -> dict[str, Any]:
+    n = sum(s["conversations"] for s in splits.values())
+    return {
+        "format": shards.MANIFEST_FORMAT, "kind": "chat", "gptforge_version": __version__, "source": source,
+        "chat_format": fmt, "conversations": n, "documents": n,
+        "bad_rows": {"count": bad.count, "first": bad.first},
+        "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+                      "fingerprint": tok.fingerprint(), "file": "tokenizer.json", "chat": tok.chat.to_dict()},
+        "dtype": shards.token_dtype(tok.vocab_size).name, "tokens": sum(s["tokens"] for s in splits.values()),
+        "val_fraction": val_fraction, "test_fraction": test_fraction,
+        "splits": {name: splits[name] for name in ("train", "val", "test") if name in splits},
+    }
+
+
+def _write_splits(tmp: Path, tok: Tokenizer, convs: Iterator[list[dict[str, str]]], counts: dict[str, int],
+                  source: str) -> dict[str, dict[str, Any]]:
+    """Read 2: the conversations rendered into each split's files in turn, `counts[split]` of them each."""
+    dtype, splits = shards.token_dtype(tok.vocab_size), {}
+    for name, count in counts.items():
+        if count:
+            splits[name] = _write_split(tmp, name, tok, itertools.islice(convs, count), dtype)
+    if sum(s["conversations"] for s in splits.values()) != sum(counts.values()) or next(convs, None) is not None:
+        raise UserError(f"{source} changed while it was prepared (another number of conversations on the second "
+                        "read); prepare it again")
+    return splits
+
+
+def _write_split(tmp: Path, name: str, tok: Tokenizer, convs: Iterator[list[dict[str, str]]],
                  dtype: np.dtype) -> dict[str, Any]:
-    ids: list[int] = []
-    mask: list[int] = []
-    for conv in convs:
-        i, m = render_conversation(tok, conv)
-        ids += i
-        mask += m
-    np.asarray(ids, dtype=dtype).tofile(tmp / f"{name}.bin")
-    np.asarray(mask, dtype=np.uint8).tofile(tmp / f"{name}.mask.bin")
-    return {"file": f"{name}.bin", "mask": f"{name}.mask.bin", "tokens": len(ids), "conversations": len(convs),
-            "learned_tokens": int(sum(mask))}
+    """NAME.bin and NAME.mask.bin of `convs`, written one conversation at a time."""
+    n = tokens = learned = 0
+    with open(tmp / f"{name}.bin", "wb") as ids_file, open(tmp / f"{name}.mask.bin", "wb") as mask_file:
+        for conv in convs:
+            ids, mask = render_conversation(tok, conv)
+            ids_file.write(np.asarray(ids, dtype=dtype).tobytes())
+            mask_file.write(np.asarray(mask, dtype=np.uint8).tobytes())
+            n, tokens, learned = n + 1, tokens + len(ids), learned + sum(mask)
+        for f in (ids_file, mask_file):
+            f.flush()
+            os.fsync(f.fileno())
+    return {"file": f"{name}.bin", "mask": f"{name}.mask.bin", "tokens": tokens, "conversations": n,
+            "learned_tokens": learned}

@@ -10,6 +10,7 @@ hf_dataset (hf:) and builtin_sources (shakespeare, pydoc); gptforge.data.sources
 from __future__ import annotations
 
 import hashlib
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -18,11 +19,15 @@ from typing import Any, Generator
 
 from gptforge import errors
 from gptforge.errors import UserError
+from gptforge.files import path_problem
 
 # Text is read and cut into chunks of about this many bytes, so a multi-GB file never sits in memory.
 # Readers look these up on this module when they read (not at import), so a test can shrink them.
 CHUNK_BYTES = 1 << 18
 MAX_CHUNK_BYTES = 4 * CHUNK_BYTES
+# A JSON line (a document, a conversation) is held whole to parse it, which costs a few times its size; a longer
+# one is never held (gptforge.data.text_files.lines). 256 MiB is ~64M tokens of text: far past any context.
+MAX_LINE_BYTES = 1 << 28
 
 Tally = Callable[[int], None]  # told how many source bytes were just read (for the progress bar)
 Chunks = Generator[tuple[str, bool], None, dict[str, Any]]  # (text, starts a document); returns the record
@@ -68,6 +73,8 @@ class FileInput(Input):
             st = path.stat()
         except OSError as e:
             raise UserError(f"{display}: cannot read it ({e.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):  # a device or pipe would be read forever, or never
+            raise UserError(f"{display} {path_problem(path, 'file')}")
         return cls(name=name, display=display, size=st.st_size, path=path, mtime_ns=st.st_mtime_ns)
 
     def stamp(self) -> list[Any]:

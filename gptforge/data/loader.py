@@ -18,6 +18,7 @@ so a resumed run draws exactly the batches the uninterrupted run would have.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Optional, Union
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from gptforge.errors import UserError, one_line
+from gptforge.files import path_problem
 from gptforge.tokenizer import TOKENIZER_FILE
 
 MANIFEST = "manifest.json"
@@ -161,8 +163,8 @@ def _inside(root: Path, name: Any, where: str) -> Path:
         problem = "is an absolute path"
     elif ".." in parts:
         problem = "climbs out with '..'"
-    elif not (root / name).resolve().is_relative_to(root.resolve()):
-        problem = f"resolves to {(root / name).resolve()} (a symlink)"
+    elif not Path(os.path.realpath(root / name)).is_relative_to(os.path.realpath(root)):  # realpath: loops too
+        problem = f"resolves to {os.path.realpath(root / name)} (a symlink)"
     else:
         return root / name
     raise UserError(f"{where}: file {name!r} {problem}, outside the data directory {root}; refusing to read it")
@@ -232,8 +234,9 @@ def open_data(path: str | Path) -> TokenData:
     """Open a prepared data directory, after checking it (see above): every failure is one UserError line."""
     path = Path(path)
     manifest_file = path / MANIFEST
-    if not path.is_dir():
-        raise UserError(f"data directory {path} does not exist; create it with `gptforge prepare SOURCE --out {path}`")
+    if problem := path_problem(path, "folder"):
+        fix = f"; create it with `gptforge prepare SOURCE --out {path}`" if problem == "does not exist" else ""
+        raise UserError(f"data directory {path} {problem}{fix}")
     if not manifest_file.is_file() and (path / "train.bin").is_file():
         from gptforge.nanogpt.data import nanogpt_manifest  # nanoGPT's data/NAME/: train.bin, val.bin (+ meta.pkl)
 

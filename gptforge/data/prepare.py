@@ -109,16 +109,18 @@ def prepare(source: str, out: str | Path, tokenizer: str = "char", vocab_size: i
         raise UserError(f"--num-proc must be a whole number >= 1, got {num_proc!r}")
     if not is_count(shard_tokens) or shard_tokens < 1:
         raise UserError(f"--shard-tokens must be a whole number >= 1, got {shard_tokens!r}")
-    shown = os.fspath(out)
-    out = Path(os.path.abspath(Path(out).expanduser()))
+    out, shown = shards.out_path(out)
+    work = out.parent / f"{out.name}.partial"
+    local = sources.local_inputs(source)  # listed, not read: an output may not be, hold or lie in an input
+    if local is not None:  # (the hidden temp dirs are out's siblings: apart from the inputs when out is)
+        sources.check_outputs(source, (inp.path for inp in local), (out, work))
     shards.check_out(out, shown, overwrite)
-    corpus = open_source(source, text_field)
+    corpus = open_source(source, text_field, local)
     # What the tokens depend on; the split options do not, so they may change on a resume.
     options = {"source": source, "tokenizer": tokenizer, "vocab_size": vocab_size, "text_field": text_field,
                "shard_tokens": shard_tokens, "gptforge_version": __version__,
                "chunking": [chunks.CHUNK_BYTES, chunks.MAX_CHUNK_BYTES],
                "inputs": [inp.stamp() for inp in corpus.inputs]}
-    work = out.parent / f"{out.name}.partial"
     try:
         state, lock = shards.open_work(work, options, overwrite)
     except OSError as e:
@@ -201,7 +203,7 @@ def _finish(work: Path, state: dict[str, Any], tok: Tokenizer, out: Path, shown:
         except UserError as e:
             raise _KeepWork(f"{e}; the tokens are ready in {work}: move {shown} away and re-run the same "
                             "command to finish") from None
-        shards.install(tmp, out)
+        shards.install(tmp, out, shown)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,17 +10,19 @@ Owns the work folder and the token stream in it,
 so that a killed run resumes after its last finished file (what was written past it is cut off); then
 cutting the finished stream into splits (train | test | val, by token count, each one file or numbered
 shards) in a hidden folder next to DATA_DIR, and installing that folder as DATA_DIR in one rename,
-without ever replacing a folder that is not prepared data. What the tokens and the manifest say is
+without ever replacing a folder that is not prepared data or deleting a file gptforge did not write. What the tokens and the manifest say is
 gptforge.data.prepare's; this module only moves them between files, durably.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ import numpy as np
 from gptforge.config import save_json
 from gptforge.data.chunks import one_line
 from gptforge.errors import UserError
-from gptforge.tokenizer import load_tokenizer
+from gptforge.tokenizer import TOKENIZER_FILE, load_tokenizer
 
 MANIFEST_FILE = "manifest.json"
 PROGRESS_FORMAT = "gptforge-prepare-progress/1"
@@ -282,16 +284,56 @@ def _is_data_dir(path: Path) -> bool:
     return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("gptforge-tokens/")
 
 
+_SPLIT_FILE = re.compile(r"(train|val|test)(-\d{6})?(\.mask)?\.bin")  # the names prepare gives split files
+
+
+def _ours(out: Path) -> set[str]:
+    """The entries of data dir `out` that gptforge wrote: the manifest, the tokenizer, and the split and mask
+    files the manifest lists, each a plain file named as prepare names them. Every other entry is the user's."""
+    try:
+        manifest = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = {}
+    splits = manifest.get("splits") if isinstance(manifest, dict) else None
+    listed = {MANIFEST_FILE, TOKENIZER_FILE}
+    for split in (splits.values() if isinstance(splits, dict) else ()):
+        entries = [split, *split.get("shards", ())] if isinstance(split, dict) else []
+        listed |= {e.get(key) for e in entries if isinstance(e, dict) for key in ("file", "mask")}
+    return {name for name in listed if isinstance(name, str)
+            and (name in (MANIFEST_FILE, TOKENIZER_FILE) or _SPLIT_FILE.fullmatch(name))
+            and stat.S_ISREG(os.lstat(out / name).st_mode if os.path.lexists(out / name) else 0)}
+
+
+def out_path(out: str | os.PathLike) -> tuple[Path, str]:
+    """(DATA_DIR made absolute, DATA_DIR as the user wrote it, for messages); an empty name is refused (it
+    would mean the current folder)."""
+    shown = os.fspath(out)
+    if not shown:
+        raise UserError("--out is empty ''; name the data directory to write")
+    return Path(os.path.abspath(Path(shown).expanduser())), shown
+
+
 def check_out(out: Path, shown: str, overwrite: bool) -> None:
-    """Refuse an `out` that must not be replaced: a file, a non-empty folder that is not prepared
-    data, or prepared data without `overwrite`. `shown` is `out` as the user wrote it."""
+    """Refuse an `out` that must not be replaced: a file, a symbolic link, a non-empty folder that is not
+    prepared data, prepared data without `overwrite`, or with it an entry gptforge would replace that its
+    manifest does not list; and any `out` whose last --overwrite was cut short (`install`). `shown` is `out`
+    as the user wrote it."""
+    if out.parent.is_dir() and (old := next(out.parent.glob(f".{glob.escape(out.name)}.*.old"), None)):
+        raise UserError(f"an earlier --overwrite of {shown} was interrupted: {old} may hold your files; move what "
+                        f"you need back into {shown}, then delete {old}")
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir():
         raise UserError(f"{shown} exists and is not a folder; choose another --out")
+    if out.is_symlink():  # replacing it would move the link, not the folder, and the files in it with it
+        raise UserError(f"{shown} is a symbolic link; pass the folder it points to ({os.path.realpath(out)}) as --out")
     if _is_data_dir(out):
         if not overwrite:
             raise UserError(f"{shown} already holds prepared data; pass --overwrite to replace it")
+        ours = _ours(out)
+        if stray := sorted(p.name for p in out.iterdir() if _SPLIT_FILE.fullmatch(p.name) and p.name not in ours):
+            raise UserError(f"{os.path.join(shown, stray[0])} is not listed in its {MANIFEST_FILE} (gptforge did not "
+                            f"write it) and --overwrite would replace it; move it away")
         return
     if any(out.iterdir()):
         # Never delete a folder we did not write, --overwrite or not.
@@ -310,20 +352,48 @@ def new_hidden_dir(out: Path, tag: str) -> Path:
             continue
 
 
-def install(tmp: Path, out: Path) -> None:
-    """Swap the finished temp dir into place; the old DATA_DIR is removed only once the new one is in."""
+def install(tmp: Path, out: Path, shown: str) -> None:
+    """Swap the finished temp dir in as `out`, in one rename, keeping the user's entries of an old `out`.
+
+    The old `out` is renamed to a hidden OLD/data first, the new one into place, then the user's entries (all
+    but `_ours`) are moved across and ours deleted, file by file: nothing is removed wholesale. Should that
+    be cut short, what is left is in OLD, which the next prepare of `out` points to (check_out)."""
     if not out.exists():
         os.rename(tmp, out)
         return
+    ours = _ours(out)
+    mine = sorted(name for name in os.listdir(out) if name not in ours)
+    if clash := [name for name in mine if os.path.lexists(tmp / name)]:
+        raise UserError(f"{os.path.join(shown, clash[0])} is not a file gptforge wrote, and the new data has one "
+                        "by that name; move it away")
     old = new_hidden_dir(out, "old")
     os.rename(out, old / "data")
     try:
         os.rename(tmp, out)
     except BaseException:
         os.rename(old / "data", out)
-        shutil.rmtree(old, ignore_errors=True)
+        old.rmdir()
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _move_back(old, out, shown, mine, ours)
+
+
+def _move_back(old: Path, out: Path, shown: str, mine: list[str], ours: set[str]) -> None:
+    """`install`'s last step: the user's entries `mine` from OLD/data into the new `out`, then our old files
+    deleted by name and OLD removed (rmdir: it fails, rather than delete, if anything else is left)."""
+    try:
+        for name in mine:
+            os.rename(old / "data" / name, out / name)
+    except OSError as e:
+        raise UserError(f"the new data is in {shown}, but moving the rest back failed ({e.strerror or e}): your "
+                        f"other files in {shown} are in {old / 'data'}; move them back, then delete {old}") from None
+    try:
+        for name in ours:
+            (old / "data" / name).unlink(missing_ok=True)
+        (old / "data").rmdir()
+        old.rmdir()
+    except OSError as e:
+        raise UserError(f"the new data is in {shown}, but removing the old one from {old} failed "
+                        f"({e.strerror or e}); look through it and delete it") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ and walking a corpus's inputs from any (input, chunk) position with `read`, whic
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from gptforge.data.hf_dataset import HF_PREFIX, open_hf
 from gptforge.data.parquet_files import ParquetFile
 from gptforge.data.text_files import JsonlFile, TextFile
 from gptforge.errors import UserError
+from gptforge.files import check_apart, path_problem
 
 # The first suffix that matches picks the reader; a file named otherwise is read as text when given
 # by name, and skipped inside a folder.
@@ -84,7 +85,7 @@ def _file_input(path: Path, name: str, display: str) -> FileInput:
     return (reader_for(path.name) or TextFile).of(path, name, display)
 
 
-def _folder_inputs(root: Path, source: str) -> list[Input]:
+def _folder_inputs(root: Path, source: str) -> list[FileInput]:
     found: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -98,24 +99,50 @@ def _folder_inputs(root: Path, source: str) -> list[Input]:
     return [_file_input(path, rel, os.path.join(source, rel)) for rel, path in found]
 
 
-def _inputs(source: str, text_field: str) -> list[Input]:
-    """An existing path wins over a built-in name; "hf:" always means a dataset."""
-    if source.startswith(HF_PREFIX):
-        return [open_hf(source, text_field)]
+def local_path(source: str) -> Path | None:
+    """SOURCE as an existing local file or folder, or None when nothing is there by that name (it may be a
+    built-in or hf: source). A name that is there but cannot be read as one is refused in one line
+    (gptforge.files.path_problem: a symbolic link loop or one to nothing, a device, pipe or socket), and so is
+    an empty SOURCE (it would mean the current folder)."""
+    if not source:
+        raise UserError("SOURCE is empty ''; name a file, a folder, hf:NAME or a built-in corpus "
+                        f"({', '.join(BUILTINS)})")
     path = Path(source).expanduser()
-    if path.is_dir():
-        return _folder_inputs(path, source)
-    if path.is_file():
-        return [_file_input(path, path.name, source)]
-    if source in BUILTINS:
-        return [open_builtin(source)]
-    raise UserError(f"{source}: no such file or folder, and not a built-in source ({', '.join(BUILTINS)}) "
-                    "or a Hugging Face dataset (hf:NAME)")
+    if not os.path.lexists(path):
+        return None
+    if path_problem(path, "folder") is None or (problem := path_problem(path, "file")) is None:
+        return path
+    raise UserError(f"{source} {problem}")
 
 
-def open_source(source: str, text_field: str) -> Corpus:
-    """SOURCE -> Corpus, every input checked as far as it can be without reading it."""
-    inputs = _inputs(source, text_field)
+def local_inputs(source: str) -> list[FileInput] | None:
+    """The inputs of SOURCE when it is a local file or folder, listed but not opened; None for hf: and the
+    built-ins (an existing path wins over a built-in name; "hf:" always means a dataset)."""
+    path = None if source.startswith(HF_PREFIX) else local_path(source)
+    if path is None:
+        return None
+    return _folder_inputs(path, source) if path.is_dir() else [_file_input(path, path.name, source)]
+
+
+def check_outputs(source: str, files: Iterable[Path], outputs: Iterable[Path]) -> None:
+    """Refuse an output that is, contains or lies inside local SOURCE or one of its input `files`, before
+    anything is read or written (gptforge.files.check_apart: one line naming both)."""
+    paths = [Path(source).expanduser(), *files]
+    for out in outputs:
+        check_apart(out, paths)
+
+
+def open_source(source: str, text_field: str, local: list[FileInput] | None = None) -> Corpus:
+    """SOURCE -> Corpus, every input checked as far as it can be without reading it. `local`: the caller's
+    `local_inputs(source)`, when it has listed them already."""
+    inputs: list[Input] | None = local if local is not None else local_inputs(source)
+    if inputs is None and source.startswith(HF_PREFIX):
+        inputs = [open_hf(source, text_field)]
+    elif inputs is None and source in BUILTINS:
+        inputs = [open_builtin(source)]
+    elif inputs is None:
+        raise UserError(f"{source}: no such file or folder, and not a built-in source ({', '.join(BUILTINS)}) "
+                        "or a Hugging Face dataset (hf:NAME)")
     for inp in inputs:
         inp.check(text_field)
     return Corpus(source, inputs, text_field)
