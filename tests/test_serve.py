@@ -1,7 +1,9 @@
 """`gptforge serve`: the continuous-batching engine (rows of different lengths decode as each would alone), stop
 strings and whole characters, and the OpenAI-compatible server driven by the official `openai` client: chat and
 completions, streamed and not, n > 1, stop, max_tokens / max_completion_tokens, finish reasons, usage, the same
-text as `gptforge sample` for the same seed, the API key, and a bounded load/fault test on 127.0.0.1."""
+text as `gptforge sample` for the same seed, the API key, and a bounded load/fault test on 127.0.0.1; a request that
+fails in the engine fails alone; what a client may send (seeds, characters, numbers) and how long it may take to
+send it; the memory a batch needs, refused before it is allocated."""
 
 import asyncio
 import functools
@@ -20,7 +22,8 @@ from gptforge.chat_template import add_chat_template, render_conversation
 from gptforge.checkpoint import model_state, write_checkpoint
 from gptforge.config import RunConfig
 from gptforge.sample import generate, sample_checkpoint
-from gptforge.serve.engine import Engine, Event, Request, Sequence
+from gptforge.errors import UserError
+from gptforge.serve.engine import BatchKVCache, Engine, Event, Request, Sequence
 from gptforge.tokenizer import CharTokenizer
 
 fastapi = pytest.importorskip("fastapi")
@@ -103,6 +106,85 @@ def test_a_cancelled_request_leaves_the_batch_at_the_next_step():
         engine.close()
 
 
+def test_a_batch_that_cannot_fit_is_refused_before_it_is_allocated(monkeypatch):
+    """The engine estimates its batch (the KV cache of --max-seqs rows and a step's buffers) and refuses it in
+    one line when the free memory is smaller; the estimate is what the cache really takes."""
+    import gptforge.device
+
+    tok = CharTokenizer(CHARS, eot=False)
+    model = tiny_model(tok)
+    engine = Engine(model, tok, torch.device("cpu"), torch.float32, max_seqs=3)
+    cache = engine._cache
+    assert cache.k.nbytes + cache.v.nbytes == BatchKVCache.nbytes(3, model.config, cache.k.element_size())
+    monkeypatch.setattr(gptforge.device, "available_memory", lambda device: 1 << 20)
+    with pytest.raises(UserError, match=r"a batch of 64 sequences \(--max-seqs\) needs about .*lower --max-seqs"):
+        Engine(model, tok, torch.device("cpu"), torch.float32, max_seqs=64)
+    Engine(model, tok, torch.device("cpu"), torch.float32, max_seqs=1)  # one row fits in 1 MiB
+
+
+def test_serve_limits_are_bounded_in_one_line(runs, capsys):
+    from gptforge.cli import main
+
+    for flags, said in [(["--max-seqs", "100000000"], "--max-seqs must be in [1, 1024], got 100000000"),
+                        (["--max-queue", "0"], "--max-queue must be in [1, 16384], got 0"),
+                        (["--read-timeout", "0"], "--read-timeout must be in [0.1, 3600], got 0.0"),
+                        (["--max-connections", "0"], "--max-connections must be in [1, 65536], got 0")]:
+        assert main(["serve", str(runs["base"]), "--port", "0", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().count("\n") == 0 and said in err
+
+
+POISON = 666  # the seed of the request that fails in the engine tests below
+
+
+def poison(where, engine, tok, monkeypatch):
+    """Make the request with seed POISON (prompt "z...") raise inside the engine at `where`."""
+    import gptforge.serve.engine as engine_module
+
+    if where == "sequence":  # building its choices (seeding their generators)
+        class Failing(engine_module.Sequence):
+            def __init__(self, req, *args, **kw):
+                if req.seed == POISON:
+                    raise RuntimeError("boom")
+                super().__init__(req, *args, **kw)
+        monkeypatch.setattr(engine_module, "Sequence", Failing)
+    elif where == "prefill":  # the forward of its prompt
+        real, z = engine.model, tok.encode("z")[0]
+
+        def model(idx, **kw):
+            if kw.get("kv_cache") is engine._scratch and int(idx[0, 0]) == z:
+                raise RuntimeError("boom")
+            return real(idx, **kw)
+        engine.model = model
+    else:  # drawing its rows' tokens in a decode step, a few tokens in, from a batch shared with the others
+        real_rows = engine_module.sample_rows
+
+        def sample_rows(logits, seqs, vocab_size):
+            if any(s.req.seed == POISON and len(s.ids) >= 3 for s in seqs):
+                raise RuntimeError("boom")
+            return real_rows(logits, seqs, vocab_size)
+        monkeypatch.setattr(engine_module, "sample_rows", sample_rows)
+
+
+@pytest.mark.parametrize("where", ["sequence", "prefill", "sample"])
+def test_a_request_that_fails_in_the_engine_fails_alone(where, monkeypatch):
+    """One request raising while it starts or while its rows are drawn ends with an error on each of its choices;
+    the request decoding beside it runs to the end with the text it gets alone, and the engine serves on."""
+    tok = CharTokenizer(CHARS, eot=False)
+    engine = Engine(tiny_model(tok), tok, torch.device("cpu"), torch.float32, max_seqs=4).start()
+    good = (tok.encode("abc"), dict(max_tokens=60, temperature=1.0, seed=1))
+    try:
+        alone = run_engine(engine, [good], timeout=20)[(0, 0)][0]
+        poison(where, engine, tok, monkeypatch)
+        out = run_engine(engine, [good, (tok.encode("zz top"), dict(max_tokens=60, n=2, seed=POISON))], timeout=20)
+        assert out[(0, 0)][0] == alone and out[(0, 0)][1].finish_reason == "length"
+        assert [out[(1, i)][1].finish_reason for i in range(2)] == ["error", "error"]
+        assert run_engine(engine, [good], timeout=20)[(0, 0)][0] == alone  # still serving
+        assert engine.active == 0
+    finally:
+        engine.close()
+
+
 def byte_sequence(stop=(), max_tokens=100):
     """A Sequence over a byte-level 'tokenizer' (one token per UTF-8 byte), as GPT-2's BPE can split characters."""
     events = []
@@ -135,15 +217,19 @@ def test_multibyte_characters_arrive_whole_and_stop_strings_never_appear():
 
 
 class LiveServer:
-    def __init__(self, run, **kw):
+    """build_server's app under uvicorn as `gptforge serve` configures it (server_kw: server_config's limits)."""
+
+    def __init__(self, run, server_kw=None, **kw):
         import uvicorn
 
         from gptforge.serve import _bind, build_server
+        from gptforge.serve.connection import server_config
 
         self.app, self.engine = build_server(run, device="cpu", **kw)
         sock = _bind("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="error"))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(server_config(self.app, log_level="error", **(server_kw or {})))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 20
@@ -288,12 +374,96 @@ def test_errors_are_openai_shaped(chat_server, base_server):
     with httpx.Client(base_url=chat_server.url) as h:
         r = h.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+        r = h.post("/v1/chat/completions", content=json.dumps({"messages": USER}))  # no Content-Type
+        assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]
         assert h.get("/v1/nothing").status_code == 404 and h.get("/v1/nothing").json()["error"]["type"]
         assert h.get("/v1/chat/completions").status_code == 405
         assert h.post("/v1/chat/completions", content=b"x" * (2 << 20)).status_code == 400
         ok = h.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "frobnicate": 1})
         assert ok.status_code == 200  # unknown fields are ignored
         assert h.get("/health").json()["status"] == "ok"
+    # a prompt that fills the context names the field that holds it
+    for server, path, body, param in [(chat_server, "/v1/chat/completions",
+                                       {"messages": [{"role": "user", "content": "a" * 500}]}, "messages"),
+                                      (base_server, "/v1/completions", {"prompt": "a" * 500}, "prompt")]:
+        e = httpx.post(server.url + path, json=body, timeout=30).json()["error"]
+        assert (e["code"], e["param"]) == ("context_length_exceeded", param)
+
+
+@pytest.mark.integration
+def test_text_a_model_cannot_take_is_a_400_that_names_it(base_server, chat_server):
+    """A character a char vocabulary lacks is the client's 400 naming it (there is no unknown token), in a
+    prompt or a message; so is a lone surrogate, which is no character at all; NaN and Infinity (JSON literals
+    Python accepts) are not finite numbers."""
+    def post(server, path, raw):
+        return httpx.post(server.url + path, content=raw, headers={"content-type": "application/json"}, timeout=30)
+
+    named = [("café", "'é' (U+00E9)"), ("a\x00b", "U+0000"), ("hi 😀", "U+1F600"), (["café"], "U+00E9")]
+    for prompt, shown in named:
+        r = post(base_server, "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": 3}).encode())
+        e = r.json()["error"]
+        assert r.status_code == 400 and (e["param"], e["code"]) == ("prompt", "unknown_character"), r.text
+        assert shown in e["message"] and "vocabulary" in e["message"]
+    r = post(chat_server, "/v1/chat/completions",
+             json.dumps({"messages": [{"role": "user", "content": "café"}]}).encode())
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_character"
+    assert "message 1" in r.json()["error"]["message"] and "U+00E9" in r.json()["error"]["message"]
+    surrogate = json.dumps("ab\ud800")  # '"ab\\ud800"': what a JSON client sends for half a pair
+    for server, path, raw in [(base_server, "/v1/completions", f'{{"prompt": {surrogate}}}'),
+                              (base_server, "/v1/completions", f'{{"prompt": "ab", "stop": [{surrogate}]}}'),
+                              (chat_server, "/v1/chat/completions",
+                               f'{{"messages": [{{"role": "user", "content": {surrogate}}}]}}')]:
+        r = post(server, path, raw.encode())
+        assert r.status_code == 400 and "U+D800" in r.json()["error"]["message"], r.text
+    for field in ("temperature", "top_p"):
+        for value in ("NaN", "Infinity", "-Infinity"):
+            r = post(base_server, "/v1/completions", f'{{"prompt": "ab", "{field}": {value}}}'.encode())
+            assert r.status_code == 400 and r.json()["error"]["param"] == field
+            assert r.json()["error"]["message"] == f"{field}: Input should be a finite number"
+    assert post(base_server, "/v1/completions", b'{"prompt": "ab", "max_tokens": 2}').status_code == 200
+
+
+@pytest.mark.integration
+def test_head_is_answered_like_get_without_a_body(chat_server):
+    with httpx.Client(base_url=chat_server.url, timeout=30) as h:
+        for path in ("/", "/health", "/app.js", "/v1/models"):
+            get, head = h.get(path), h.head(path)
+            assert head.status_code == get.status_code == 200 and head.content == b""
+            assert head.headers["content-type"] == get.headers["content-type"]
+
+
+@pytest.mark.integration
+def test_out_of_range_seeds_are_400s_and_fail_no_one_else(base_server):
+    """A seed torch cannot take (or whose n choices' seeds, seed + i, run past the range) is the client's 400;
+    a stream decoding meanwhile ends normally with its usual text; the range's ends are served."""
+    body = {"prompt": "hello", "max_tokens": 80, "temperature": 0}
+    bad = [(2**64, 1), (10**30, 1), (2**64 - 1, 2), (-2**63 - 1, 1)]
+
+    async def stream(h):
+        text, lines = "", []
+        async with h.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["text"]
+                lines.append(line)
+        return text, [x for x in lines if x][-1]
+
+    async def refused(h, seed, n):
+        r = await h.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5, "seed": seed, "n": n})
+        return r.status_code, r.json()["error"]["param"]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=base_server.url, timeout=15) as h:
+            alone = (await h.post("/v1/completions", json=body)).json()["choices"][0]["text"]
+            got = await asyncio.gather(stream(h), *(refused(h, seed, n) for seed, n in bad))
+            ends = [(await h.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "seed": seed, "n": n}))
+                    .status_code for seed, n in ((2**64 - 1, 1), (2**64 - 2, 2), (-2**63, 1))]
+            return alone, got[0], got[1:], ends
+
+    alone, (text, last), statuses, ends = asyncio.run(main())
+    assert statuses == [(400, "seed")] * len(bad)
+    assert last == "data: [DONE]" and text == alone
+    assert ends == [200, 200, 200]
 
 
 @pytest.mark.integration
@@ -373,6 +543,89 @@ def test_load_and_faults(chat_server):
         time.sleep(0.05)
     assert chat_server.engine.active == 0  # disconnected clients' rows were freed
     assert c.chat.completions.create(model="chat", messages=USER, max_tokens=3).choices  # still serving
+
+
+def client_sending(port: int, send: bytes) -> socket.socket:
+    """A connection that sends `send` and then nothing."""
+    c = socket.create_connection(("127.0.0.1", port))
+    c.sendall(send)
+    return c
+
+
+def answer_until_closed(c: socket.socket, within: float) -> bytes:
+    """Everything the server sends on `c` until it closes it; fails if it is still open after `within` s."""
+    with c:
+        c.settimeout(within)
+        got = b""
+        while chunk := c.recv(4096):
+            got += chunk
+        return got
+
+
+def trickle_until_closed(c: socket.socket, within: float) -> bytes:
+    """Send `c` on a byte every 0.2 s until the server closes it; what it answered. Fails after `within` s."""
+    with c:
+        c.settimeout(0.2)
+        got, deadline = b"", time.monotonic() + within
+        while time.monotonic() < deadline:
+            try:
+                chunk = c.recv(4096)
+                if not chunk:
+                    return got
+                got += chunk
+            except socket.timeout:
+                pass
+            except OSError:  # reset: the server closed with our last bytes unread
+                return got
+            try:
+                c.sendall(b"x")
+            except OSError:
+                return got
+        raise AssertionError(f"the trickling client is still connected after {within} s")
+
+
+@pytest.mark.integration
+def test_slow_clients_are_cut_off_but_slow_replies_are_not(runs, monkeypatch):
+    """A connection that sends nothing, half a header line, or part of its body is answered 408 and closed after
+    --read-timeout; a reply that streams for longer than that runs to its end, and the connection serves another
+    request after it; beyond --max-connections a connection gets 503 and is closed."""
+    s = LiveServer(runs["base"], server_kw=dict(read_timeout=1.5, timeout_keep_alive=1, max_connections=6))
+    try:
+        body_start = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{")
+        slow = [client_sending(s.port, send) for send in (b"", b"GET /health HT", body_start)]
+        for c in slow:
+            got = answer_until_closed(c, within=1.5 + 5)
+            assert got.startswith(b"HTTP/1.1 408 ") and b'"code": "request_timeout"' in got
+
+        # a body over the size limit is refused before it is read; sent on a byte at a time, it is still cut off
+        got = trickle_until_closed(client_sending(s.port, body_start.replace(b"100", b"2000000")), 1.5 + 6)
+        assert got.startswith(b"HTTP/1.1 400 ") and b"request_too_large" in got
+
+        real = s.engine.model
+
+        def slow(*args, **kw):  # about 3 s for the reply below: twice the read timeout
+            time.sleep(0.05)
+            return real(*args, **kw)
+        monkeypatch.setattr(s.engine, "model", slow)
+        with httpx.Client(base_url=s.url, timeout=30) as h:
+            body = {"prompt": "ab", "max_tokens": 60, "temperature": 0, "stream": True}
+            with h.stream("POST", "/v1/completions", json=body) as r:
+                lines = [line for line in r.iter_lines() if line]
+            assert r.status_code == 200 and lines[-1] == "data: [DONE]" and len(lines) > 10
+            monkeypatch.setattr(s.engine, "model", real)
+            assert h.get("/health").status_code == 200  # the same kept-alive connection
+
+        idle = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(6)]
+        try:
+            got = answer_until_closed(client_sending(s.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"), 5)
+            assert got.startswith(b"HTTP/1.1 503 ") and b"too_many_connections" in got
+        finally:
+            for c in idle:
+                c.close()
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 200
+    finally:
+        s.close()
 
 
 @pytest.mark.integration  # the real command in a subprocess

@@ -1,7 +1,8 @@
 """The web chat page of `gptforge serve` (gptforge/serve/static/) in a real headless Chromium: it learns the
 model from /v1/models, streams chat replies and completions over SSE as they arrive, stops a reply mid-stream
-(the server sees the connection close), sends the API key and the settings, keeps model output as text, and
-looks like a page (a checked screenshot).
+(the server sees the connection close), keeps a turn that got no reply out of the conversation, fits Max tokens
+to a small context, sends the API key and the settings, keeps model output as text, and looks like a page (a
+checked screenshot).
 
 The browser tests run against a stub server written here (the OpenAI streaming format, with delays we
 control), so they test the page alone; one more test drives the real server with a tiny chat model.
@@ -91,7 +92,11 @@ class Stub:
                     return
                 if self.path == "/v1/chat/completions":
                     last = body["messages"][-1]["content"]
-                    self._stream("chat.completion.chunk", LONG if "long" in last else HELLO, chat=True)
+                    if "fail" in last:  # what a 400 (or a 429) looks like to the page
+                        return self._json(400, {"error": {"message": "the stub refuses this turn", "param": None,
+                                                          "type": "invalid_request_error", "code": None}})
+                    pause = 3.0 if "slow" in last else 0.0  # time to press Stop before the first token
+                    self._stream("chat.completion.chunk", LONG if "long" in last else HELLO, chat=True, pause=pause)
                 elif self.path == "/v1/completions":
                     self._stream("text_completion", ONCE, chat=False)
 
@@ -102,11 +107,13 @@ class Stub:
                                            "param": None, "code": "invalid_api_key"}})
                 return False
 
-            def _stream(self, kind: str, pieces: list[str], chat: bool):
+            def _stream(self, kind: str, pieces: list[str], chat: bool, pause: float = 0.0):
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
                 try:
+                    self.wfile.flush()
+                    time.sleep(pause)
                     for i, piece in enumerate(pieces):
                         choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
                         choice["finish_reason"] = "stop" if i == len(pieces) - 1 else None
@@ -300,6 +307,31 @@ def test_stop_ends_a_long_reply_and_closes_the_stream(browser, stub):
 
 
 @pytest.mark.integration
+def test_a_turn_without_a_reply_leaves_the_conversation(browser, stub):
+    """A turn the server refuses, and one stopped before its first token, stay on the page (dimmed, the error
+    shown) but out of the conversation: the next turn is sent without them and is answered."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, stub.url, API_KEY)
+    wait_for(lambda: by_id(browser, "model").text == "stub-model", what="the model name")
+    by_id(browser, "new-chat").click()
+    by_id(browser, "input").send_keys("please fail\n")
+    wait_for(lambda: replies(browser) == ["the stub refuses this turn"], what="the error in the reply's place")
+    wait_for(lambda: by_id(browser, "send").is_enabled(), what="send to come back")
+    by_id(browser, "input").send_keys("a slow start\n")
+    wait_for(lambda: by_id(browser, "stop").is_enabled(), what="stop to be offered")
+    by_id(browser, "stop").click()
+    wait_for(lambda: by_id(browser, "status").text == "stopped", what="the stopped status")
+    assert replies(browser) == ["the stub refuses this turn"]  # the empty reply left, the error stays
+    by_id(browser, "input").send_keys("hello there\n")
+    wait_for(lambda: replies(browser)[-1:] == ["".join(HELLO)], 20, "the next reply")
+    assert stub.last("/v1/chat/completions")["body"]["messages"] == [{"role": "user", "content": "hello there"}]
+    dimmed = browser.find_elements(By.CSS_SELECTOR, ".message.user.unanswered .text")
+    assert [e.get_property("textContent") for e in dimmed] == ["please fail", "a slow start"]
+    assert not uncaught_errors(browser)
+
+
+@pytest.mark.integration
 def test_the_completion_box_streams_a_base_model_continuation(browser, stub):
     open_page(browser, stub.url, API_KEY)
     by_id(browser, "tab-complete").click()
@@ -380,6 +412,36 @@ def real_server():
         server.should_exit = True
         thread.join(10)
         engine.close()
+
+
+@pytest.mark.integration
+def test_max_tokens_fits_a_small_context(browser, real_server):
+    """On a model with a 64-token context the page's default asks for no more than the context holds, a Max
+    tokens larger than the room a conversation leaves is fitted to it, and a conversation grown past the
+    context drops its oldest exchanges: every turn is answered."""
+    from selenium.webdriver.common.by import By
+
+    url, model, tok = real_server
+    assert model.config.block_size == 64
+    open_page(browser, url, API_KEY)
+    wait_for(lambda: by_id(browser, "model").text == "tiny-chat", what="the model name from /v1/models")
+    statuses = []
+    turns = [("hello there", None), ("and then?", "1000"), ("more", "60")] + [("tell me a story", None)] * 9
+    for text, max_tokens in turns:
+        if max_tokens:
+            by_id(browser, "max-tokens").clear()
+            by_id(browser, "max-tokens").send_keys(max_tokens)
+        by_id(browser, "input").send_keys(text + "\n")
+        wait_for(lambda: by_id(browser, "send").is_enabled() and by_id(browser, "status").text != "generating…",
+                 20, "the turn to end")
+        errors = browser.find_elements(By.CSS_SELECTOR, ".message.error .text")
+        assert not errors, errors[0].get_property("textContent")
+        statuses.append(by_id(browser, "status").text)
+        if "dropped to fit the context" in statuses[-1]:
+            break
+    # the conversation outgrew the 64-token context: the oldest exchanges left it, and the turn was answered
+    assert "dropped to fit the context" in statuses[-1], statuses
+    assert "64" in by_id(browser, "max-tokens").get_attribute("placeholder")  # the page says what "auto" means
 
 
 @pytest.mark.integration

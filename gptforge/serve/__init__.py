@@ -1,8 +1,9 @@
 """`gptforge serve`: an OpenAI-compatible HTTP server with continuous batching, and a web chat page.
 
 `app` holds the routes (FastAPI), `engine` the decode loop that batches every request onto one model,
-`protocol` the request bodies; `static/` the page served at /. This module is the verb: load a checkpoint,
-start the engine, bind the socket, run uvicorn. FastAPI and uvicorn are imported only here and below, so
+`protocol` the request bodies, `connection` what a client connection may cost (read timeouts, a cap on open
+connections); `static/` the page served at /. This module is the verb: load a checkpoint, start the engine,
+bind the socket, run uvicorn. FastAPI and uvicorn are imported only here and below, so
 the rest of gptforge works without the `serve` extra.
 """
 
@@ -19,6 +20,10 @@ from typing import Optional
 from gptforge.errors import UserError
 
 API_KEY_ENV = "GPTFORGE_API_KEY"
+# (least, most) of each server limit; a most is where a value can only be a typo (memory is checked apart)
+LIMITS = {"--max-tokens": (1, None), "--max-seqs": (1, 1024), "--max-queue": (1, 16384),
+          "--max-request-bytes": (1024, None), "--prefill-chunk": (1, None), "--timeout-keep-alive": (1, 3600),
+          "--read-timeout": (0.1, 3600), "--max-connections": (1, 65536)}
 
 
 def _require_libraries() -> None:
@@ -47,6 +52,16 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _check_limits(**values) -> None:
+    """Each value within its flag's LIMITS (keywords are the flags' names, with _ for -)."""
+    for key, value in values.items():
+        name = "--" + key.replace("_", "-")
+        least, most = LIMITS[name]
+        if not (value >= least and (most is None or value <= most)):  # written so that NaN fails too
+            span = f"at least {least}" if most is None else f"in [{least}, {most}]"
+            raise UserError(f"{name} must be {span}, got {value}")
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -66,11 +81,8 @@ def build_server(run, *, device: str = "auto", which: str = "latest", api_key: O
     from gptforge.serve.app import Limits, create_app
     from gptforge.serve.engine import Engine
 
-    for name, value, least in (("--max-tokens", max_tokens, 1), ("--max-seqs", max_seqs, 1),
-                               ("--max-queue", max_queue, 1), ("--max-request-bytes", max_request_bytes, 1024),
-                               ("--prefill-chunk", prefill_chunk, 1)):
-        if value < least:
-            raise UserError(f"{name} must be at least {least}, got {value}")
+    _check_limits(max_tokens=max_tokens, max_seqs=max_seqs, max_queue=max_queue,
+                  max_request_bytes=max_request_bytes, prefill_chunk=prefill_chunk)
     dev = pick_device(device)
     ck = load_any(run, dev, which)
     block = ck.model.config.block_size
@@ -88,16 +100,24 @@ def build_server(run, *, device: str = "auto", which: str = "latest", api_key: O
 
 
 def serve_checkpoint(run, *, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
-                     cors: Optional[list[str]] = None, log_level: str = "warning", **server_kw) -> int:
+                     cors: Optional[list[str]] = None, log_level: str = "warning", timeout_keep_alive: int = 5,
+                     read_timeout: float = 20.0, max_connections: int = 256, **server_kw) -> int:
     """`gptforge serve`: serve `run` until interrupted; the exit status."""
     _require_libraries()
     import uvicorn
 
+    from gptforge.serve.connection import server_config
+
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be in [0, 65535], got {port}")
+    _check_limits(timeout_keep_alive=timeout_keep_alive, read_timeout=read_timeout, max_connections=max_connections)
     sock = _bind(host, port)  # before loading the model: a busy port fails in a second, not after the load
-    app, engine = build_server(run, api_key=api_key, cors=cors, **server_kw)
+    try:
+        app, engine = build_server(run, api_key=api_key, cors=cors, **server_kw)
+    except BaseException:
+        sock.close()
+        raise
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(f"gptforge serve: http://{shown}:{bound}/ (OpenAI API at http://{shown}:{bound}/v1"
@@ -105,7 +125,8 @@ def serve_checkpoint(run, *, host: str = "127.0.0.1", port: int = 8000, api_key:
     if not _is_loopback(host) and not api_key:
         print(f"gptforge serve: note: listening on {host} without an API key: anyone who can reach this "
               f"address can use the model (set --api-key or {API_KEY_ENV})", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=2))
+    server = uvicorn.Server(server_config(app, timeout_keep_alive=timeout_keep_alive, read_timeout=read_timeout,
+                                          max_connections=max_connections, log_level=log_level))
     try:
         server.run(sockets=[sock])
     finally:

@@ -56,11 +56,11 @@ class ApiError(Exception):
 # Building engine requests from HTTP ones
 
 
-def _max_tokens(asked: Optional[int], prompt_len: int, limits: Limits) -> int:
+def _max_tokens(asked: Optional[int], prompt_len: int, limits: Limits, prompt_param: str) -> int:
     room = limits.context_length - prompt_len
     if room < 1:
         raise ApiError(400, f"the prompt is {prompt_len} tokens; the model's context is {limits.context_length}, "
-                            "which leaves no room for a reply: send a shorter prompt", "messages",
+                            "which leaves no room for a reply: send a shorter prompt", prompt_param,
                        "context_length_exceeded")
     if asked is None:
         return min(room, limits.max_tokens)
@@ -86,7 +86,8 @@ def _engine_request(body: SamplingFields, prompt: list[int], max_tokens: Optiona
         except RuntimeError:  # the event loop has closed: the server is shutting down
             pass
 
-    req = EngineRequest(prompt, _max_tokens(max_tokens, len(prompt), limits), emit, n=body.n,
+    param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+    req = EngineRequest(prompt, _max_tokens(max_tokens, len(prompt), limits, param), emit, n=body.n,
                         temperature=body.temperature, top_k=body.top_k, top_p=None if body.top_p >= 1 else body.top_p,
                         seed=body.seed, stop_ids=stop_ids, stop=tuple(body.stop or ()))
     try:
@@ -105,11 +106,22 @@ def _chat_prompt(tok, body: ChatCompletionRequest) -> list[int]:
         text = m.text()
         if text is None:
             raise ApiError(400, f"message {i + 1} has content this model cannot read (only text)", "messages")
+        if tok.kind == "char":  # only a char vocabulary can lack a character (byte-level BPEs encode any text)
+            _encode(tok, text, "messages", f"message {i + 1}: ")
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
     try:
         return render_conversation(tok, messages, for_generation=True)[0]
     except UserError as e:
         raise ApiError(400, one_line(e), "messages") from None
+
+
+def _encode(tok, text: str, param: str, where: str = "") -> list[int]:
+    """tok.encode(text), or a 400 naming the character a char vocabulary lacks: there is no unknown token to
+    map it to, and quietly dropping or changing the client's text would be worse."""
+    try:
+        return tok.encode(text)
+    except UserError as e:
+        raise ApiError(400, where + one_line(e), param, "unknown_character") from None
 
 
 def _completion_prompt(tok, body: CompletionRequest) -> tuple[list[int], str]:
@@ -122,7 +134,7 @@ def _completion_prompt(tok, body: CompletionRequest) -> tuple[list[int], str]:
         if len(p) > 1:
             raise ApiError(400, "send one prompt per request (or use n for several completions of it)", "prompt")
         p = p[0] if p else ""
-    ids = tok.encode(p)
+    ids = _encode(tok, p, "prompt")
     if not ids:
         if tok.eot_id is None:
             raise ApiError(400, "the prompt is empty; give some text to continue", "prompt")
@@ -226,11 +238,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, limits: Limits, *, ap
 
     auth = [Depends(check_key)]
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: the same headers, no body (uvicorn drops it)
     async def health():
         return {"status": "ok", "model": model_name, "running": engine.active}
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.api_route("/v1/models", methods=["GET", "HEAD"], dependencies=auth)
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "gptforge", "max_model_len": limits.context_length}]}
@@ -282,13 +294,13 @@ def _add_page(app: FastAPI) -> None:
     """The web page at / and its files beside it (index.html links them relatively); nothing else is served."""
     files = {p.name for p in STATIC.iterdir() if p.is_file()} if STATIC.is_dir() else set()
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index():
         if "index.html" not in files:
             raise ApiError(404, "this installation has no web page")
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/{name}", include_in_schema=False)
+    @app.api_route("/{name}", methods=["GET", "HEAD"], include_in_schema=False)
     async def static_file(name: str):
         if name not in files:
             raise ApiError(404, f"no such page: /{name}")
@@ -307,8 +319,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
         if e.get("type") == "json_invalid":
             return ApiError(400, "the request body is not valid JSON", code="invalid_json").response()
+        if e.get("type") == "model_attributes_type" and not loc:  # FastAPI reads JSON only when the type says so
+            return ApiError(400, "the request body must be a JSON object, sent with 'Content-Type: application/json'",
+                            code="invalid_json").response()
         where = ".".join(loc)
-        msg = f"{where}: {e.get('msg', 'invalid value')}" if where else e.get("msg", "invalid request body")
+        said = str(e.get("msg", "invalid value")).removeprefix("Value error, ")  # pydantic's prefix for ours
+        msg = said if not where or said.startswith(f"{where} ") else f"{where}: {said}"
         return ApiError(400, msg, where or None, "invalid_value").response()
 
     @app.exception_handler(HTTPException)

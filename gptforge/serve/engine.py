@@ -9,6 +9,8 @@ to `Engine.submit`, which queues it; the engine's thread, at each step,
   3. runs one decode step for every row together and samples every row at once (`sample_rows`: one filter
      pass per group of rows with the same settings; only the random draw is per row, from its own generator).
 Text goes back through the request's `emit` callback (thread-safe on the server's side) as `Event`s.
+A failure in one request's own work (its prefill, its seeds, its draws, its text) ends that request alone with
+an "error" event; only a failed decode forward, shared by every row, ends every request in the batch.
 
 The batch's keys and values live in a `BatchKVCache`: rows of different lengths side by side, each written at
 its own position, with a mask that hides the unwritten tail of the shorter rows. A prompt is prefilled on a
@@ -27,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from gptforge.device import autocast
+from gptforge.device import autocast, check_memory, format_bytes
 from gptforge.sample import KVCache, TextStreamer, decode_step, filtered_probs, new_kv_cache
 
 log = logging.getLogger("gptforge.serve")
@@ -47,6 +49,11 @@ class BatchKVCache:
     The model reads `row_pos` (each row's length: where its next token goes and that token's position) and
     `attn_mask` (None while every row has the same length, as for a single request); `pos` is the longest row.
     """
+
+    @staticmethod
+    def nbytes(max_rows: int, config, itemsize: int) -> int:
+        """What the cache allocates: keys and values, (L, max_rows, nkv, block, hs) each."""
+        return 2 * config.n_layer * max_rows * config.n_kv_head * config.block_size * config.head_dim * itemsize
 
     def __init__(self, max_rows: int, config, device, dtype):
         shape = (config.n_layer, max_rows, config.n_kv_head, config.block_size, config.head_dim)
@@ -160,6 +167,7 @@ class Sequence:
         self.streamer = TextStreamer(decode)
         self.text, self.sent = "", 0  # text decoded so far; characters of it already emitted
         self.last: Optional[int] = None  # the token to feed at the next decode step
+        self.finished = False  # set by the engine when take() says so: the row leaves the batch
 
     def take(self, token: int) -> bool:
         """Account for a new token and emit what text is safe to send; True when the choice is finished."""
@@ -256,9 +264,18 @@ class Engine:
         self._stop = threading.Event()
         with torch.inference_mode(), autocast(device, dtype):
             self._scratch = new_kv_cache(model, 1, device)
+            self._check_memory(self._scratch.k.element_size())
             self._cache = BatchKVCache(max_seqs, model.config, device, self._scratch.k.dtype)
         self._thread = threading.Thread(target=self._run, name="gptforge-engine", daemon=True)
         self.steps = 0
+
+    def _check_memory(self, itemsize: int) -> None:
+        """Refuse, before allocating, a batch that cannot fit beside the loaded model (already out of the free
+        memory): the batch's KV cache, and a step's float32 logits, probabilities and draws over every row."""
+        cfg = self.model.config
+        per_row = BatchKVCache.nbytes(1, cfg, itemsize) + 3 * 4 * cfg.vocab_size
+        check_memory(self.max_seqs * per_row, self.device, f"a batch of {self.max_seqs} sequences (--max-seqs)",
+                     f"lower --max-seqs: each sequence takes about {format_bytes(per_row)}")
 
     def start(self) -> "Engine":
         self._thread.start()
@@ -292,7 +309,7 @@ class Engine:
                     if self._rows:
                         self._decode_step()
                 self.steps += 1
-            except Exception:  # a bug must not kill the loop: fail the requests in flight, keep serving
+            except Exception:  # a bug outside any one request's work: fail what is in flight, keep serving
                 log.exception("engine step failed; ending the requests in flight")
                 self._fail_all()
 
@@ -321,20 +338,30 @@ class Engine:
             self._rows[b] = seq
 
     def _prefill_step(self) -> None:
-        """One chunk of one waiting prompt; once it is all in, its choices join the batch."""
+        """One chunk of one waiting prompt; once it is all in, its choices join the batch. Whatever fails here
+        (its forward, its seeds, its first tokens) is this request's alone: it ends with an error, the rest go on."""
         if self._prefilling is None:
             if not self._pending or self._pending[0].n + len(self._rows) > self.max_seqs:
                 return  # wait until enough rows are free
             self._prefilling = (self._pending.pop(0), 0)
             self._scratch.reset()
         req, done = self._prefilling
-        chunk = req.prompt[done:done + self.prefill_chunk]
-        logits = self.model(torch.tensor([chunk], device=self.device), kv_cache=self._scratch, last_only=True)[:, -1]
-        done += len(chunk)
-        if done < len(req.prompt):
-            self._prefilling = (req, done)
-            return
-        self._prefilling = None
+        try:
+            chunk = req.prompt[done:done + self.prefill_chunk]
+            logits = self.model(torch.tensor([chunk], device=self.device), kv_cache=self._scratch,
+                                last_only=True)[:, -1]
+            done += len(chunk)
+            if done < len(req.prompt):
+                self._prefilling = (req, done)
+                return
+            self._prefilling = None
+            self._admit(req, logits)
+        except Exception:
+            self._prefilling = None
+            self._fail(req, "while starting (its prefill, seeds or first tokens)")
+
+    def _admit(self, req: Request, logits: torch.Tensor) -> None:
+        """Give req's choices their first tokens from the prompt's logits (1, V) and rows of the batch."""
         seqs = [Sequence(req, i, self.tok.decode, self.tok.vocab_size, self.device) for i in range(req.n)]
         first = sample_rows(logits.expand(len(seqs), -1), seqs, self.tok.vocab_size)  # (1, V) shared by the choices
         alive = [s for s, t in zip(seqs, first) if not s.take(t)]
@@ -346,11 +373,59 @@ class Engine:
         cache = self._cache
         cache.begin_step()
         idx = torch.tensor([[s.last] for s in self._rows], device=self.device)  # (B, 1)
-        logits = decode_step(self.model, idx, cache)  # (B, V), as `stream` steps (single-threaded for few rows)
-        tokens = sample_rows(logits, self._rows, self.tok.vocab_size)
-        finished = [b for b, (s, t) in enumerate(zip(self._rows, tokens)) if s.take(t)]
-        for b in reversed(finished):
-            self._free_row(b)
+        try:
+            logits = decode_step(self.model, idx, cache)  # (B, V), as `stream` steps (single-threaded for few rows)
+        except Exception:  # one forward for every row: no one request to blame, so every row ends
+            log.exception("the batch's decode step failed; ending the requests in it")
+            self._fail_rows()
+            return
+        tokens = self._sample(logits)
+        for s, t in zip(self._rows, tokens):
+            if t is not None and not s.req.cancelled.is_set():
+                try:
+                    s.finished = s.take(t)
+                except Exception:
+                    self._fail(s.req, "while decoding its text")
+        # descending, so the last row that _free_row moves into a freed place is never one still to free
+        for b in reversed(range(len(self._rows))):
+            if self._rows[b].finished or self._rows[b].req.cancelled.is_set():
+                self._free_row(b)
+
+    def _sample(self, logits: torch.Tensor) -> list[Optional[int]]:
+        """Every row's next token; if the batched draw fails, row by row, so only the failing rows' requests
+        end (their rows get None)."""
+        try:
+            return sample_rows(logits, self._rows, self.tok.vocab_size)
+        except Exception:  # rows drawn before the failure drew again below: a rare failure may change their text
+            pass
+        tokens: list[Optional[int]] = []
+        for b, s in enumerate(self._rows):
+            try:
+                tokens.append(None if s.req.cancelled.is_set() else
+                              sample_rows(logits[b:b + 1], [s], self.tok.vocab_size)[0])
+            except Exception:
+                self._fail(s.req, "while sampling its next token")
+                tokens.append(None)
+        return tokens
+
+    @staticmethod
+    def _end_with_error(req: Request) -> None:
+        """An error event for each of req's choices; cancelled, so its rows leave the batch at the next step."""
+        req.cancel()
+        for i in range(req.n):
+            req.emit(Event(i, "", "error", 0))
+
+    def _fail(self, req: Request, when: str) -> None:
+        """End `req` alone (call it from an except block: the traceback goes to the log)."""
+        log.exception("a request failed in the engine %s; ending it alone", when)
+        self._end_with_error(req)
+
+    def _fail_rows(self) -> None:
+        """End every request in the batch (not those still waiting) and empty it."""
+        reqs = {id(s.req): s.req for s in self._rows}
+        self._rows, self._cache.lengths = [], []
+        for r in reqs.values():
+            self._end_with_error(r)
 
     def _fail_all(self) -> None:
         reqs = {id(s.req): s.req for s in self._rows}
@@ -360,6 +435,4 @@ class Engine:
         self._rows, self._pending, self._prefilling = [], [], None
         self._cache.lengths = []
         for r in reqs.values():
-            r.cancel()
-            for i in range(r.n):
-                r.emit(Event(i, "", "error", 0))
+            self._end_with_error(r)

@@ -7,11 +7,26 @@ Range checks that need the model (the context length, the server's limits) are m
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from gptforge.device import check_seed
+from gptforge.errors import UserError
 
 MAX_STOP = 16  # stop strings per request: each is searched for at every token
+# JSON's "\ud800" escapes give Python strings that are not text: no tokenizer or UTF-8 reply can carry them
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str) -> str:
+    """`text` if it holds no lone UTF-16 surrogate; a ValueError naming the first one otherwise."""
+    m = _LONE_SURROGATE.search(text)
+    if m:
+        raise ValueError(f"holds U+{ord(m.group()):04X} at character {m.start()}, a lone surrogate (half of a "
+                         "UTF-16 pair), which is not a character")
+    return text
 
 
 class StreamOptions(BaseModel):
@@ -24,8 +39,8 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: Optional[str] = None
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False)  # JSON's NaN and Infinity parse
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: Optional[int] = None  # extension; None, 0 or -1: no top-k filter
     max_tokens: Optional[int] = Field(None, ge=1)
     n: int = Field(1, ge=1, le=16)
@@ -52,7 +67,18 @@ class SamplingFields(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop strings")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
-        return stops
+        return [check_text(s) for s in stops]
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: Optional[int], info: ValidationInfo) -> Optional[int]:
+        """A seed torch takes, for every choice: choice i draws from seed + i (n is checked before seed)."""
+        if v is None:
+            return None
+        try:
+            return check_seed(v, "seed", count=info.data.get("n", 1), each="choice")
+        except UserError as e:
+            raise ValueError(str(e)) from None
 
     @property
     def include_usage(self) -> bool:
@@ -63,6 +89,14 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
     content: Union[str, list[dict[str, Any]], None] = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v):
+        for text in [v] if isinstance(v, str) else [p.get("text") for p in v or []]:
+            if isinstance(text, str):
+                check_text(text)
+        return v
 
     def text(self) -> Optional[str]:
         """The content as one string: OpenAI's list of parts is joined from its text parts."""
@@ -83,6 +117,14 @@ class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int]] = ""
     echo: bool = False
     max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        for text in [v] if isinstance(v, str) else v:
+            if isinstance(text, str):
+                check_text(text)
+        return v
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None,

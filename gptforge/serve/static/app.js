@@ -6,6 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "gptforge.apiKey";
 let modelName = null;
+let maxModelLen = null;  // the model's context (prompt + reply tokens), from /v1/models when the server says
 let history = [];        // the conversation so far, without the system prompt (read fresh on every send)
 let controller = null;   // the AbortController of the request in flight, if any
 
@@ -24,29 +25,35 @@ function sampling() {
   };
   num("temperature", "temperature", parseFloat);
   num("top-p", "top_p", parseFloat);
-  num("max-tokens", "max_tokens", (s) => parseInt(s, 10));
+  // Max tokens is a ceiling: empty sends null, and the server fits the reply into the room the prompt leaves;
+  // a number is cut to what the context can ever hold (a turn the prompt leaves less room is asked again)
+  const max = parseInt($("max-tokens").value, 10);
+  body.max_tokens = !Number.isFinite(max) ? null : maxModelLen ? Math.min(max, maxModelLen - 1) : max;
   if (modelName) body.model = modelName;
   return body;
 }
 
 function setStatus(text) { $("status").textContent = text; }
 
-// The server's error is OpenAI's {"error": {"message": ...}}; anything else is shown as the HTTP status.
-async function errorText(res) {
+// The server's error is OpenAI's {"error": {"message", "param", "code"}}; anything else is the HTTP status.
+async function errorOf(res) {
   try {
     const body = await res.json();
-    if (body && body.error && body.error.message) return body.error.message;
+    if (body && body.error && body.error.message) return body.error;
   } catch (e) { /* not JSON */ }
-  return "HTTP " + res.status;
+  return { message: "HTTP " + res.status };
 }
 
 async function loadModel() {
   try {
     const res = await fetch("/v1/models", { headers: headers() });
-    if (!res.ok) throw new Error(await errorText(res));
+    if (!res.ok) throw new Error((await errorOf(res)).message);
     const body = await res.json();
-    modelName = body.data && body.data.length ? body.data[0].id : null;
+    const model = body.data && body.data.length ? body.data[0] : null;
+    modelName = model ? model.id : null;
+    maxModelLen = model && Number.isInteger(model.max_model_len) ? model.max_model_len : null;
     $("model").textContent = modelName || "no model";
+    $("max-tokens").placeholder = maxModelLen ? `auto (context: ${maxModelLen} tokens)` : "auto";
     setStatus("");
   } catch (e) {
     $("model").textContent = "not connected";
@@ -54,18 +61,31 @@ async function loadModel() {
   }
 }
 
-// POST `body` with stream: true and call onText with each piece of text as it arrives. Resolves to the
-// finish_reason, or "stopped" when the user pressed stop. SSE events are separated by a blank line; a read
-// may end mid-event, so the unfinished tail is kept for the next read.
+// POST `body` with the settings and stream: true; the response, or an Error with the server's message. A
+// max_tokens the prompt leaves no room for is asked again as null: the server fits the reply to the room left.
+async function post(url, body) {
+  const send = (b) => fetch(url, { method: "POST", headers: headers(), signal: controller.signal,
+                                   body: JSON.stringify(b) });
+  const full = { ...body, ...sampling(), stream: true };
+  let res = await send(full);
+  if (res.ok) return res;
+  let error = await errorOf(res);
+  if (error.code === "context_length_exceeded" && error.param === "max_tokens" && full.max_tokens !== null) {
+    res = await send({ ...full, max_tokens: null });
+    if (res.ok) return res;
+    error = await errorOf(res);
+  }
+  throw Object.assign(new Error(error.message), { code: error.code, param: error.param });
+}
+
+// Stream a reply and call onText with each piece of text as it arrives. Resolves to the finish_reason, or
+// "stopped" when the user pressed stop. SSE events are separated by a blank line; a read may end mid-event,
+// so the unfinished tail is kept for the next read.
 async function stream(url, body, pick, onText) {
   controller = new AbortController();
   let finish = null;
   try {
-    const res = await fetch(url, {
-      method: "POST", headers: headers(), signal: controller.signal,
-      body: JSON.stringify({ ...body, ...sampling(), stream: true }),
-    });
-    if (!res.ok) throw new Error(await errorText(res));
+    const res = await post(url, body);
     const reader = res.body.getReader();
     const decoder = new TextDecoder();  // stream mode: a character split across reads is joined
     let buffer = "";
@@ -122,11 +142,11 @@ async function sendMessage() {
   const text = $("input").value;
   if (!text.trim() || controller) return;
   $("input").value = "";
-  addMessage("user", text);
+  const asked = addMessage("user", text);
   const convo = history;  // New chat swaps in a fresh array; a reply still ending belongs to the old one
-  convo.push({ role: "user", content: text });
+  const turn = { role: "user", content: text };
+  convo.push(turn);
   const system = $("system").value.trim();
-  const messages = system ? [{ role: "system", content: system }, ...convo] : convo.slice();
 
   const div = addMessage("assistant", "");
   const out = div.querySelector(".text");
@@ -134,9 +154,22 @@ async function sendMessage() {
   busy(true, "send", "stop");
   setStatus("generating…");
   try {
-    const finish = await stream("/v1/chat/completions", { messages }, (c) => c.delta && c.delta.content,
-      (piece) => { reply += piece; out.textContent = reply; div.scrollIntoView({ block: "end" }); });
-    setStatus(finish === "length" ? "reply cut at max tokens" : finish === "stopped" ? "stopped" : "");
+    let finish, dropped = 0;
+    for (;;) {  // a conversation grown past the model's context loses its oldest exchanges, as `gptforge chat` does
+      const messages = system ? [{ role: "system", content: system }, ...convo] : convo.slice();
+      try {
+        finish = await stream("/v1/chat/completions", { messages }, (c) => c.delta && c.delta.content,
+          (piece) => { reply += piece; out.textContent = reply; div.scrollIntoView({ block: "end" }); });
+        break;
+      } catch (e) {
+        if (reply || e.code !== "context_length_exceeded" || e.param !== "messages" || !dropOldest(convo, turn)) throw e;
+        dropped += 1;
+      }
+    }
+    const note = dropped ? `the oldest ${dropped > 1 ? dropped + " exchanges were" : "exchange was"} dropped to fit the context` : "";
+    const said = finish === "stopped" ? "stopped" : !reply ? "the reply was empty: left out of the conversation"
+      : finish === "length" ? "reply cut at max tokens" : "";
+    setStatus([said, note].filter(Boolean).join("; "));
   } catch (e) {
     div.classList.add("error");
     out.textContent = reply ? reply + "\n\n" + e.message : e.message;
@@ -144,10 +177,30 @@ async function sendMessage() {
   } finally {
     // what arrived stays in the conversation, so the next turn continues from what the user saw
     if (reply) convo.push({ role: "assistant", content: reply });
-    else if (!div.classList.contains("error")) div.remove();
+    else unanswered(convo, turn, asked, div);
     busy(false, "send", "stop");
     $("input").focus();
   }
+}
+
+// Drop the oldest exchange (a user turn and the reply to it) before `turn`; false when there is none left.
+function dropOldest(convo, turn) {
+  if (convo[0] === turn) return false;
+  let end = 1;
+  while (end < convo.length && convo[end].role !== "user") end += 1;
+  convo.splice(0, end);
+  return true;
+}
+
+// No reply came (an error, a refusal, Stop before the first token, an empty reply): the user's turn leaves the
+// conversation, or every later request would hold two user turns in a row (or an empty assistant turn), which
+// a chat template refuses. It stays on the page, dimmed, with the error under it.
+function unanswered(convo, turn, asked, div) {
+  const i = convo.lastIndexOf(turn);
+  if (i >= 0) convo.splice(i, 1);
+  asked.classList.add("unanswered");
+  asked.title = "no reply came: not part of the conversation";
+  if (!div.classList.contains("error")) div.remove();
 }
 
 async function complete() {
