@@ -29,7 +29,8 @@ CPU_MODEL = ["--model.n_layer", "4", "--model.n_head", "4", "--model.n_embd", "2
 def run(nproc: int, threads: int | None, data: Path, out: Path, args: argparse.Namespace) -> dict:
     train = ["train", "--data", str(data), "--out", str(out), "--train.max_iters", str(args.steps),
              "--train.eval_interval", str(10 * args.steps), "--train.eval_iters", "1",
-             "--train.log_interval", str(args.steps), "--train.save_checkpoints", "false", "--dist", args.dist]
+             "--train.log_interval", str(args.steps), "--train.save_checkpoints", "false"]
+    train += ["--dist", args.dist] if nproc > 1 else []  # one process needs none (and gptforge refuses it)
     train += ["--preset", args.preset] if args.preset else CPU_MODEL
     if args.total_batch_size:
         train += ["--train.total_batch_size", str(args.total_batch_size)]

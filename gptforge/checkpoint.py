@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from gptforge.config import GPTConfig, RunConfig, read_config_json, save_json
 from gptforge.errors import UserError, one_line
+from gptforge.files import path_problem
 
 if TYPE_CHECKING:
     from gptforge.model import GPT
@@ -301,8 +302,8 @@ def link_checkpoint(src: Path, dst: Path, state_update: dict[str, Any]) -> None:
 def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
     """A checkpoint directory from a run directory (its `which` checkpoint) or a checkpoint directory."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist")
+    if problem := path_problem(path, "folder"):
+        raise UserError(f"{path} {problem}")
     if (path / STATE).is_file() or (path / WEIGHTS).is_file():
         return path
     for candidate in (path / which, path / f".{which}.old"):  # .old: killed between the two renames
@@ -356,12 +357,11 @@ def check_weights_fit(ckpt: Path, cfg: GPTConfig, config_name: str = CONFIG) -> 
     """Refuse, in one line naming the first differing tensor, weights in `ckpt` that GPT(cfg) would not
     take; and a cfg whose derived tables alone would take far more memory than the weights. Allocates nothing:
     the model is built on the meta device."""
-    from gptforge.model import GPT
+    from gptforge.model import meta_model, stored_layers
 
     found = weight_shapes(ckpt / WEIGHTS)
     try:
-        with torch.device("meta"):
-            meta = GPT(cfg)
+        meta = meta_model(cfg, stored_layers(found))
     except (ValueError, RuntimeError) as e:
         raise UserError(f"{config_name} of {ckpt} describes no buildable model: {one_line(e)}") from None
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
@@ -370,7 +370,9 @@ def check_weights_fit(ckpt: Path, cfg: GPTConfig, config_name: str = CONFIG) -> 
     where = f"the weights in {ckpt} do not fit the model of {config_name}"
     for k in [*expected, *sorted(set(found) - set(expected))]:
         if k not in found:
-            raise UserError(f"{where}: {k} is missing from {WEIGHTS}")
+            blocks = stored_layers(found)
+            also = f" ({WEIGHTS} holds {blocks} blocks, {config_name} {cfg.n_layer:,})" if blocks != cfg.n_layer else ""
+            raise UserError(f"{where}: {k} is missing from {WEIGHTS}{also}")
         if k not in expected:
             raise UserError(f"{where}: {WEIGHTS} has a tensor {k} that the model does not")
         if found[k] != expected[k]:

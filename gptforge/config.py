@@ -142,6 +142,20 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    def param_count(self) -> int:
+        """The parameters of GPT(self), counted from the shape alone (gptforge.model.GPT.num_params(False)
+        gives the same number, and a test holds them equal): what memory checks read before building anything."""
+        C, L, V, hs, b = self.n_embd, self.n_layer, self.vocab_size or 0, self.head_dim, int(self.bias)
+        norm = C * (1 + b) if self.norm == "layernorm" else C
+        qkv = (self.n_head + 2 * self.n_kv_head) * hs
+        attn = (C + b) * qkv + (self.n_head * hs + b) * C + (2 * hs if self.qk_norm else 0)
+        fc = 2 * self.mlp_hidden if self.mlp == "swiglu" else self.mlp_hidden
+        mlp = (C + b) * fc + (self.mlp_hidden + b) * C
+        n = L * (2 * norm + attn + mlp) + norm + V * C * (1 if self.tie_embeddings else 2)
+        n += self.block_size * C if self.pos == "learned" else 0
+        n += L * V * self.n_kv_head * hs if self.value_embeds else 0
+        return n + (L // 2 if self.unet_skips else 0)
+
     def validate(self) -> None:
         _check_types("model", self)
         _check_ranges("model", self, {
@@ -511,9 +525,11 @@ def merge_sections(base: dict[str, Any], update: dict[str, Any], where: str = ""
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The sections of a --config file: YAML, JSON when it is named *.json, or a nanoGPT config/*.py (read,
     never run: see `nanogpt.load_config_py`)."""
+    from gptforge.files import path_problem
+
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {path} does not exist")
+    if problem := path_problem(p, "file"):
+        raise UserError(f"config file {path} {problem}")
     if p.suffix == ".py":
         from gptforge.nanogpt.config_file import load_config_py  # here: it imports torch, and most configs are YAML
 

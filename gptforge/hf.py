@@ -23,6 +23,7 @@ import base64
 import dataclasses
 import importlib.util
 import json
+import os
 import re
 import urllib.parse
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch
 
 from gptforge.config import GPTConfig, RunConfig
 from gptforge.errors import UserError, one_line
-from gptforge.files import check_output_dir
+from gptforge.files import check_output_dir, path_problem
 from gptforge.tokenizer import EOT_TEXT, BPETokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
 
 GPT2_HUB_IDS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
@@ -76,6 +77,16 @@ def is_hf_source(name_or_dir: str | Path) -> bool:
     return not p.exists() and str(name_or_dir) in GPT2_HUB_IDS
 
 
+# names that only a file could have: model files, not hub repositories
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".json", ".gguf")
+
+
+def _looks_local(name: str) -> bool:
+    """A path, not a hub id: absolute, relative with ./ ../ or ~, more than OWNER/NAME deep, or a file name."""
+    return (name.startswith(("/", "./", "../", "~")) or name in (".", "..") or name.count("/") > 1
+            or os.sep != "/" and os.sep in name or Path(name).suffix.lower() in _FILE_SUFFIXES)
+
+
 def resolve_hf_source(name_or_dir: str | Path) -> Path:
     """A local HF model directory: the directory itself, or the hub files of a name, downloaded once
     into the Hugging Face cache (weights, config and tokenizer only)."""
@@ -84,8 +95,10 @@ def resolve_hf_source(name_or_dir: str | Path) -> Path:
         if not (p / "config.json").is_file():
             raise UserError(f"{p} is not a Hugging Face model directory (no config.json)")
         return p
-    repo = hub_id(str(name_or_dir))
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+    repo, problem = hub_id(str(name_or_dir)), path_problem(p, "folder")
+    if os.path.lexists(p) and problem != "does not exist":  # there, but not a folder: a path, never a download
+        raise UserError(f"{name_or_dir} {problem}")
+    if _looks_local(str(name_or_dir)) or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
         raise UserError(f"{name_or_dir} is neither a local directory nor a model name "
                         f"({', '.join(GPT2_HUB_IDS)}, or OWNER/NAME on the Hugging Face hub)")
     if importlib.util.find_spec("transformers") is None:  # the hint, without the second an import costs
@@ -219,10 +232,9 @@ def _to_hf(cfg: GPTConfig, arch: str, sd: dict[str, torch.Tensor]) -> dict[str, 
 
 def _check_fits(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> None:
     """The converted tensors have exactly the names and shapes of GPT(cfg) (built on the meta device: free)."""
-    from gptforge.model import GPT
+    from gptforge.model import meta_model, stored_layers
 
-    with torch.device("meta"):
-        ref = GPT(cfg).state_dict()
+    ref = meta_model(cfg, stored_layers(sd)).state_dict()
     if cfg.tie_embeddings:
         ref.pop("lm_head.weight")
     bad = sorted(set(ref) ^ set(sd)) + [k for k in ref if k in sd and ref[k].shape != sd[k].shape]

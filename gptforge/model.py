@@ -10,7 +10,10 @@ batch of rows of different lengths, `row_pos` and `attn_mask`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
+from collections.abc import Iterable
 from typing import Optional
 
 import torch
@@ -294,3 +297,27 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+
+
+
+
+def meta_model(config: GPTConfig, stored_layers: Optional[int] = None) -> GPT:
+    """GPT(config) on the meta device: every name, shape and buffer, and no memory for any of them.
+
+    Building 100,000 blocks (a hostile config.json) takes minutes and gigabytes even on the meta device, so with
+    `stored_layers` (the blocks a weights file holds) at most one block more than that is built: enough to
+    name the first tensor the file lacks, which is all a comparison with that file can say."""
+    if stored_layers is not None and config.n_layer > stored_layers + 1:
+        config = dataclasses.replace(config, n_layer=stored_layers + 1)
+    with torch.device("meta"):
+        return GPT(config)
+
+
+def stored_layers(names: Iterable[str]) -> int:
+    """How many blocks a state dict's tensor names hold (transformer.h.0. ... transformer.h.N-1.)."""
+    found = {int(m.group(1)) for m in map(_BLOCK_KEY.match, names) if m}
+    return max(found) + 1 if found else 0
+
+
+_BLOCK_KEY = re.compile(r"transformer\.h\.(\d+)\.")
+

@@ -353,6 +353,32 @@ def test_hostile_config_is_refused_without_allocating(tmp_path, monkeypatch, var
     assert "\n" not in str(e.value) and str(tmp_path / "c") in str(e.value)
 
 
+@pytest.mark.parametrize("n_layer", [100_000, 10_000])
+def test_a_config_with_more_blocks_than_the_weights_builds_none_of_them(tmp_path, monkeypatch, n_layer):
+    """config.json saying 100,000 layers (sizes in state.json patched to match) once made `sample` grow ~10 MB/s
+    for minutes building blocks on the meta device; now at most one block more than the file holds is built."""
+    import json
+
+    from gptforge.model import Block
+
+    cfg, model, tok = make()
+    save(tmp_path / "c", model, cfg, tok, {"step": 1})
+    config = json.loads((tmp_path / "c" / ck.CONFIG).read_text())
+    config["model"]["n_layer"] = n_layer
+    (tmp_path / "c" / ck.CONFIG).write_text(json.dumps(config))
+    state = json.loads((tmp_path / "c" / ck.STATE).read_text())
+    state["files"][ck.CONFIG] = (tmp_path / "c" / ck.CONFIG).stat().st_size
+    (tmp_path / "c" / ck.STATE).write_text(json.dumps(state))
+    _no_real_models(monkeypatch)
+    built = []
+    real_block = Block.__init__
+    monkeypatch.setattr(Block, "__init__", lambda self, c, i: (built.append(i), real_block(self, c, i))[1])
+    with pytest.raises(UserError, match=rf"transformer\.h\.2\.ln_1\.weight is missing from model\.safetensors "
+                                        rf"\(model\.safetensors holds 2 blocks, config\.json {n_layer:,}\)"):
+        ck.load_checkpoint(tmp_path / "c")
+    assert len(built) <= 3
+
+
 def test_truncated_weights_with_patched_sizes_are_refused(tmp_path, monkeypatch):
     import json
 

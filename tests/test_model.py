@@ -220,3 +220,20 @@ def test_new_rungs_refuse_hugging_face_export():
     for option in (dict(value_embeds=True), dict(unet_skips=True), dict(logit_softcap=15.0)):
         with pytest.raises(UserError, match=f"model.{next(iter(option))} is not mapped"):
             hf_architecture(tiny(**option))
+
+
+def test_param_count_from_the_config_equals_the_built_model():
+    """GPTConfig.param_count (what memory checks read before building anything) counts every rung exactly."""
+    import itertools
+
+    n = 0
+    for bias, norm, mlp, pos, extras in itertools.product(
+            (True, False), ("layernorm", "rmsnorm"), ("gelu", "swiglu", "relu2"), ("learned", "rope"),
+            ({}, dict(qk_norm=True, n_kv_head=1), dict(tie_embeddings=False, value_embeds=True, unet_skips=True))):
+        cfg = GPTConfig(n_layer=3, n_head=4, n_embd=32, block_size=16, vocab_size=50, bias=bias, norm=norm,
+                        mlp=mlp, pos=pos, **extras)
+        with torch.device("meta"):
+            assert cfg.param_count() == GPT(cfg).num_params(non_embedding=False), cfg
+        n += 1
+    assert n == 72
+

@@ -228,6 +228,22 @@ def test_garbage_file_is_refused(tmp_path):
     single_line(e.value)
 
 
+def test_a_plain_pickle_is_refused_in_one_line_without_torchs_warning(tmp_path):
+    """pickle.dump(...) into a .pt (no torch.save archive): torch warned about the pickle protocol on stderr
+    before our line, and our line quoted torch's preamble instead of the reason."""
+    import warnings
+
+    with open(tmp_path / "ckpt.pt", "wb") as f:
+        pickle.dump({"model": {}, "model_args": {}}, f, protocol=4)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(UserError) as e:
+        warnings.simplefilter("always")
+        nanogpt.read_checkpoint(tmp_path / "ckpt.pt")
+    assert not caught, [str(w.message) for w in caught]
+    single_line(e.value)
+    assert "it is not an archive torch.save writes: Unsupported operand" in str(e.value)
+    assert "In PyTorch 2.6" not in str(e.value)
+
+
 def test_tokenizer_must_come_from_data_for_a_small_vocabulary(tmp_path, monkeypatch):
     write_ckpt(tmp_path / "ckpt.pt", vocab=65)
     monkeypatch.chdir(tmp_path)  # nanoGPT's sample.py looks for data/<dataset>/meta.pkl from here

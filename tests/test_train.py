@@ -177,6 +177,50 @@ def test_bad_data_and_config_errors(tmp_path, data_dir):
         train(cfg, tmp_path / "run3", log=quiet)
 
 
+def test_a_run_directory_never_overlaps_its_data_or_init(tmp_path, data_dir):
+    """--out inside the data directory (or the data inside --out, or --init-from's run as --out) is refused
+    before anything is created: an --overwrite there would replace what the run reads."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    for out in (data, data / "run", tmp_path):
+        with pytest.raises(UserError, match=r"cannot write into .*: it (is|lies inside|contains) the source"):
+            train(tiny_config(data), out, log=quiet)
+    assert sorted(p.name for p in data.iterdir()) == sorted(p.name for p in data_dir.iterdir())
+    train(tiny_config(data, max_iters=1), tmp_path / "base", log=quiet)
+    cfg = tiny_config(data, init_from=str(tmp_path / "base"))
+    with pytest.raises(UserError, match="it is the source"):
+        train(cfg, tmp_path / "base", overwrite=True, log=quiet)
+    assert (tmp_path / "base" / "latest").is_dir()
+
+
+@pytest.mark.parametrize("field, value", [("n_layer", 10**9), ("batch_size", 10**9), ("block_size", 10**9),
+                                          ("n_embd", 2**20)])
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_allocating(tmp_path, data_dir, monkeypatch, field, value):
+    """`--model.n_layer 1000000000` or `--train.batch_size 1000000000` once grew without a word (and the second
+    ignored its time budget); now the floor of what the run needs is compared with the free memory first."""
+    from gptforge.model import GPT
+
+    cfg = tiny_config(data_dir, time_budget=5.0)
+    setattr(cfg.train if field == "batch_size" else cfg.model, field, value)
+    monkeypatch.setattr(GPT, "__init__", lambda *a: pytest.fail("a model was built"))
+    with pytest.raises(UserError, match=r"training this model at .* needs about [\d,.]+ TiB, more than the .* free") as e:
+        train(cfg, tmp_path / "run", log=quiet)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_the_memory_floor_fits_ordinary_runs_and_counts_every_part(data_dir):
+    from gptforge.train.setup import memory_needed
+
+    cfg = tiny_config(data_dir)
+    cfg.model.vocab_size = 128
+    parts = memory_needed(cfg, torch.float32)
+    assert set(parts) == {"weights", "gradients", "optimizer state", "activations", "logits"}
+    assert parts["weights"] == 4 * cfg.model.param_count() and sum(parts.values()) < 2**26  # a tiny run: < 64 MiB
+    cfg.train.dist = "fsdp"
+    assert memory_needed(cfg, torch.float32, world_size=4)["weights"] == cfg.model.param_count()
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir, sig, code):
     run = tmp_path / "run"
@@ -198,6 +242,40 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir, sig, co
     resumed = train(RunConfig.from_dict(json.loads((run / "config.json").read_text())), run, resume=True,
                     log=quiet, on_step=lambda s, r: True)
     assert resumed.step == step + 1
+
+
+@pytest.mark.parametrize("at_start", [False, True])
+def test_sigterm_during_an_evaluation_stops_within_seconds(tmp_path, data_dir, at_start):
+    """A signal no longer waits for the evaluation to finish (with --train.eval_iters 3000 exit came 160 s
+    after it): the evaluation is abandoned and the last finished step saved; during the very first one there is
+    nothing to save. Here an evaluation of a million batches is cut short."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "gptforge", "train", "--data", str(data_dir), "--out", str(run),
+           "--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd", "16", "--model.block_size", "16",
+           "--train.batch_size", "2", "--train.max_iters", "100", "--train.eval_interval", "3",
+           "--train.eval_iters", "1000000", "--train.log_interval", "1", "--train.eval_at_start", str(at_start).lower()]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stdout:
+            if line.startswith("eval step"):  # "eval step N: measuring train and val loss over ..."
+                break
+        time.sleep(0.5)  # well inside the evaluation
+        sent = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()  # a run that did not stop would otherwise evaluate for hours after the test
+    assert time.monotonic() - sent < 30
+    assert p.returncode == 143, err
+    assert "Traceback" not in err and "SIGTERM: stopping the evaluation" in out
+    if at_start:
+        assert "stopped before the first step; nothing was saved" in out and not (run / "latest").exists()
+    else:
+        assert load_checkpoint(run).state["step"] == 3 and "--resume" in out
+        cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+        cfg.train.eval_iters = 1  # the abandoned evaluation runs again on resume: a short one
+        resumed = train(cfg, run, resume=True, log=quiet, on_step=lambda s, r: True)
+        assert resumed.step == 4 and rows(run, "val_loss")[-1]["step"] == 3
 
 
 def test_time_budget_ends_with_eval_checkpoint_and_whole_val(tmp_path, data_dir):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -14,6 +16,7 @@ import torch
 
 from gptforge.config import ConfigError, GPTConfig, RunConfig
 from gptforge.errors import UserError, one_line
+from gptforge.files import path_problem
 from gptforge.nanogpt.config_file import MACHINE_FIELDS, map_names
 from gptforge.nanogpt.data import GPT2_VOCAB, META, read_meta
 from gptforge.tokenizer import GPT2Tokenizer, Tokenizer
@@ -36,11 +39,19 @@ class NanoCheckpoint:
 
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before failing: our line says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for code in the pickle; RuntimeError etc. for a bad file
         text = str(e).strip()
         found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        why = f"it refers to {found.group(1)}" if found else one_line(text.splitlines()[0] if text else repr(e), 120)
+        if found:
+            why = f"it refers to {found.group(1)}"
+        elif "WeightsUnpickler error" in text:  # what follows torch's preamble is the reason
+            reason = one_line(text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0], 120)
+            why = reason if zipfile.is_zipfile(path) else f"it is not an archive torch.save writes: {reason}"
+        else:
+            why = one_line(text.splitlines()[0] if text else repr(e), 120)
         raise UserError(f"refusing {path}: torch.load(weights_only=True) cannot read it safely ({why}); "
                         "it was not loaded any other way") from None
 
@@ -69,10 +80,10 @@ def _model_config(args: Any, sd: dict[str, torch.Tensor], path: Path) -> GPTConf
 
 def _check_shapes(cfg: GPTConfig, sd: dict[str, torch.Tensor], path: Path) -> None:
     """Every tensor named and shaped as GPT(cfg) wants, before a single real weight is allocated."""
-    from gptforge.model import GPT
+    from gptforge.model import meta_model, stored_layers
 
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        want = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+    # shapes only: no memory, no initialisation, and no more blocks built than the file holds
+    want = {k: tuple(v.shape) for k, v in meta_model(cfg, stored_layers(sd)).state_dict().items()}
     missing = [k for k in want if k not in sd]
     extra = [k for k in sd if k not in want]
     wrong = [f"{k} is {tuple(sd[k].shape)}, expected {want[k]}" for k in want if k in sd and tuple(sd[k].shape) != want[k]]
@@ -86,8 +97,8 @@ def _check_shapes(cfg: GPTConfig, sd: dict[str, torch.Tensor], path: Path) -> No
 def read_checkpoint(path: Union[str, Path]) -> NanoCheckpoint:
     """nanoGPT's ckpt.pt, read safely and mapped onto our GPTConfig and parameter names."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist or is not a file")
+    if problem := path_problem(path, "file"):
+        raise UserError(f"{path} {problem}")
     ck = _torch_load(path)
     if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or "model_args" not in ck:
         raise UserError(f"{path} is not a nanoGPT checkpoint (a dict with 'model' and 'model_args')")

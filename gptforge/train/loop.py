@@ -10,13 +10,14 @@ one from a run directory. The resumable fields are `Trainer.state` (a `TrainStat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -56,18 +57,39 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+class EvalStopped(Exception):
+    """A first SIGINT/SIGTERM during an evaluation: it is abandoned (it changes nothing), and the run saves and stops."""
+
+
 class StopOnSignal:
-    """Turn the first SIGINT/SIGTERM into a request to stop after the current step; a second one aborts."""
+    """Turn the first SIGINT/SIGTERM into a request to stop after the current step; a second one aborts.
+    Inside `abortable()` (an evaluation) the first one also cuts the work short by raising EvalStopped:
+    the periodic evaluation of a large model could otherwise keep a stopping run alive for minutes."""
 
     def __init__(self, log: Callable[[str], None]):
         self.signal_name: Optional[str] = None
-        self._log, self._old = log, {}
+        self._log, self._old, self._abortable = log, {}, False
 
     def _handle(self, signum, frame):
         if self.signal_name is not None:
             raise Interrupted(signum)
         self.signal_name = signal.Signals(signum).name
+        if self._abortable:
+            self._abortable = False
+            self._log(f"{self.signal_name}: stopping the evaluation and saving a checkpoint (again to abort without saving)")
+            raise EvalStopped
         self._log(f"{self.signal_name}: finishing this step and saving a checkpoint (again to abort without saving)")
+
+    @contextlib.contextmanager
+    def abortable(self, allowed: bool = True) -> Iterator[None]:
+        """A stretch of work that a signal may abandon: it raises EvalStopped at once, or here if it came before."""
+        if allowed and self.signal_name is not None:
+            raise EvalStopped
+        old, self._abortable = self._abortable, allowed
+        try:
+            yield
+        finally:
+            self._abortable = old
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -113,6 +135,14 @@ class Trainer:
         self.t_last = time.perf_counter()
         self.elapsed = self._agreed_elapsed()
         self.last_train_loss: Optional[float] = None
+        self.stopper: Optional[StopOnSignal] = None  # while `fit` runs
+
+    def abortable(self):
+        """Where a signal may abandon the work (evaluations, which change nothing) in a single process; under
+        torchrun the ranks would stop at different batches of a collective, so there each finishes it."""
+        if self.stopper is None:
+            return contextlib.nullcontext()
+        return self.stopper.abortable(allowed=not self.world.is_distributed)
 
     # ---- bookkeeping
 
@@ -221,7 +251,8 @@ class Trainer:
         t0 = time.perf_counter()
         if self._eval_s is None and self.verbosity >= 1:
             self.log(f"eval step {st.step}: measuring train and val loss over {self.cfg.train.eval_iters} batches each ...")
-        tr, va = self.task.eval_loss(self.eval_model, "train", **kw), self.task.eval_loss(self.eval_model, "val", **kw)
+        with self.abortable():
+            tr, va = self.task.eval_loss(self.eval_model, "train", **kw), self.task.eval_loss(self.eval_model, "val", **kw)
         if not (math.isfinite(tr) and math.isfinite(va)):
             raise UserError(f"training diverged by step {st.step}: the eval loss is train {tr}, val {va}; "
                             "stopped without saving. Lower --optim.lr or raise --optim.warmup_iters")
@@ -265,9 +296,10 @@ class Trainer:
         from gptforge.hellaswag import hellaswag_during_training
 
         t0, st = time.perf_counter(), self.state
-        hs = hellaswag_during_training(self.eval_model, self.tokenizer, self.hs_examples, self.device, self.dtype,
-                                       self.cfg.eval.hellaswag_batch_size, rank=self.world.rank,
-                                       world_size=self.world.world_size)
+        with self.abortable():
+            hs = hellaswag_during_training(self.eval_model, self.tokenizer, self.hs_examples, self.device, self.dtype,
+                                           self.cfg.eval.hellaswag_batch_size, rank=self.world.rank,
+                                           world_size=self.world.world_size)
         st.last_hellaswag_step = st.step
         self.write_row({"step": st.step, "hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"],
                         "hellaswag_n": hs["n"], "time_s": round(time.perf_counter() - self.t_start, 3)})
@@ -278,8 +310,9 @@ class Trainer:
 
     def full_val(self) -> float:
         t0 = time.perf_counter()
-        result = self.task.full_val(self.eval_model, device=self.device, dtype=self.dtype,
-                                    progress=self.progress is not None)
+        with self.abortable():
+            result = self.task.full_val(self.eval_model, device=self.device, dtype=self.dtype,
+                                        progress=self.progress is not None)
         self.write_row({"step": self.state.step, "val_loss_full": result.loss, "val_tokens": result.tokens,
                         "time_s": round(time.perf_counter() - self.t_start, 3)})
         self.log(f"whole val split at step {self.state.step}: loss {result.loss:.4f} over {result.tokens} tokens "
@@ -351,26 +384,34 @@ class Trainer:
         st, first_step, interrupted, val_full = self.state, self.state.step, None, None
         try:
             with StopOnSignal(self.log) as stopper:
-                self.t_last = time.perf_counter()
-                while not self.finished():
-                    if self.hellaswag_due():
-                        self.hellaswag()
-                    if self.eval_due():
-                        self.evaluate()
-                    row = self.train_step()
-                    self.log_step(row)
-                    if self.should_stop(row, stopper, first_step):
-                        interrupted = stopper.signal_name or "STOP"
-                        break
-                if interrupted is None:
-                    val_full = self._final_evaluations()
-                else:
+                self.stopper, self.t_last = stopper, time.perf_counter()
+                try:
+                    interrupted = self._steps(stopper, first_step)
+                    if interrupted is None:
+                        val_full = self._final_evaluations()
+                except EvalStopped:
+                    interrupted = stopper.signal_name
+                if interrupted is not None:
                     self._save_on_stop()
         finally:
+            self.stopper = None
             self.close()
         return TrainResult(run_dir=self.run_dir, step=st.step, train_loss=self.last_train_loss, val_loss=st.val_loss,
                            best_val_loss=st.best_val_loss, elapsed_s=time.perf_counter() - self.t_start,
                            interrupted=interrupted, val_loss_full=val_full)
+
+    def _steps(self, stopper: StopOnSignal, first_step: int) -> Optional[str]:
+        """Train until finished; what stopped the run early (a signal's name, or STOP), or None."""
+        while not self.finished():
+            if self.hellaswag_due():
+                self.hellaswag()
+            if self.eval_due():
+                self.evaluate()
+            row = self.train_step()
+            self.log_step(row)
+            if self.should_stop(row, stopper, first_step):
+                return stopper.signal_name or "STOP"
+        return None
 
     def _final_evaluations(self) -> Optional[float]:
         st = self.state
@@ -381,6 +422,9 @@ class Trainer:
         return self.full_val() if self.cfg.train.full_val_at_end else None
 
     def _save_on_stop(self) -> None:
+        if self.state.step == 0:  # stopped during the first evaluation: nothing trained, nothing to keep
+            self.log("stopped before the first step; nothing was saved: run the same command again to start")
+            return
         self.save()
         if self._saving():
             self.log(f"stopped at step {self.state.step}; checkpoint in {self.run_dir / 'latest'}; "

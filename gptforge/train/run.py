@@ -14,8 +14,9 @@ from gptforge import dist
 from gptforge.config import RunConfig
 from gptforge.progress import StepProgress, is_terminal
 from gptforge.train.loop import Trainer
-from gptforge.train.setup import (RunDir, build_model, check_resumable, grad_accum_steps, load_init, open_run_dir,
-                                  make_task, open_data_dir, restore, set_vocab, trim_metrics)
+from gptforge.train.setup import (RunDir, build_model, check_inputs_apart, check_memory_fits, check_resumable,
+                                  grad_accum_steps, load_init, make_task, open_data_dir, open_run_dir, restore,
+                                  set_vocab, trim_metrics)
 from gptforge.train.state import TrainResult
 
 
@@ -39,6 +40,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     try:
         with ExitStack() as stack:
             stack.enter_context(eager_optimizers())
+            check_inputs_apart(run_dir, cfg)
             rd = open_run_dir(run_dir, resume=resume, overwrite=overwrite, world=world, stack=stack)
             trainer = build_trainer(cfg, rd, world, device, log if world.is_main else _silent, on_step,
                                     verbosity=verbosity, progress=progress and world.is_main and is_terminal())
@@ -67,11 +69,12 @@ def build_trainer(cfg: RunConfig, rd: RunDir, world: dist.DistInfo, device, log:
     tokenizer = data.tokenizer()
     pretrained = load_init(cfg, tokenizer) if cfg.train.init_from and rd.resume_from is None else None
     set_vocab(cfg, data.vocab_size)
+    dtype = pick_dtype(cfg.train.dtype, device)
+    check_memory_fits(cfg, device, dtype, world.world_size)  # before a window or a weight is allocated
     task = make_task(cfg, data, tokenizer)  # after load_init: the windows are the pretrained model's block size
     if rd.resume_from is not None:
         check_resumable(cfg, rd.resume_from, tokenizer)
     accum = grad_accum_steps(cfg, world.world_size)
-    dtype = pick_dtype(cfg.train.dtype, device)
     setup_backends(device)
     raw = build_model(cfg, pretrained, rd.resume_from, device, world)
     mode = cfg.train.dist

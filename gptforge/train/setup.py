@@ -24,7 +24,7 @@ from gptforge import checkpoint as ckpt_io
 from gptforge import dist
 from gptforge.config import ConfigError, RunConfig, save_json
 from gptforge.errors import UserError, one_line
-from gptforge.files import atomic_write, temp_sibling
+from gptforge.files import atomic_write, check_apart, temp_sibling
 from gptforge.model import GPT
 from gptforge.train.state import TrainState
 from gptforge.train.task import BatchSource, ChatTask, LMTask
@@ -92,6 +92,13 @@ class RunDir:
 
 def _has_checkpoint(run_dir: Path) -> bool:
     return any((run_dir / name / ckpt_io.STATE).is_file() for name in CHECKPOINTS)
+
+
+def check_inputs_apart(run_dir: Path, cfg: RunConfig) -> None:
+    """A run directory is never, never holds and never lies inside what the run reads: the data directory
+    and a local --train.init_from (an --overwrite there would replace the very files being read)."""
+    inputs = [Path(p) for p in (cfg.data.dir, cfg.train.init_from) if p and os.path.lexists(p)]
+    check_apart(run_dir, inputs)
 
 
 def open_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, world: dist.DistInfo, stack: ExitStack) -> RunDir:
@@ -168,6 +175,43 @@ def set_vocab(cfg: RunConfig, data_vocab: int) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The model
+
+
+def memory_needed(cfg: RunConfig, dtype: torch.dtype, world_size: int = 1) -> dict[str, int]:
+    """Bytes one process needs at the least, by part: fp32 weights, their gradients and the optimizer's
+    moments (sharded under FSDP), the activations backward keeps for one micro-batch (block inputs, norms,
+    q/k/v, attention output, the MLP's hidden layer; the attention matrix too with the manual attention), and
+    the logits with their fp32 copy and gradient. A floor, not a forecast: a run needs more than this, never
+    less (the README's GPT-2-tokenizer Shakespeare recipe: 6.6 GiB here; a CPU trial of it peaked at 8.7 GB)."""
+    m, t = cfg.model, cfg.train
+    params, shard = m.param_count(), world_size if t.dist == "fsdp" else 1
+    act = torch.finfo(dtype).bits // 8
+    tokens = t.batch_size * m.block_size
+    attention = 2 * t.batch_size * m.n_head * m.block_size ** 2 * act if m.attention == "manual" else 0
+    return {
+        "weights": 4 * params // shard,
+        "gradients": 4 * params // shard,
+        "optimizer state": (8 if cfg.optim.optimizer == "adamw" else 4) * params // shard,
+        "activations": m.n_layer * (tokens * act * (10 * m.n_embd + 3 * m.mlp_hidden) + attention)
+        + (2 * m.block_size * m.head_dim * 4 if m.pos == "rope" else 0),
+        "logits": tokens * (m.vocab_size or 0) * (act + 8),
+    }
+
+
+def check_memory_fits(cfg: RunConfig, device: torch.device, dtype: torch.dtype, world_size: int) -> None:
+    """Refuse, before the model is built, a run whose floor (`memory_needed`) exceeds the device's free memory;
+    on a CPU every process of this machine shares it."""
+    from gptforge.device import check_memory, format_bytes
+
+    parts = memory_needed(cfg, dtype, world_size)
+    per_host = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    need = sum(parts.values()) * per_host
+    detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items())
+    procs = f" x {per_host} processes" if per_host > 1 else ""
+    check_memory(need, device, f"training this model at {cfg.train.batch_size:,} x {cfg.model.block_size:,} tokens "
+                 f"per micro-batch ({cfg.model.param_count():,} parameters; {detail}{procs})",
+                 "make the model smaller or lower --train.batch_size (with --train.total_batch_size the "
+                 "accumulation steps grow to keep the total)")
 
 
 def load_init(cfg: RunConfig, tokenizer) -> torch.nn.Module:
