@@ -18,8 +18,8 @@ from typing import Callable, Optional
 
 import torch
 
-from gptforge.device import autocast
-from gptforge.errors import UserError
+from gptforge.device import autocast, check_seed
+from gptforge.errors import UserError, one_line
 from gptforge.sample import TextStreamer, new_kv_cache, sample_next, stream, use_decode_layout
 
 HELP = "commands: /clear (forget the conversation), /system TEXT (new system prompt; /system alone removes it), /quit"
@@ -45,6 +45,7 @@ class ChatSession:
         if max_new_tokens < 1:
             raise ChatError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
         sample_next(torch.zeros(1, 2), temperature, top_k, top_p)  # bad settings fail before the first turn
+        check_seed(seed)
         self.model, self.tok, self.template = model, tok, tok.chat
         self.block_size = model.config.block_size
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
@@ -70,7 +71,7 @@ class ChatSession:
         """Start the history with this system prompt (None or blank: none); the exchanges are kept."""
         t = self.template
         # the template's layout (chat_template.render_conversation), built piecewise so replies stay as generated
-        head = [t.bos_id] + ([t.system_id, *self.tok.encode(text), t.end_id] if text and text.strip() else [])
+        head = [t.bos_id] + ([t.system_id, *self.encode(text), t.end_id] if text and text.strip() else [])
         if len(head) + 4 >= self.block_size:  # 4: the least a user turn and one reply token take
             raise ChatError(f"the system prompt is {len(head) - 3} tokens; the model's whole context is "
                             f"{self.block_size}; give a shorter one")
@@ -85,7 +86,15 @@ class ChatSession:
     def user_turn(self, text: str) -> list[int]:
         """<|user|> text <|end|> <|assistant|>: what a message adds to the history before the reply."""
         t = self.template
-        return [t.user_id, *self.tok.encode(text), t.end_id, t.assistant_id]
+        return [t.user_id, *self.encode(text), t.end_id, t.assistant_id]
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of a message; text the tokenizer cannot read (a character outside a char model's
+        vocabulary) is a ChatError, which the chat reports and goes on from."""
+        try:
+            return self.tok.encode(text)
+        except UserError as e:
+            raise ChatError(f"{one_line(e)}; say it another way") from None
 
     def make_room(self, turn: list[int]) -> list[int]:
         """The prompt for `turn`: the history plus the turn, after dropping the oldest exchanges until a reply
@@ -213,6 +222,7 @@ def chat_checkpoint(run, *, prompt: Optional[str] = None, system: Optional[str] 
     if max_new_tokens < 1:
         raise ChatError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     sample_next(torch.zeros(1, 2), temperature, top_k, top_p)  # bad settings fail before the model loads
+    check_seed(seed)
     dev = pick_device(device)
     ck = load_any(run, dev, which)
     if getattr(ck.tokenizer, "chat", None) is None:

@@ -10,6 +10,7 @@ User mistakes end in one line on stderr and exit status 2.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -146,7 +147,8 @@ def _prepare_parser() -> ArgumentParser:
     prep.add_argument("--out", required=True, help="data directory to write")
     prep.add_argument("--tokenizer", choices=["char", "gpt2", "bpe"], default="char",
                       help="char: one token per character; gpt2: GPT-2's BPE (tiktoken); bpe: a BPE trained on this corpus")
-    prep.add_argument("--vocab-size", type=Optional[int], default=None, help="vocabulary size (bpe only)")
+    prep.add_argument("--vocab-size", type=Optional[int], default=None,
+                      help="vocabulary size (bpe only), 258 to 1,048,576")
     prep.add_argument("--val-fraction", type=Optional[float], default=None,
                       help="last fraction of the corpus kept for validation (default 0.1 unless --val-tokens)")
     prep.add_argument("--test-fraction", type=Optional[float], default=None,
@@ -164,7 +166,8 @@ def _prepare_parser() -> ArgumentParser:
                       help="read SOURCE as conversations (for SFT): tokens plus a loss mask on the assistant's "
                            "tokens; auto picks the format of each row by its keys")
     prep.add_argument("--overwrite", action="store_true",
-                      help="replace an existing data directory, or discard an interrupted preparation made with other options")
+                      help="replace the prepared data in --out (only the files gptforge wrote; yours there stay), "
+                           "or discard an interrupted preparation made with other options")
     prep.add_argument("--json", action="store_true", help="print the manifest as JSON")
     return prep
 
@@ -244,9 +247,19 @@ def _serve_parser() -> ArgumentParser:
     se.add_argument("--context-length", type=Optional[int], default=None,
                     help="prompt + reply tokens at most (default: the model's block_size)")
     se.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one reply may ask for")
-    se.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together at most (the batch)")
-    se.add_argument("--max-queue", type=int, default=64, help="requests waiting for a place at most; more get 429")
+    se.add_argument("--max-seqs", type=int, default=16,
+                    help="sequences decoded together at most: the batch, up to 1024; its KV cache is allocated at "
+                         "start, and refused there if the free memory cannot hold it")
+    se.add_argument("--max-queue", type=int, default=64,
+                    help="requests waiting for a place at most, up to 16384; more get 429")
     se.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body accepted")
+    se.add_argument("--read-timeout", type=float, default=20.0,
+                    help="seconds a client has to send a whole request, headers and body, from connecting (or from "
+                         "its first byte on a kept-alive connection); later, 408 and closed. Replies are not timed")
+    se.add_argument("--timeout-keep-alive", type=int, default=5,
+                    help="seconds an idle connection is kept open between requests")
+    se.add_argument("--max-connections", type=int, default=256,
+                    help="open connections at most; more are answered 503 and closed")
     se.add_argument("--prefill-chunk", type=int, default=256,
                     help="prompt tokens prefilled per decode step, so long prompts do not stall running streams")
     se.add_argument("--best", action="store_true", help="serve the best-val checkpoint instead of the latest")
@@ -346,6 +359,8 @@ def _run_train(a) -> int:
     cfg = RunConfig.from_dict({"model": d["model"], "optim": d["optim"], "eval": d["eval"],
                                "train": {**d["train"], **{k: v for k, v in shortcuts.items() if v}},
                                "data": {"dir": d["data"] or ""}})  # every section checks itself here
+    if a.out == "" or a.resume == "":
+        raise UserError(f"--{'out' if a.out == '' else 'resume'} is an empty path; name a run directory")
     if a.resume:
         run_dir = Path(a.resume)
         if a.out and Path(a.out) != run_dir:
@@ -354,6 +369,10 @@ def _run_train(a) -> int:
         run_dir = Path(a.out)
     else:
         raise UserError("pass --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
+    if a.dist and "LOCAL_RANK" not in os.environ:  # torchrun sets it in every process it starts
+        raise UserError(f"--dist {a.dist} spreads training over processes started by torchrun "
+                        "(`torchrun --standalone --nproc_per_node N -m gptforge train ...`); "
+                        "this is a single process: drop --dist, or start it with torchrun")
     if not cfg.data.dir:  # train's own words (train/setup.py open_data_dir), said before torch loads
         raise UserError("no data: pass --data DATA_DIR (a directory written by `gptforge prepare`)")
     from gptforge.train import train  # after the checks: a bad flag should not wait for torch to load
@@ -434,7 +453,9 @@ def _run_serve(a) -> int:
     return serve_checkpoint(a.run, host=a.host, port=a.port, api_key=a.api_key, cors=a.cors,
                             context_length=a.context_length, max_tokens=a.max_tokens, max_seqs=a.max_seqs,
                             max_queue=a.max_queue, max_request_bytes=a.max_request_bytes,
-                            prefill_chunk=a.prefill_chunk, which="best" if a.best else "latest", device=a.device)
+                            prefill_chunk=a.prefill_chunk, which="best" if a.best else "latest", device=a.device,
+                            read_timeout=a.read_timeout, timeout_keep_alive=a.timeout_keep_alive,
+                            max_connections=a.max_connections)
 
 
 def _run_export(a) -> int:

@@ -21,6 +21,7 @@ import torch
 
 from gptforge.config import GPTConfig
 from gptforge.errors import UserError, one_line
+from gptforge.files import path_problem
 
 
 class SamplingError(UserError, ValueError):
@@ -428,8 +429,8 @@ def read_prompt(prompt: str) -> str:
     if not prompt.startswith("FILE:"):
         return prompt
     path = Path(prompt[5:])
-    if not path.is_file():
-        raise UserError(f"prompt file {path} does not exist")
+    if problem := path_problem(path, "file"):
+        raise UserError(f"prompt file {path} {problem}")
     try:
         return path.read_bytes().decode("utf-8")
     except OSError as e:
@@ -460,11 +461,12 @@ def sample_checkpoint(run, prompt: str = "\n", *, num_samples: int = 1, max_new_
     With `out` (a text stream), the first sample is written as it is generated and the others follow
     when the batch is done, separated by a line of dashes. Returns the samples, prompt included.
     """
-    from gptforge.device import autocast, pick_device, pick_dtype
+    from gptforge.device import autocast, check_seed, pick_device, pick_dtype
     from gptforge.hf import load_any
 
     _check_request(num_samples, max_new_tokens)  # bad settings fail before any work or output
     sample_next(torch.zeros(1, 2), temperature, top_k, top_p)
+    check_seed(seed)
     dev = pick_device(device)
     ck = load_any(run, dev, which)  # on a CPU, in the decode layout
     tok = ck.tokenizer

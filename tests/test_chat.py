@@ -14,6 +14,7 @@ from gptforge.chat_template import add_chat_template, render_conversation
 from gptforge.checkpoint import model_state, write_checkpoint
 from gptforge.cli import main
 from gptforge.config import GPTConfig, RunConfig
+from gptforge.errors import UserError
 from gptforge.evaluate import evaluate_chat
 from gptforge.model import GPT
 from gptforge.sample import generate, prefill
@@ -219,6 +220,30 @@ def test_clear_and_system_commands(tok, capsys):
     assert "(conversation cleared)" in out and "(system prompt set)" in out and "unknown command /bogus" in out
     repl(s, read=scripted_input(["/system"]))
     assert s.head == [t.bos_id]
+
+
+def test_a_character_outside_the_vocabulary_is_said_and_the_chat_goes_on(tok, capsys):
+    """A char model cannot read 'é' or an emoji: one line says which character, and the conversation (and its
+    system prompt) stays as it was, ready for the next message."""
+    s = session(tiny_model(tok), tok)
+    rc = repl(s, read=scripted_input(["hello", "café", "/system hi \U0001F600", "hi"]))
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "character 'é' (U+00E9) is not in the char tokenizer's vocabulary" in out
+    assert "(U+1F600)" in out
+    assert s.head == [tok.chat.bos_id]  # the refused system prompt changed nothing
+    assert [ex[:len(s.user_turn(m))] for ex, m in zip(s.exchanges, ("hello", "hi"))] == \
+        [s.user_turn("hello"), s.user_turn("hi")]
+
+
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1, 1180591620717411303424])
+def test_an_out_of_range_seed_is_one_line(tmp_path, tok, capsys, seed):
+    ck = save_run(tmp_path / "ck", tiny_model(tok), tok)
+    assert main(["chat", str(ck), "-p", "hello", "--device", "cpu", "--seed", str(seed)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gptforge: error: --seed must be in")
+    with pytest.raises(UserError, match="--seed must be in"):
+        session(tiny_model(tok), tok, seed=seed)
 
 
 def test_ctrl_d_and_ctrl_c_at_the_prompt(tok):

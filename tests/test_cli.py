@@ -160,6 +160,26 @@ def test_resume_uses_the_saved_config(tmp_path):
     (["eval", "missing-run", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     # unwritable output paths
     (["prepare", "small.txt", "--out", "/proc/x"], "/proc/x"),
+    # paths that are there but are not what they should be (all once "does not exist")
+    (["train", "--data", "d", "--out", "r", "--config", "/dev/zero"],
+     "config file /dev/zero is not a regular file (a device, pipe or socket)"),
+    (["train", "--data", "d", "--out", "r", "--config", "a-folder"], "config file a-folder is a folder, not a file"),
+    (["train", "--data", "d", "--out", "r", "--config", "loop"], "config file loop is a symbolic link that loops"),
+    (["train", "--data", "small.txt", "--out", "r"], "data directory small.txt is a file, not a folder"),
+    (["train", "--data", "loop", "--out", "r"], "data directory loop is a symbolic link that loops back on itself"),
+    (["sample", "loop"], "loop is a symbolic link that loops back on itself"),
+    (["sample", "missing-run", "--prompt", "FILE:a-folder"], "prompt file a-folder is a folder, not a file"),
+    (["train", "--data", "d", "--out", ""], "--out is an empty path"),
+    # a local-looking path never goes to the network
+    (["import", "typo.pt", "--out", "o"], "typo.pt is neither a local directory nor a model name"),
+    (["import", "./typo", "--out", "o"], "./typo is neither a local directory nor a model name"),
+    (["import", "runs/a/b", "--out", "o"], "runs/a/b is neither a local directory nor a model name"),
+    (["import", "loop", "--out", "o"], "loop is a symbolic link that loops back on itself"),
+    # --dist outside torchrun would have trained one process without a word
+    (["train", "--data", "d", "--out", "r", "--dist", "ddp"], "--dist ddp spreads training over processes started"),
+    # seeds torch cannot take (a traceback from manual_seed)
+    (["sample", "missing-run", "--seed", "1180591620717411303424"], "--seed must be in [-9,223,372,036,854,775,808, "),
+    (["chat", "missing-run", "--seed", "-9223372036854775809"], "--seed must be in"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -179,6 +199,8 @@ def bad_input_files(where):
     (where / "damaged-run" / "config.json").write_text('{"model": {"n_layer": ')  # cut short
     (where / "latin1.txt").write_bytes("café".encode("latin-1"))
     (where / "small.txt").write_text("to be or not to be\n" * 50)
+    (where / "a-folder").mkdir()
+    (where / "loop").symlink_to("loop")
 
 
 def test_bad_corpora_and_corrupt_checkpoint(tmp_path, monkeypatch, capsys):
