@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from gptforge.bench import DEFAULT_DECODE_SHAPES
-from gptforge.checkpoint import model_state, write_checkpoint
+from gptforge.modelio.checkpoint import model_state, write_checkpoint
 from gptforge.config import GPTConfig, RunConfig
 from gptforge.model import GPT
 from gptforge.tokenizer import CharTokenizer

@@ -11,8 +11,8 @@ _EXPORTS = {
     "GPT": "gptforge.model",
     "GPTConfig": "gptforge.config",
     "RunConfig": "gptforge.config",
-    "load_checkpoint": "gptforge.checkpoint",
-    "generate": "gptforge.sample",
+    "load_checkpoint": "gptforge.modelio.checkpoint",
+    "generate": "gptforge.infer.sample",
 }
 
 __all__ = ["__version__", *_EXPORTS]

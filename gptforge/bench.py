@@ -5,7 +5,7 @@ Two measurements, both on random tokens and randomly initialised weights (no dat
   autocast, gradient scaler and clipping of the training loop), timed after warm-up steps: ms per step,
   tokens/s, MFU against a matmul timed here on the same device and dtype (and, on known GPUs, against
   the data-sheet peak), and peak memory.
-- `bench_generate`: greedy decoding through `gptforge.sample.stream` (KV cache): prompt processing
+- `bench_generate`: greedy decoding through `gptforge.infer.sample.stream` (KV cache): prompt processing
   (prefill) and per-token decoding speed at several batch sizes, optionally side by side with Hugging
   Face `generate` on the same weights, plus the memory bandwidth of this machine and the decode speed it
   bounds (every weight is read once per decoded token), and at batch 1 the GEMV ceiling: the step's
@@ -241,7 +241,7 @@ def _timed_runs(run: Callable[[], Any], repeats: int, min_time: float) -> list[A
 def _decode_once(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one greedy generation: the first token needs the prompt's
     forward, each further one a single-token step."""
-    from gptforge.sample import stream
+    from gptforge.infer.sample import stream
 
     synchronize(device)
     t0 = time.perf_counter()
@@ -285,7 +285,7 @@ def gemv_timer(model: torch.nn.Module, device: torch.device) -> Callable[[], flo
     """A function that times a batch-1 decode step's matrix products alone, in seconds: one row through each
     of `decode_matmuls`, with the model's own weights in their layout and the threads a decode step runs
     with. What a step would cost with no attention, norms, Python or sampling around them."""
-    from gptforge.sample import decode_threads
+    from gptforge.infer.sample import decode_threads
 
     layers = decode_matmuls(model)
     rows = [torch.randn(1, 1, m.in_features, device=device, dtype=m.weight.dtype) for m in layers]
@@ -342,7 +342,7 @@ def bench_generate(shapes: dict[str, GPTConfig], *, batch_sizes: Sequence[int] =
     memory bandwidth puts on batch-1 decoding. prompt_len and new_tokens default, per shape, to
     min(64, block_size / 4) and the rest of the context up to 64 tokens."""
     from gptforge.model import GPT
-    from gptforge.sample import generate, use_decode_layout
+    from gptforge.infer.sample import generate, use_decode_layout
 
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
@@ -367,7 +367,7 @@ def bench_generate(shapes: dict[str, GPTConfig], *, batch_sizes: Sequence[int] =
             raise UserError(f"model {name}: block_size {cfg.block_size} leaves no room to decode after a "
                             f"{p}-token prompt; lower --prompt-len")
         if compare_hf:
-            from gptforge.hf import _transformers, hf_architecture
+            from gptforge.modelio.hf import _transformers, hf_architecture
 
             _transformers()
             hf_architecture(cfg)  # refuses shapes transformers cannot compute, before any timing
@@ -432,8 +432,8 @@ def _compare_hf(model, cfg: GPTConfig, P: int, N: int, dev: torch.device, g, rep
     greedy tokens, runs interleaved so that a change in the machine's load hits both; the tokens must agree."""
     import logging
 
-    from gptforge.hf import to_hf_model
-    from gptforge.sample import generate
+    from gptforge.modelio.hf import to_hf_model
+    from gptforge.infer.sample import generate
 
     logging.getLogger("transformers").setLevel(logging.ERROR)  # generation-flag notices are not results
     hf = to_hf_model(model).to(dev)

@@ -427,7 +427,7 @@ def _run_eval(a) -> int:
 
 
 def _run_sample(a) -> int:
-    from gptforge.sample import read_prompt, sample_checkpoint
+    from gptforge.infer.sample import read_prompt, sample_checkpoint
 
     prompt = read_prompt(a.prompt)
     samples = sample_checkpoint(a.run, prompt, num_samples=a.num_samples, max_new_tokens=a.max_new_tokens,
@@ -440,7 +440,7 @@ def _run_sample(a) -> int:
 
 
 def _run_chat(a) -> int:
-    from gptforge.chat import chat_checkpoint
+    from gptforge.infer.chat import chat_checkpoint
 
     return chat_checkpoint(a.run, prompt=a.prompt, system=a.system, max_new_tokens=a.max_new_tokens,
                            temperature=0.0 if a.greedy else a.temperature, top_k=a.top_k, top_p=a.top_p,
@@ -459,7 +459,7 @@ def _run_serve(a) -> int:
 
 
 def _run_export(a) -> int:
-    from gptforge.hf import export_hf
+    from gptforge.modelio.hf import export_hf
 
     out = export_hf(a.run, a.out, which="best" if a.best else "latest", overwrite=a.overwrite)
     print(json.dumps(out) if a.json else f"wrote {out['path']}: {out['architecture']}, vocab {out['vocab_size']:,}, "
@@ -468,7 +468,7 @@ def _run_export(a) -> int:
 
 
 def _run_import(a) -> int:
-    from gptforge.hf import import_hf
+    from gptforge.modelio.hf import import_hf
 
     if str(a.source).endswith(".pt") and Path(a.source).is_file():  # nanoGPT's ckpt.pt
         from gptforge.nanogpt.checkpoint import import_checkpoint

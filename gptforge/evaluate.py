@@ -118,7 +118,7 @@ def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "v
     """`gptforge eval`: loss, perplexity and bits per byte of a checkpoint on a split of its (or another) data dir."""
     from gptforge.data.loader import open_data
     from gptforge.device import pick_device, pick_dtype
-    from gptforge.hf import load_any
+    from gptforge.modelio.hf import load_any
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -174,7 +174,7 @@ def greedy_answers(model: torch.nn.Module, tok, prompts: list[list[int]], max_ne
                    batch_size: int, device: torch.device, dtype: torch.dtype) -> list[str]:
     """The greedy answer to each prompt (which ends with <|assistant|>): the text before the first
     <|end|>, other marker or end-of-text. Prompts of equal length decode together."""
-    from gptforge.sample import stream
+    from gptforge.infer.sample import stream
 
     stops = set(tok.chat.ids.values()) | ({tok.eot_id} if tok.eot_id is not None else set())
     answers: list[Optional[str]] = [None] * len(prompts)
@@ -226,7 +226,7 @@ def evaluate_chat_checkpoint(run: str, file: str, *, limit: Optional[int] = None
     """`gptforge eval RUN --task chat --file CONVS.jsonl`: `evaluate_chat` on the file's conversations (the
     first `limit`), with the checkpoint and the number of unusable rows skipped."""
     from gptforge.device import pick_device, pick_dtype
-    from gptforge.hf import load_any
+    from gptforge.modelio.hf import load_any
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")

@@ -273,7 +273,7 @@ def evaluate_hellaswag_checkpoint(run: str, *, file: Optional[str] = None, limit
     """`gptforge eval RUN --task hellaswag`: accuracy on HellaSwag val (or `file`) of a run or checkpoint
     directory, or, as for the loss evaluation, of GPT-2 (gpt2 ... gpt2-xl) or a Hugging Face model directory."""
     from gptforge.device import pick_device, pick_dtype
-    from gptforge.hf import load_any
+    from gptforge.modelio.hf import load_any
 
     examples = load_examples(file, limit)  # first: a missing file should not wait for the model to load
     dev = pick_device(device)

@@ -76,7 +76,7 @@ def _config(data_dir: Path, time_budget: Optional[float], max_iters: Optional[in
 
 def _finish(run_dir: Path, data_dir: Path, result, device: str, log: Callable[[str], None]) -> None:
     """Two samples, the val loss, and what to run next."""
-    from gptforge.sample import sample_checkpoint
+    from gptforge.infer.sample import sample_checkpoint
 
     log("[3/3] two samples from the trained model:\n")
     sample_checkpoint(run_dir, "\n", num_samples=2, max_new_tokens=200, temperature=0.8, top_k=200,

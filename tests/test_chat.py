@@ -9,15 +9,15 @@ import sys
 import pytest
 import torch
 
-from gptforge.chat import ChatError, ChatSession, chat_checkpoint, repl
+from gptforge.infer.chat import ChatError, ChatSession, chat_checkpoint, repl
 from gptforge.chat_template import add_chat_template, render_conversation
-from gptforge.checkpoint import model_state, write_checkpoint
+from gptforge.modelio.checkpoint import model_state, write_checkpoint
 from gptforge.cli import main
 from gptforge.config import GPTConfig, RunConfig
 from gptforge.errors import UserError
 from gptforge.evaluate import evaluate_chat
 from gptforge.model import GPT
-from gptforge.sample import generate, prefill
+from gptforge.infer.sample import generate, prefill
 from gptforge.tokenizer import CharTokenizer
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"
@@ -369,7 +369,7 @@ def test_eval_task_chat_from_the_cli(tmp_path, tok, capsys):
 
 
 def test_a_decode_that_would_overflow_a_given_cache_is_refused(tok):
-    from gptforge.sample import SamplingError, new_kv_cache, stream
+    from gptforge.infer.sample import SamplingError, new_kv_cache, stream
 
     model = tiny_model(tok, block_size=16)
     cache = new_kv_cache(model, 1, torch.device("cpu"))

@@ -7,9 +7,9 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from gptforge import hf  # noqa: E402
+from gptforge.modelio import hf  # noqa: E402
 from gptforge.chat_template import add_chat_template, render_conversation  # noqa: E402
-from gptforge.checkpoint import model_state, write_checkpoint  # noqa: E402
+from gptforge.modelio.checkpoint import model_state, write_checkpoint  # noqa: E402
 from gptforge.config import GPTConfig, RunConfig  # noqa: E402
 from gptforge.model import GPT  # noqa: E402
 from gptforge.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from gptforge import checkpoint as ck
+from gptforge.modelio import checkpoint as ck
 from gptforge.config import GPTConfig, RunConfig
 from gptforge.errors import UserError
 from gptforge.model import GPT
@@ -145,7 +145,7 @@ def test_sigkill_while_saving_never_leaves_an_unloadable_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(os.getcwd())!r})
-        from gptforge import checkpoint as ck
+        from gptforge.modelio import checkpoint as ck
         from gptforge.config import GPTConfig, RunConfig
         from gptforge.model import GPT
         from gptforge.tokenizer import CharTokenizer
@@ -278,7 +278,7 @@ def test_taking_the_lock_removes_what_killed_writers_left(tmp_path):
 LOCK_SCRIPT = textwrap.dedent(f"""
     import sys
     sys.path.insert(0, {os.getcwd()!r})
-    from gptforge.checkpoint import RunLock
+    from gptforge.modelio.checkpoint import RunLock
     from gptforge.errors import UserError
     try:
         with RunLock(sys.argv[1]):

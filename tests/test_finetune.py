@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from gptforge.checkpoint import load_checkpoint
+from gptforge.modelio.checkpoint import load_checkpoint
 from gptforge.config import GPTConfig, RunConfig
 from gptforge.data.loader import open_data
 from gptforge.data.prepare import prepare
@@ -75,7 +75,7 @@ def test_init_from_refuses_another_tokenizer(tmp_path, pydoc_data):
 
 def test_init_from_a_hugging_face_gpt2_directory(tmp_path, tiktoken_cache, shared_data):
     transformers = pytest.importorskip("transformers")
-    from gptforge.hf import load_pretrained
+    from gptforge.modelio.hf import load_pretrained
 
     hf_dir = tmp_path / "hf"
     torch.manual_seed(0)

@@ -249,7 +249,7 @@ def test_training_attention_runs_on_the_flash_kernel(device):
 def test_kv_cache_decode_equals_full_forward(device, variant, dtype):
     """A prompt prefilled into the cache and then one token at a time: at every position the logits the
     full forward pass gives for the whole sequence."""
-    from gptforge.sample import new_kv_cache
+    from gptforge.infer.sample import new_kv_cache
 
     model, _ = twin_models(device, **VARIANTS[variant])
     model.eval()
@@ -298,7 +298,7 @@ def test_resume_on_device_repeats_the_uninterrupted_run(tmp_path, char_data, dev
     them) accumulate with atomics and are not bit-deterministic from run to run."""
     import json
 
-    from gptforge.checkpoint import load_checkpoint
+    from gptforge.modelio.checkpoint import load_checkpoint
     from gptforge.train import train
 
     def quiet(msg):

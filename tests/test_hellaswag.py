@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gptforge import hellaswag
-from gptforge.checkpoint import model_state, write_checkpoint
+from gptforge.modelio.checkpoint import model_state, write_checkpoint
 from gptforge.config import GPTConfig, RunConfig
 from gptforge.errors import UserError
 from gptforge.hellaswag import (

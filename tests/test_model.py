@@ -215,7 +215,7 @@ def test_logit_softcap_bounds_the_logits():
 
 def test_new_rungs_refuse_hugging_face_export():
     from gptforge.errors import UserError
-    from gptforge.hf import hf_architecture
+    from gptforge.modelio.hf import hf_architecture
 
     for option in (dict(value_embeds=True), dict(unet_skips=True), dict(logit_softcap=15.0)):
         with pytest.raises(UserError, match=f"model.{next(iter(option))} is not mapped"):

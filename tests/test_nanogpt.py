@@ -20,7 +20,7 @@ import torch
 
 from gptforge import nanogpt
 from gptforge.errors import UserError
-from gptforge.sample import use_decode_layout
+from gptforge.infer.sample import use_decode_layout
 from gptforge.tokenizer import CharTokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
@@ -168,7 +168,7 @@ def test_compiled_prefix_and_mask_buffers_make_no_difference(tmp_path):
 
 
 def test_import_writes_a_gptforge_checkpoint(tmp_path):
-    from gptforge.checkpoint import load_checkpoint
+    from gptforge.modelio.checkpoint import load_checkpoint
 
     data = tmp_path / "shakespeare_char"
     stoi = write_char_data(data)
@@ -426,7 +426,7 @@ def test_config_value_of_the_wrong_type_is_refused(tmp_path):
 
 def test_load_any_gives_a_ckpt_pt_the_decode_layout_as_load_checkpoint_does(tmp_path, monkeypatch):
     """sample, chat and serve load a ckpt.pt through load_any: on a CPU it decodes in the same layout."""
-    from gptforge.hf import load_any
+    from gptforge.modelio.hf import load_any
 
     stoi = write_char_data(tmp_path / "data" / "shakespeare_char")
     write_ckpt(tmp_path / "ckpt.pt", vocab=len(stoi))

@@ -135,7 +135,7 @@ def hub_cache(tmp_path, monkeypatch):
 
 
 def test_hub_offline_without_a_copy_is_one_whole_sentence(hub_cache, offline):
-    from gptforge.hf import resolve_hf_source
+    from gptforge.modelio.hf import resolve_hf_source
 
     with pytest.raises(UserError) as e:
         resolve_hf_source("gpt2")
@@ -144,7 +144,7 @@ def test_hub_offline_without_a_copy_is_one_whole_sentence(hub_cache, offline):
 
 
 def test_hub_offline_uses_the_cached_copy(hub_cache, offline):
-    from gptforge.hf import resolve_hf_source
+    from gptforge.modelio.hf import resolve_hf_source
 
     commit = "0" * 40  # the layout huggingface_hub writes: refs/main names the snapshot
     repo = hub_cache / "models--openai-community--gpt2"
@@ -158,7 +158,7 @@ def test_hub_offline_uses_the_cached_copy(hub_cache, offline):
 def test_hub_failure_we_cannot_name_is_kept_whole(hub_cache, monkeypatch):
     import huggingface_hub
 
-    from gptforge.hf import resolve_hf_source
+    from gptforge.modelio.hf import resolve_hf_source
 
     monkeypatch.setattr(network, "reachable", lambda host, *a, **k: True)
     long = "a library's explanation " * 20

@@ -5,7 +5,7 @@ import torch
 
 from gptforge.config import GPTConfig
 from gptforge.model import GPT
-from gptforge.sample import (
+from gptforge.infer.sample import (
     KVCache,
     SamplingError,
     TextStreamer,
@@ -385,7 +385,7 @@ def test_streamer_decodes_only_a_bounded_tail():
 
 @pytest.mark.parametrize("variant", ["learned", "rope-gqa-qknorm"])
 def test_decode_layout_keeps_shapes_ties_logits_and_greedy_tokens(variant):
-    from gptforge.sample import use_decode_layout
+    from gptforge.infer.sample import use_decode_layout
 
     model = tiny_model(**VARIANTS[variant])
     moved = tiny_model(**VARIANTS[variant])
@@ -401,7 +401,7 @@ def test_decode_layout_keeps_shapes_ties_logits_and_greedy_tokens(variant):
 
 
 def test_decode_layout_transposes_only_weights_with_more_outputs_than_inputs():
-    from gptforge.sample import use_decode_layout
+    from gptforge.infer.sample import use_decode_layout
 
     model = use_decode_layout(tiny_model())
     block = model.transformer.h[0]
@@ -411,7 +411,7 @@ def test_decode_layout_transposes_only_weights_with_more_outputs_than_inputs():
 
 
 def test_load_checkpoint_gives_cpu_models_in_decode_layout_with_the_same_tokens(tmp_path):
-    from gptforge import checkpoint as ck
+    from gptforge.modelio import checkpoint as ck
     from gptforge.config import RunConfig
     from gptforge.tokenizer import CharTokenizer
 
@@ -456,7 +456,7 @@ def test_few_row_decode_steps_run_single_threaded_and_restore_the_thread_count(B
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_identical_prompts_are_prefilled_once_and_sample_exactly_as_a_batched_prefill(variant):
-    from gptforge.sample import new_kv_cache
+    from gptforge.infer.sample import new_kv_cache
 
     model = tiny_model(**VARIANTS[variant])
     idx = prompt(1, 6).repeat(5, 1)  # `gptforge sample --num-samples 5`

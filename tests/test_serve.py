@@ -19,11 +19,11 @@ import torch
 
 import test_chat
 from gptforge.chat_template import add_chat_template, render_conversation
-from gptforge.checkpoint import model_state, write_checkpoint
+from gptforge.modelio.checkpoint import model_state, write_checkpoint
 from gptforge.config import RunConfig
-from gptforge.sample import generate, sample_checkpoint
+from gptforge.infer.sample import generate, sample_checkpoint
 from gptforge.errors import UserError
-from gptforge.serve.engine import BatchKVCache, Engine, Event, Request, Sequence
+from gptforge.serve.batcher import BatchKVCache, Engine, Event, Request, Sequence
 from gptforge.tokenizer import CharTokenizer
 
 fastapi = pytest.importorskip("fastapi")
@@ -139,7 +139,7 @@ POISON = 666  # the seed of the request that fails in the engine tests below
 
 def poison(where, engine, tok, monkeypatch):
     """Make the request with seed POISON (prompt "z...") raise inside the engine at `where`."""
-    import gptforge.serve.engine as engine_module
+    import gptforge.serve.batcher as engine_module
 
     if where == "sequence":  # building its choices (seeding their generators)
         class Failing(engine_module.Sequence):

@@ -394,7 +394,7 @@ def real_server():
     import uvicorn
 
     from gptforge.serve.app import Limits, create_app
-    from gptforge.serve.engine import Engine
+    from gptforge.serve.batcher import Engine
     from test_chat import CHARS, nonempty_seed, tiny_model
 
     tok = add_chat_template(CharTokenizer(CHARS, eot=True))

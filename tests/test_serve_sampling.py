@@ -9,8 +9,8 @@ import torch
 
 from gptforge.config import GPTConfig
 from gptforge.model import GPT
-from gptforge.sample import sample_next
-from gptforge.serve.engine import Engine, Event, Request, Sequence, sample_rows
+from gptforge.infer.sample import sample_next
+from gptforge.serve.batcher import Engine, Event, Request, Sequence, sample_rows
 from gptforge.tokenizer import CharTokenizer
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"

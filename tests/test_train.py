@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from gptforge.checkpoint import load_checkpoint
+from gptforge.modelio.checkpoint import load_checkpoint
 from gptforge.config import ConfigError, GPTConfig, RunConfig
 from gptforge.data.prepare import prepare
 from gptforge.errors import UserError
@@ -360,7 +360,7 @@ def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path, data_di
     run = tmp_path / "run"
     run.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from gptforge.checkpoint import RunLock\n"
+        "import sys, time; from gptforge.modelio.checkpoint import RunLock\n"
         f"with RunLock({str(run)!r}):\n    print('held', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -175,8 +175,8 @@ def load_init(path: Union[str, Path], data_dir_or_tokenizer: Union[None, str, Pa
 
 def load_nanogpt_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
                             data: Union[None, str, Path] = None):
-    """`load_init` as a `gptforge.checkpoint.Checkpoint`, for `sample` and `eval` on a ckpt.pt."""
-    from gptforge.checkpoint import Checkpoint
+    """`load_init` as a `gptforge.modelio.checkpoint.Checkpoint`, for `sample` and `eval` on a ckpt.pt."""
+    from gptforge.modelio.checkpoint import Checkpoint
 
     ck = read_checkpoint(path)
     model, _, tok = load_init(path, data)
@@ -200,7 +200,7 @@ def import_checkpoint(path: Union[str, Path], out_dir: Union[str, Path], *, data
     """`gptforge import ckpt.pt --out DIR`: write a nanoGPT checkpoint as a gptforge checkpoint directory
     (weights, the run config it was trained with as far as it maps, its tokenizer, step and best val loss).
     The optimizer state is not carried over: the result is for sampling, eval and --train.init_from."""
-    from gptforge.checkpoint import write_checkpoint
+    from gptforge.modelio.checkpoint import write_checkpoint
     from gptforge.files import check_output_dir
 
     path, out = Path(path), Path(out_dir)

@@ -76,10 +76,10 @@ def build_server(run, *, device: str = "auto", which: str = "latest", api_key: O
     """(app, engine) for a checkpoint: the engine's thread is started; close it with engine.close()."""
     _require_libraries()
     from gptforge.device import pick_device, pick_dtype
-    from gptforge.hf import load_any
-    from gptforge.sample import use_decode_layout
+    from gptforge.modelio.hf import load_any
+    from gptforge.infer.sample import use_decode_layout
     from gptforge.serve.app import Limits, create_app
-    from gptforge.serve.engine import Engine
+    from gptforge.serve.batcher import Engine
 
     _check_limits(max_tokens=max_tokens, max_seqs=max_seqs, max_queue=max_queue,
                   max_request_bytes=max_request_bytes, prefill_chunk=prefill_chunk)

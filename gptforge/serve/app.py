@@ -1,7 +1,7 @@
 """The HTTP routes of `gptforge serve`: OpenAI's chat completions, completions and models, /health, the web page.
 
 The routes only parse, check limits, tokenize and format: generation happens on the engine's thread
-(gptforge.serve.engine), which sends each choice's text back through an asyncio queue, so the event loop never
+(gptforge.serve.batcher), which sends each choice's text back through an asyncio queue, so the event loop never
 waits on the model and /health answers at once during generation. Every error a client can cause is a JSON
 `{"error": {...}}` in OpenAI's shape with a 4xx status (validation errors are 400, not FastAPI's 422); an
 unexpected failure is a 500 with no traceback in the body.
@@ -26,8 +26,8 @@ from starlette.exceptions import HTTPException
 
 from gptforge.chat_template import render_conversation
 from gptforge.errors import UserError, one_line
-from gptforge.serve.engine import Engine, EngineFull, Event
-from gptforge.serve.engine import Request as EngineRequest
+from gptforge.serve.batcher import Engine, EngineFull, Event
+from gptforge.serve.batcher import Request as EngineRequest
 from gptforge.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
 
 STATIC = Path(str(resources.files("gptforge") / "serve" / "static"))

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from gptforge import checkpoint as ckpt_io
+from gptforge.modelio import checkpoint as ckpt_io
 from gptforge import dist
 from gptforge.config import RunConfig
 from gptforge.device import autocast

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from gptforge import checkpoint as ckpt_io
+from gptforge.modelio import checkpoint as ckpt_io
 from gptforge import dist
 from gptforge.config import ConfigError, RunConfig, save_json
 from gptforge.errors import UserError, one_line
@@ -218,7 +218,7 @@ def load_init(cfg: RunConfig, tokenizer) -> torch.nn.Module:
     """The weights of --train.init_from: GPT-2 / a Hugging Face directory, a nanoGPT ckpt.pt, or a gptforge run
     or checkpoint. Sets cfg.model to their shape, keeping this run's dropout and attention (and, for Hugging
     Face sources, a shorter block_size: learned positions are cropped)."""
-    from gptforge.hf import is_hf_source, load_pretrained
+    from gptforge.modelio.hf import is_hf_source, load_pretrained
     from gptforge.tokenizer import load_tokenizer
 
     source = cfg.train.init_from

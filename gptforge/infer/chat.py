@@ -3,7 +3,7 @@
 A `ChatSession` keeps the conversation as token ids in the chat template's layout (gptforge.chat_template)
 and the keys and values of those ids in one KV cache, so each turn runs the model only on what is new: the
 user's message and, from the turn before, the assistant's closing <|end|>. Replies are decoded by
-`gptforge.sample.stream` on that cache and printed through `TextStreamer` (never half a UTF-8 character).
+`gptforge.infer.sample.stream` on that cache and printed through `TextStreamer` (never half a UTF-8 character).
 When the conversation no longer fits the model's context, the oldest exchanges are dropped (the system
 prompt is kept) and the cache is rebuilt once for the shorter history.
 
@@ -20,7 +20,7 @@ import torch
 
 from gptforge.device import autocast, check_seed
 from gptforge.errors import UserError, one_line
-from gptforge.sample import TextStreamer, new_kv_cache, sample_next, stream, use_decode_layout
+from gptforge.infer.sample import TextStreamer, new_kv_cache, sample_next, stream, use_decode_layout
 
 HELP = "commands: /clear (forget the conversation), /system TEXT (new system prompt; /system alone removes it), /quit"
 
@@ -214,7 +214,7 @@ def chat_checkpoint(run, *, prompt: Optional[str] = None, system: Optional[str] 
                     read: Callable[[str], str] = input) -> int:
     """`gptforge chat`: answer `prompt` and return, or talk in the terminal; the exit status."""
     from gptforge.device import pick_device, pick_dtype
-    from gptforge.hf import load_any
+    from gptforge.modelio.hf import load_any
 
     out = out or sys.stdout
     if prompt is not None and not prompt.strip():
@@ -230,7 +230,7 @@ def chat_checkpoint(run, *, prompt: Optional[str] = None, system: Optional[str] 
                         f"`gptforge sample {run}` for plain text, or fine-tune it on data from "
                         "`gptforge prepare FILE --chat`")
     if dev.type == "cpu":
-        use_decode_layout(ck.model)  # this model only decodes (see gptforge.sample)
+        use_decode_layout(ck.model)  # this model only decodes (see gptforge.infer.sample)
     session = ChatSession(ck.model, ck.tokenizer, system=system, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, device=dev,
                           dtype=pick_dtype(ck.config.train.dtype, dev))

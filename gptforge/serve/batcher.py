@@ -14,7 +14,7 @@ an "error" event; only a failed decode forward, shared by every row, ends every 
 
 The batch's keys and values live in a `BatchKVCache`: rows of different lengths side by side, each written at
 its own position, with a mask that hides the unwritten tail of the shorter rows. A prompt is prefilled on a
-plain one-row `KVCache` (gptforge.sample) and copied into its rows. A single request at batch 1 runs exactly the
+plain one-row `KVCache` (gptforge.infer.sample) and copied into its rows. A single request at batch 1 runs exactly the
 forwards of `gptforge sample` (same prefill, no mask when every row has the same length, the same per-request
 `torch.Generator` and `sample_next`'s ops), so the same seed gives the same text.
 """
@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import torch
 
 from gptforge.device import autocast, check_memory, format_bytes
-from gptforge.sample import KVCache, TextStreamer, decode_step, filtered_probs, new_kv_cache
+from gptforge.infer.sample import KVCache, TextStreamer, decode_step, filtered_probs, new_kv_cache
 
 log = logging.getLogger("gptforge.serve")
 

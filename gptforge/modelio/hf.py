@@ -479,8 +479,8 @@ def load_pretrained(name_or_dir: str | Path, device: str | torch.device = "cpu",
 
 
 def load_pretrained_checkpoint(name_or_dir: str | Path, device: str | torch.device = "cpu"):
-    """`load_pretrained` as a `gptforge.checkpoint.Checkpoint`, for `sample` and `eval`."""
-    from gptforge.checkpoint import Checkpoint
+    """`load_pretrained` as a `gptforge.modelio.checkpoint.Checkpoint`, for `sample` and `eval`."""
+    from gptforge.modelio.checkpoint import Checkpoint
 
     model, cfg, tok = load_pretrained(name_or_dir, device)
     return Checkpoint(model=model, tokenizer=tok, config=RunConfig(model=cfg), path=Path(str(name_or_dir)),
@@ -498,11 +498,11 @@ def load_any(run: str | Path, device: str | torch.device = "cpu", which: str = "
 
         ck = load_nanogpt_checkpoint(run, device)
     else:
-        from gptforge.checkpoint import load_checkpoint
+        from gptforge.modelio.checkpoint import load_checkpoint
 
         return load_checkpoint(run, device=device, which=which)
     if next(ck.model.parameters()).device.type == "cpu":
-        from gptforge.sample import use_decode_layout
+        from gptforge.infer.sample import use_decode_layout
 
         use_decode_layout(ck.model)  # GPT-2 and nanoGPT loads decode (sample, chat, serve) as fast as our own
     return ck
@@ -511,7 +511,7 @@ def load_any(run: str | Path, device: str | torch.device = "cpu", which: str = "
 def import_hf(name_or_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Write a GPT-2 or Llama-family model (name, hub id or local HF directory) as a gptforge
     checkpoint directory that `load_checkpoint`, `gptforge sample` and `gptforge eval` read."""
-    from gptforge.checkpoint import write_checkpoint
+    from gptforge.modelio.checkpoint import write_checkpoint
 
     out = Path(out_dir)
     check_output_dir(out, overwrite, (Path(name_or_dir),) if Path(name_or_dir).exists() else ())
@@ -540,7 +540,7 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
     from safetensors.torch import save_file
 
     from gptforge import __version__
-    from gptforge.checkpoint import load_checkpoint, model_state, resolve_checkpoint, umask_mode, write_dir_atomically
+    from gptforge.modelio.checkpoint import load_checkpoint, model_state, resolve_checkpoint, umask_mode, write_dir_atomically
 
     _transformers()
     out = Path(out_dir)
@@ -602,7 +602,7 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
 def to_hf_model(model: torch.nn.Module, eot_id: Optional[int] = None):
     """Our GPT as an in-memory `transformers` model with the same weights (float32, eval mode, on the
     CPU): the conversion `export_hf` writes to disk, for side-by-side runs that need no files."""
-    from gptforge.checkpoint import model_state
+    from gptforge.modelio.checkpoint import model_state
 
     tf = _transformers()
     cfg = model.config

@@ -450,7 +450,7 @@ class Checkpoint:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", which: str = "latest") -> Checkpoint:
     """Load a run directory (its `which` checkpoint: latest or best) or a checkpoint directory. On a CPU
-    the model comes in the decode layout (`gptforge.sample.use_decode_layout`)."""
+    the model comes in the decode layout (`gptforge.infer.sample.use_decode_layout`)."""
     from gptforge.tokenizer import load_tokenizer
 
     ckpt = resolve_checkpoint(path, which)
@@ -460,7 +460,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", which:
     model = load_model(ckpt)
     model.to(device).eval()
     if next(model.parameters()).device.type == "cpu":
-        from gptforge.sample import use_decode_layout
+        from gptforge.infer.sample import use_decode_layout
 
         # A loaded model is mostly decoded from, and on a CPU decoding reads (in, out)-stored weights 1.3x
         # faster; relaying out per `generate` call would cost ten decode steps of 124M each time (see

@@ -462,7 +462,7 @@ def sample_checkpoint(run, prompt: str = "\n", *, num_samples: int = 1, max_new_
     when the batch is done, separated by a line of dashes. Returns the samples, prompt included.
     """
     from gptforge.device import autocast, check_seed, pick_device, pick_dtype
-    from gptforge.hf import load_any
+    from gptforge.modelio.hf import load_any
 
     _check_request(num_samples, max_new_tokens)  # bad settings fail before any work or output
     sample_next(torch.zeros(1, 2), temperature, top_k, top_p)
