@@ -11,7 +11,7 @@ _EXPORTS = {
     "GPT": "gptforge.model",
     "GPTConfig": "gptforge.config",
     "RunConfig": "gptforge.config",
-    "load_checkpoint": "gptforge.modelio.checkpoint",
+    "load_checkpoint": "gptforge.modelio.load",
     "generate": "gptforge.infer.sample",
 }
 

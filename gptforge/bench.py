@@ -342,7 +342,8 @@ def bench_generate(shapes: dict[str, GPTConfig], *, batch_sizes: Sequence[int] =
     memory bandwidth puts on batch-1 decoding. prompt_len and new_tokens default, per shape, to
     min(64, block_size / 4) and the rest of the context up to 64 tokens."""
     from gptforge.model import GPT
-    from gptforge.infer.sample import generate, use_decode_layout
+    from gptforge.infer.sample import generate
+    from gptforge.modelio.load import use_decode_layout
 
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")

@@ -468,20 +468,17 @@ def _run_export(a) -> int:
 
 
 def _run_import(a) -> int:
-    from gptforge.modelio.hf import import_hf
+    from gptforge.modelio.load import import_model
 
-    if str(a.source).endswith(".pt") and Path(a.source).is_file():  # nanoGPT's ckpt.pt
-        from gptforge.nanogpt.checkpoint import import_checkpoint
-
-        out = import_checkpoint(a.source, a.out, data=a.data, overwrite=a.overwrite)
-        print(json.dumps(out) if a.json else f"wrote {out['path']}: nanoGPT step {out['step']:,} as a gptforge "
-              f"checkpoint, vocab {out['vocab_size']:,}, {out['tokenizer']} tokenizer; try `gptforge sample {out['path']}`")
-        return 0
-    if a.data is not None:
-        raise UserError("--data applies to importing a nanoGPT ckpt.pt")
-    out = import_hf(a.source, a.out, overwrite=a.overwrite)
-    print(json.dumps(out) if a.json else f"wrote {out['path']}: {out['architecture']} as a gptforge checkpoint, "
-          f"vocab {out['vocab_size']:,}, {out['tokenizer']} tokenizer; try `gptforge sample {out['path']}`")
+    out = import_model(a.source, a.out, data=a.data, overwrite=a.overwrite)
+    if a.json:
+        print(json.dumps({k: v for k, v in out.items() if k != "kind"}))
+    elif out["kind"] == "nanogpt":
+        print(f"wrote {out['path']}: nanoGPT step {out['step']:,} as a gptforge checkpoint, vocab "
+              f"{out['vocab_size']:,}, {out['tokenizer']} tokenizer; try `gptforge sample {out['path']}`")
+    else:
+        print(f"wrote {out['path']}: {out['architecture']} as a gptforge checkpoint, vocab {out['vocab_size']:,}, "
+              f"{out['tokenizer']} tokenizer; try `gptforge sample {out['path']}`")
     return 0
 
 

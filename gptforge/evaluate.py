@@ -118,14 +118,14 @@ def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "v
     """`gptforge eval`: loss, perplexity and bits per byte of a checkpoint on a split of its (or another) data dir."""
     from gptforge.data.loader import open_data
     from gptforge.device import pick_device, pick_dtype
-    from gptforge.modelio.hf import load_any
+    from gptforge.modelio.load import load
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
     dev = pick_device(device)
-    ck = load_any(run, dev, which)
+    ck = load(run, dev, which)
     data_dir = data or ck.config.data.dir
     if not data_dir:
         raise UserError("the checkpoint does not say which data it trained on; pass --data DATA_DIR")
@@ -226,7 +226,7 @@ def evaluate_chat_checkpoint(run: str, file: str, *, limit: Optional[int] = None
     """`gptforge eval RUN --task chat --file CONVS.jsonl`: `evaluate_chat` on the file's conversations (the
     first `limit`), with the checkpoint and the number of unusable rows skipped."""
     from gptforge.device import pick_device, pick_dtype
-    from gptforge.modelio.hf import load_any
+    from gptforge.modelio.load import load
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -238,7 +238,7 @@ def evaluate_chat_checkpoint(run: str, file: str, *, limit: Optional[int] = None
     conversations, bad, _ = read_conversations(str(file), "auto")
     conversations = conversations[:limit]
     dev = pick_device(device)
-    ck = load_any(run, dev, which)
+    ck = load(run, dev, which)
     if getattr(ck.tokenizer, "chat", None) is None:
         raise UserError(f"{run} has no chat template (it was not fine-tuned on conversations); "
                         "--task chat needs a model trained on data from `gptforge prepare FILE --chat`")

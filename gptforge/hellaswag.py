@@ -273,11 +273,11 @@ def evaluate_hellaswag_checkpoint(run: str, *, file: Optional[str] = None, limit
     """`gptforge eval RUN --task hellaswag`: accuracy on HellaSwag val (or `file`) of a run or checkpoint
     directory, or, as for the loss evaluation, of GPT-2 (gpt2 ... gpt2-xl) or a Hugging Face model directory."""
     from gptforge.device import pick_device, pick_dtype
-    from gptforge.modelio.hf import load_any
+    from gptforge.modelio.load import load
 
     examples = load_examples(file, limit)  # first: a missing file should not wait for the model to load
     dev = pick_device(device)
-    ck = load_any(run, dev, which)
+    ck = load(run, dev, which)
     result = evaluate_hellaswag(ck.model, ck.tokenizer, examples, dev, pick_dtype(ck.config.train.dtype, dev),
                                 batch_size, progress=progress)
     source = str(Path(file).expanduser()) if file else HELLASWAG_URL

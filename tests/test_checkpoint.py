@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gptforge.modelio import checkpoint as ck
+from gptforge.modelio.load import load_checkpoint
 from gptforge.config import GPTConfig, RunConfig
 from gptforge.errors import UserError
 from gptforge.model import GPT
@@ -62,7 +63,7 @@ def one_step(model, cfg):
 def test_round_trip_gives_identical_logits(tmp_path, variant):
     cfg, model, tok = make(variant)
     save(tmp_path / "latest", model, cfg, tok, {"step": 3})
-    loaded = ck.load_checkpoint(tmp_path)  # a run directory: its latest/
+    loaded = load_checkpoint(tmp_path)  # a run directory: its latest/
     x = torch.randint(0, 64, (2, 16))
     model.eval()
     torch.testing.assert_close(loaded.model(x), model(x), atol=0, rtol=0)
@@ -78,7 +79,7 @@ def test_tied_head_is_stored_once(tmp_path):
     cfg, model, tok = make("classic")
     save(tmp_path / "c", model, cfg, tok)
     assert "lm_head.weight" not in load_file(str(tmp_path / "c" / ck.WEIGHTS))
-    loaded = ck.load_checkpoint(tmp_path / "c")
+    loaded = load_checkpoint(tmp_path / "c")
     assert loaded.model.lm_head.weight is loaded.model.transformer.wte.weight
 
 
@@ -115,7 +116,7 @@ def test_failure_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save(tmp_path / "latest", model, cfg, tok, {"step": 2})
     assert (tmp_path / "latest" / ck.WEIGHTS).read_bytes() == before
-    assert ck.load_checkpoint(tmp_path).state["step"] == 1
+    assert load_checkpoint(tmp_path).state["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]  # no temp dir left behind
 
 
@@ -133,10 +134,10 @@ def test_kill_between_renames_falls_back_to_old(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save(tmp_path / "latest", model, cfg, tok, {"step": 2})
     assert not (tmp_path / "latest").exists()
-    assert ck.load_checkpoint(tmp_path).state["step"] == 1  # found as .latest.old
+    assert load_checkpoint(tmp_path).state["step"] == 1  # found as .latest.old
     monkeypatch.setattr(ck.os, "rename", real_rename)
     save(tmp_path / "latest", model, cfg, tok, {"step": 3})  # and the next save recovers
-    assert ck.load_checkpoint(tmp_path).state["step"] == 3
+    assert load_checkpoint(tmp_path).state["step"] == 3
     assert not (tmp_path / ".latest.old").exists()
 
 
@@ -165,7 +166,7 @@ def test_sigkill_while_saving_never_leaves_an_unloadable_checkpoint(tmp_path):
         time.sleep(delay)
         p.send_signal(signal.SIGKILL)
         p.wait()
-        loaded = ck.load_checkpoint(run)
+        loaded = load_checkpoint(run)
         assert loaded.state["step"] >= 0
 
 
@@ -176,18 +177,18 @@ def test_corrupt_checkpoints_give_clear_errors(tmp_path):
     weights = (c / ck.WEIGHTS).read_bytes()
     (c / ck.WEIGHTS).write_bytes(weights[: len(weights) // 2])
     with pytest.raises(UserError, match="corrupt or incomplete"):
-        ck.load_checkpoint(c)
+        load_checkpoint(c)
     (c / ck.WEIGHTS).write_bytes(b"\0" * len(weights))  # right size, garbage content
     with pytest.raises(UserError, match="cannot read"):
-        ck.load_checkpoint(c)
+        load_checkpoint(c)
     (c / ck.STATE).write_text("{not json")
     with pytest.raises(UserError, match="corrupt"):
-        ck.load_checkpoint(c)
+        load_checkpoint(c)
     with pytest.raises(UserError, match="does not exist"):
-        ck.load_checkpoint(tmp_path / "nope")
+        load_checkpoint(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no checkpoint found"):
-        ck.load_checkpoint(tmp_path / "empty")
+        load_checkpoint(tmp_path / "empty")
 
 
 def test_weights_only_checkpoint_cannot_resume(tmp_path):
@@ -208,7 +209,7 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "loads", forbidden)
     monkeypatch.setattr(pickle, "load", forbidden)
     monkeypatch.setattr(torch, "load", forbidden)
-    loaded = ck.load_checkpoint(tmp_path)
+    loaded = load_checkpoint(tmp_path)
     resume(tmp_path / "latest", build_optimizer(loaded.model, cfg.optim, torch.device("cpu")))
 
 
@@ -217,15 +218,15 @@ def test_best_is_linked_weights_only_copy(tmp_path):
     opt = one_step(model, cfg)
     save(tmp_path / "latest", model, cfg, tok, {"step": 5}, opt)
     ck.link_checkpoint(tmp_path / "latest", tmp_path / "best", {"val_loss": 1.5})
-    best = ck.load_checkpoint(tmp_path, which="best")
+    best = load_checkpoint(tmp_path, which="best")
     assert best.state["val_loss"] == 1.5 and best.state["step"] == 5
     assert not (tmp_path / "best" / ck.TRAIN_STATE).exists()
     one_step(model, cfg)
     save(tmp_path / "latest", model, cfg, tok, {"step": 6}, opt)
     x = torch.randint(0, 64, (1, 16))
     # replacing latest must not change best, even though best's files were hard links
-    assert not torch.equal(ck.load_checkpoint(tmp_path).model(x), ck.load_checkpoint(tmp_path, which="best").model(x))
-    torch.testing.assert_close(ck.load_checkpoint(tmp_path, which="best").model(x), best.model(x), atol=0, rtol=0)
+    assert not torch.equal(load_checkpoint(tmp_path).model(x), load_checkpoint(tmp_path, which="best").model(x))
+    torch.testing.assert_close(load_checkpoint(tmp_path, which="best").model(x), best.model(x), atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +273,7 @@ def test_taking_the_lock_removes_what_killed_writers_left(tmp_path):
         left = sorted(p.name for p in run.iterdir())
     # .latest.old may be the only complete checkpoint; user files and look-alikes stay
     assert left == [".latest.old", ".lock", ".notes.tmpl", "latest", "notes.tmp"]
-    assert ck.load_checkpoint(run).state["step"] == 1
+    assert load_checkpoint(run).state["step"] == 1
 
 
 LOCK_SCRIPT = textwrap.dedent(f"""
@@ -349,7 +350,7 @@ def test_hostile_config_is_refused_without_allocating(tmp_path, monkeypatch, var
     (tmp_path / "c" / ck.STATE).write_text(json.dumps(state))
     _no_real_models(monkeypatch)
     with pytest.raises(UserError, match=message) as e:
-        ck.load_checkpoint(tmp_path / "c")
+        load_checkpoint(tmp_path / "c")
     assert "\n" not in str(e.value) and str(tmp_path / "c") in str(e.value)
 
 
@@ -375,7 +376,7 @@ def test_a_config_with_more_blocks_than_the_weights_builds_none_of_them(tmp_path
     monkeypatch.setattr(Block, "__init__", lambda self, c, i: (built.append(i), real_block(self, c, i))[1])
     with pytest.raises(UserError, match=rf"transformer\.h\.2\.ln_1\.weight is missing from model\.safetensors "
                                         rf"\(model\.safetensors holds 2 blocks, config\.json {n_layer:,}\)"):
-        ck.load_checkpoint(tmp_path / "c")
+        load_checkpoint(tmp_path / "c")
     assert len(built) <= 3
 
 
@@ -391,7 +392,7 @@ def test_truncated_weights_with_patched_sizes_are_refused(tmp_path, monkeypatch)
     (tmp_path / "c" / ck.STATE).write_text(json.dumps(state))
     _no_real_models(monkeypatch)
     with pytest.raises(UserError, match="cannot read"):
-        ck.load_checkpoint(tmp_path / "c")
+        load_checkpoint(tmp_path / "c")
 
 
 def test_load_model_with_another_config_of_the_same_shape(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptforge.modelio.checkpoint import load_checkpoint
+from gptforge.modelio.load import load_checkpoint
 from gptforge.data.loader import SequentialBatches, SlotLoader
 from gptforge.data.prepare import prepare
 

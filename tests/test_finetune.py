@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from gptforge.modelio.checkpoint import load_checkpoint
+from gptforge.modelio.load import load_checkpoint
 from gptforge.config import GPTConfig, RunConfig
 from gptforge.data.loader import open_data
 from gptforge.data.prepare import prepare

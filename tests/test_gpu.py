@@ -298,7 +298,7 @@ def test_resume_on_device_repeats_the_uninterrupted_run(tmp_path, char_data, dev
     them) accumulate with atomics and are not bit-deterministic from run to run."""
     import json
 
-    from gptforge.modelio.checkpoint import load_checkpoint
+    from gptforge.modelio.load import load_checkpoint
     from gptforge.train import train
 
     def quiet(msg):

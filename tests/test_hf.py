@@ -10,7 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from gptforge.modelio import hf  # noqa: E402
-from gptforge.modelio.checkpoint import load_checkpoint, model_state, write_checkpoint  # noqa: E402
+from gptforge.modelio.checkpoint import model_state, write_checkpoint  # noqa: E402
+from gptforge.modelio.load import load_checkpoint  # noqa: E402
 from gptforge.config import GPTConfig, RunConfig  # noqa: E402
 from gptforge.errors import UserError  # noqa: E402
 from gptforge.model import GPT  # noqa: E402

@@ -20,7 +20,7 @@ import torch
 
 from gptforge import nanogpt
 from gptforge.errors import UserError
-from gptforge.infer.sample import use_decode_layout
+from gptforge.modelio.load import use_decode_layout
 from gptforge.tokenizer import CharTokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
@@ -168,7 +168,7 @@ def test_compiled_prefix_and_mask_buffers_make_no_difference(tmp_path):
 
 
 def test_import_writes_a_gptforge_checkpoint(tmp_path):
-    from gptforge.modelio.checkpoint import load_checkpoint
+    from gptforge.modelio.load import load_checkpoint
 
     data = tmp_path / "shakespeare_char"
     stoi = write_char_data(data)
@@ -424,14 +424,14 @@ def test_config_value_of_the_wrong_type_is_refused(tmp_path):
     single_line(e.value)
 
 
-def test_load_any_gives_a_ckpt_pt_the_decode_layout_as_load_checkpoint_does(tmp_path, monkeypatch):
-    """sample, chat and serve load a ckpt.pt through load_any: on a CPU it decodes in the same layout."""
-    from gptforge.modelio.hf import load_any
+def test_load_gives_a_ckpt_pt_the_decode_layout_as_load_checkpoint_does(tmp_path, monkeypatch):
+    """sample, chat and serve load a ckpt.pt through the loader: on a CPU it decodes in the same layout."""
+    from gptforge.modelio.load import load
 
     stoi = write_char_data(tmp_path / "data" / "shakespeare_char")
     write_ckpt(tmp_path / "ckpt.pt", vocab=len(stoi))
     monkeypatch.chdir(tmp_path)  # nanoGPT's data/<dataset>/ is found from here
-    ck = load_any(tmp_path / "ckpt.pt")
+    ck = load(tmp_path / "ckpt.pt")
     block = ck.model.transformer.h[0]
     assert not block.attn.c_attn.weight.is_contiguous() and not ck.model.lm_head.weight.is_contiguous()
     assert block.mlp.c_proj.weight.is_contiguous()  # read faster as it is

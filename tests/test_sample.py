@@ -385,7 +385,7 @@ def test_streamer_decodes_only_a_bounded_tail():
 
 @pytest.mark.parametrize("variant", ["learned", "rope-gqa-qknorm"])
 def test_decode_layout_keeps_shapes_ties_logits_and_greedy_tokens(variant):
-    from gptforge.infer.sample import use_decode_layout
+    from gptforge.modelio.load import use_decode_layout
 
     model = tiny_model(**VARIANTS[variant])
     moved = tiny_model(**VARIANTS[variant])
@@ -401,7 +401,7 @@ def test_decode_layout_keeps_shapes_ties_logits_and_greedy_tokens(variant):
 
 
 def test_decode_layout_transposes_only_weights_with_more_outputs_than_inputs():
-    from gptforge.infer.sample import use_decode_layout
+    from gptforge.modelio.load import use_decode_layout
 
     model = use_decode_layout(tiny_model())
     block = model.transformer.h[0]
@@ -411,6 +411,7 @@ def test_decode_layout_transposes_only_weights_with_more_outputs_than_inputs():
 
 
 def test_load_checkpoint_gives_cpu_models_in_decode_layout_with_the_same_tokens(tmp_path):
+    from gptforge.modelio.load import load_checkpoint
     from gptforge.modelio import checkpoint as ck
     from gptforge.config import RunConfig
     from gptforge.tokenizer import CharTokenizer
@@ -419,7 +420,7 @@ def test_load_checkpoint_gives_cpu_models_in_decode_layout_with_the_same_tokens(
     cfg = RunConfig()
     cfg.model = model.config
     ck.write_checkpoint(tmp_path / "c", ck.model_state(model), cfg, CharTokenizer("abcdefgh", eot=False), None)
-    loaded = ck.load_checkpoint(tmp_path / "c").model
+    loaded = load_checkpoint(tmp_path / "c").model
     assert not loaded.lm_head.weight.is_contiguous()  # the README path: load_checkpoint then generate
     idx = prompt(1, 5)
     assert torch.equal(generate(loaded, idx, 10, temperature=0.0), generate(model, idx, 10, temperature=0.0))

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from gptforge.modelio.checkpoint import load_checkpoint
+from gptforge.modelio.load import load_checkpoint
 from gptforge.config import ConfigError, GPTConfig, RunConfig
 from gptforge.data.prepare import prepare
 from gptforge.errors import UserError

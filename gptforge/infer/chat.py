@@ -20,7 +20,7 @@ import torch
 
 from gptforge.device import autocast, check_seed
 from gptforge.errors import UserError, one_line
-from gptforge.infer.sample import TextStreamer, new_kv_cache, sample_next, stream, use_decode_layout
+from gptforge.infer.sample import TextStreamer, new_kv_cache, sample_next, stream
 
 HELP = "commands: /clear (forget the conversation), /system TEXT (new system prompt; /system alone removes it), /quit"
 
@@ -214,7 +214,7 @@ def chat_checkpoint(run, *, prompt: Optional[str] = None, system: Optional[str] 
                     read: Callable[[str], str] = input) -> int:
     """`gptforge chat`: answer `prompt` and return, or talk in the terminal; the exit status."""
     from gptforge.device import pick_device, pick_dtype
-    from gptforge.modelio.hf import load_any
+    from gptforge.modelio.load import load
 
     out = out or sys.stdout
     if prompt is not None and not prompt.strip():
@@ -224,13 +224,11 @@ def chat_checkpoint(run, *, prompt: Optional[str] = None, system: Optional[str] 
     sample_next(torch.zeros(1, 2), temperature, top_k, top_p)  # bad settings fail before the model loads
     check_seed(seed)
     dev = pick_device(device)
-    ck = load_any(run, dev, which)
+    ck = load(run, dev, which)
     if getattr(ck.tokenizer, "chat", None) is None:
         raise ChatError(f"{run} has no chat template (it was not fine-tuned on conversations): use "
                         f"`gptforge sample {run}` for plain text, or fine-tune it on data from "
                         "`gptforge prepare FILE --chat`")
-    if dev.type == "cpu":
-        use_decode_layout(ck.model)  # this model only decodes (see gptforge.infer.sample)
     session = ChatSession(ck.model, ck.tokenizer, system=system, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, device=dev,
                           dtype=pick_dtype(ck.config.train.dtype, dev))

@@ -151,33 +151,6 @@ def sample_next(
 # Decoding
 
 
-def use_decode_layout(model: torch.nn.Module) -> torch.nn.Module:
-    """Keep the Linear weights that decoding reads faster transposed in memory, (in, out) row by row, with
-    the same shape, values and names; returns the model. For a model that is about to decode on a CPU;
-    `load_checkpoint` applies it to every model it loads onto the CPU.
-
-    Decoding one token multiplies a single row by every weight matrix, so its speed is the speed of
-    reading the weights, and with MKL that depends on the layout (AMD EPYC, fp32, GB/s read by a one-row
-    product, (out, in) vs (in, out) storage; F.linear, mv, addmv and addmm all alike):
-    qkv 2304x768 10.5 vs 14.4, fc 3072x768 9.9 vs 15.1, head 50304x768 10.5 vs 13.8, but the MLP's
-    768x3072 down-projection 14.5 vs 12.0, and 768x768 the same either way. So only weights with more
-    outputs than inputs are transposed: GPT-2 124M decodes 24.2 tok/s so, 22.9 with every weight
-    transposed and 19.2 with none (same run). Prefill is no slower and training still works (checkpoints
-    are written contiguous); results can differ from the contiguous layout's in the last bits (MKL sums in
-    another order: 4.8e-7 in a 10-token forward of a char model), so compare models in the same layout.
-    Changing the layout costs a transposed copy of each weight (0.4 s for 124M, about ten decode steps),
-    which is why `generate` does not do it per call: a caller's model is theirs.
-    A tied embedding matrix is transposed with the output layer; a lookup reads a strided row, which costs
-    microseconds for a few tokens.
-    """
-    with torch.no_grad():
-        for module in model.modules():
-            if (isinstance(module, torch.nn.Linear) and module.out_features > module.in_features
-                    and module.weight.is_contiguous()):
-                module.weight.data = module.weight.data.t().contiguous().t()  # (out, in) shape, (in, out) storage
-    return model
-
-
 # A step that decodes a few rows reads every weight once and computes little, and one core reads them as
 # fast as two here (AMD EPYC, 2 threads: a one-row product reads 13.8 GB/s with 1 thread or 2). A second
 # OpenMP thread only adds a hand-off to each of the ~200 small ops of a step, and while anything else runs
@@ -462,13 +435,13 @@ def sample_checkpoint(run, prompt: str = "\n", *, num_samples: int = 1, max_new_
     when the batch is done, separated by a line of dashes. Returns the samples, prompt included.
     """
     from gptforge.device import autocast, check_seed, pick_device, pick_dtype
-    from gptforge.modelio.hf import load_any
+    from gptforge.modelio.load import load
 
     _check_request(num_samples, max_new_tokens)  # bad settings fail before any work or output
     sample_next(torch.zeros(1, 2), temperature, top_k, top_p)
     check_seed(seed)
     dev = pick_device(device)
-    ck = load_any(run, dev, which)  # on a CPU, in the decode layout
+    ck = load(run, dev, which)  # on a CPU, in the decode layout
     tok = ck.tokenizer
     ids = tok.encode(prompt)
     if not ids:

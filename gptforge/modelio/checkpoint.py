@@ -27,7 +27,7 @@ import socket
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,9 +36,8 @@ from safetensors.torch import load_file, save_file
 from gptforge.config import GPTConfig, RunConfig, read_config_json, save_json
 from gptforge.errors import UserError, one_line
 from gptforge.files import path_problem
-
-if TYPE_CHECKING:
-    from gptforge.model import GPT
+from gptforge.model import GPT, meta_model, stored_layers
+from gptforge.tokenizer import load_tokenizer
 
 FORMAT = "gptforge-checkpoint/1"
 WEIGHTS, CONFIG, TOKENIZER, STATE, TRAIN_STATE = (
@@ -357,8 +356,6 @@ def check_weights_fit(ckpt: Path, cfg: GPTConfig, config_name: str = CONFIG) -> 
     """Refuse, in one line naming the first differing tensor, weights in `ckpt` that GPT(cfg) would not
     take; and a cfg whose derived tables alone would take far more memory than the weights. Allocates nothing:
     the model is built on the meta device."""
-    from gptforge.model import meta_model, stored_layers
-
     found = weight_shapes(ckpt / WEIGHTS)
     try:
         meta = meta_model(cfg, stored_layers(found))
@@ -393,8 +390,6 @@ def load_model(ckpt: str | Path, model_config: Optional[GPTConfig] = None) -> GP
     with other settings (dropout, attention). The weights' shapes are checked against it before anything
     is allocated (`check_weights_fit`). Pair it with `read_state`, which checks the files are complete.
     """
-    from gptforge.model import GPT
-
     ckpt = Path(ckpt)
     cfg = model_config if model_config is not None else read_config(ckpt).model
     check_weights_fit(ckpt, cfg, "the model config" if model_config is not None else CONFIG)
@@ -448,22 +443,12 @@ class Checkpoint:
     state: dict[str, Any] = field(default_factory=dict)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", which: str = "latest") -> Checkpoint:
-    """Load a run directory (its `which` checkpoint: latest or best) or a checkpoint directory. On a CPU
-    the model comes in the decode layout (`gptforge.infer.sample.use_decode_layout`)."""
-    from gptforge.tokenizer import load_tokenizer
-
+def open_checkpoint(path: str | Path, which: str = "latest") -> Checkpoint:
+    """A run directory's `which` checkpoint (latest or best), or a checkpoint directory, as stored: on the CPU,
+    in eval mode, with its tokenizer, run config and state. `gptforge.modelio.load` readies it for a device."""
     ckpt = resolve_checkpoint(path, which)
     state = read_state(ckpt)
     config = read_config(ckpt)
     tokenizer = load_tokenizer(ckpt)
-    model = load_model(ckpt)
-    model.to(device).eval()
-    if next(model.parameters()).device.type == "cpu":
-        from gptforge.infer.sample import use_decode_layout
-
-        # A loaded model is mostly decoded from, and on a CPU decoding reads (in, out)-stored weights 1.3x
-        # faster; relaying out per `generate` call would cost ten decode steps of 124M each time (see
-        # use_decode_layout). Results may differ from the contiguous layout's in the last bits; training works.
-        use_decode_layout(model)
+    model = load_model(ckpt).eval()
     return Checkpoint(model=model, tokenizer=tokenizer, config=config, path=ckpt, state=state)

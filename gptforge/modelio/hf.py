@@ -31,9 +31,14 @@ from typing import Any, Optional
 
 import torch
 
+from gptforge import __version__, network
+from gptforge.chat_template import MARKERS
 from gptforge.config import GPTConfig, RunConfig
 from gptforge.errors import UserError, one_line
 from gptforge.files import check_output_dir, path_problem
+from gptforge.model import GPT, meta_model, stored_layers
+from gptforge.modelio.checkpoint import (Checkpoint, model_state, open_checkpoint, resolve_checkpoint, umask_mode,
+                                        write_checkpoint, write_dir_atomically)
 from gptforge.tokenizer import EOT_TEXT, BPETokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
 
 GPT2_HUB_IDS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
@@ -111,8 +116,6 @@ def _hub_snapshot(repo: str, where: str) -> Path:
     """`repo`'s files in the Hugging Face cache: fetched when the hub answers, the cached copy when it does
     not (asked first and briefly: offline, huggingface_hub waits on DNS and retries for 10-15 s)."""
     from huggingface_hub import constants, snapshot_download
-
-    from gptforge import network
 
     host = urllib.parse.urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
     if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE=1 in the environment
@@ -232,8 +235,6 @@ def _to_hf(cfg: GPTConfig, arch: str, sd: dict[str, torch.Tensor]) -> dict[str, 
 
 def _check_fits(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> None:
     """The converted tensors have exactly the names and shapes of GPT(cfg) (built on the meta device: free)."""
-    from gptforge.model import meta_model, stored_layers
-
     ref = meta_model(cfg, stored_layers(sd)).state_dict()
     if cfg.tie_embeddings:
         ref.pop("lm_head.weight")
@@ -355,8 +356,6 @@ def gpt2_hf_tokenizer_json(tok: GPT2Tokenizer) -> str:
     hf.post_processor = processors.ByteLevel(trim_offsets=False)
     hf.add_special_tokens([AddedToken(EOT_TEXT, special=True)])  # id 50256, right after the ranks
     if tok.chat is not None:  # the chat markers, in GPT-2's padded slots 50257.. as in our tokenizer
-        from gptforge.chat_template import MARKERS
-
         hf.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in MARKERS])
         if any(hf.token_to_id(m) != i for m, i in tok.chat.ids.items()):
             raise RuntimeError("the exported chat markers do not have our ids")  # a bug of ours, not the user's
@@ -465,8 +464,6 @@ def load_pretrained(name_or_dir: str | Path, device: str | torch.device = "cpu",
     """GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a hub id, or a local HF directory as our GPT
     (eval mode, float32), its config and its tokenizer. block_size shortens the context (learned
     position embeddings are cut to it; they cannot be lengthened); dropout and attention are ours to pick."""
-    from gptforge.model import GPT
-
     cfg, sd, tok, _ = _read_hf(name_or_dir)
     if block_size is not None and block_size != cfg.block_size and cfg.pos == "learned":
         if block_size > cfg.block_size:
@@ -480,39 +477,14 @@ def load_pretrained(name_or_dir: str | Path, device: str | torch.device = "cpu",
 
 def load_pretrained_checkpoint(name_or_dir: str | Path, device: str | torch.device = "cpu"):
     """`load_pretrained` as a `gptforge.modelio.checkpoint.Checkpoint`, for `sample` and `eval`."""
-    from gptforge.modelio.checkpoint import Checkpoint
-
     model, cfg, tok = load_pretrained(name_or_dir, device)
     return Checkpoint(model=model, tokenizer=tok, config=RunConfig(model=cfg), path=Path(str(name_or_dir)),
                       state={"source": str(name_or_dir)})
 
 
-def load_any(run: str | Path, device: str | torch.device = "cpu", which: str = "latest"):
-    """What `eval` and `sample` load for their RUN argument, as a `Checkpoint`: GPT-2 or a Hugging Face model
-    directory (`load_pretrained_checkpoint`), else a gptforge run or checkpoint directory (`which` of a
-    run: "latest" or "best"). On a CPU every one comes in the decode layout, as `load_checkpoint` gives it."""
-    if is_hf_source(run):
-        ck = load_pretrained_checkpoint(run, device)
-    elif str(run).endswith(".pt") and Path(run).is_file():  # nanoGPT's ckpt.pt, read with weights_only=True
-        from gptforge.nanogpt.checkpoint import load_nanogpt_checkpoint
-
-        ck = load_nanogpt_checkpoint(run, device)
-    else:
-        from gptforge.modelio.checkpoint import load_checkpoint
-
-        return load_checkpoint(run, device=device, which=which)
-    if next(ck.model.parameters()).device.type == "cpu":
-        from gptforge.infer.sample import use_decode_layout
-
-        use_decode_layout(ck.model)  # GPT-2 and nanoGPT loads decode (sample, chat, serve) as fast as our own
-    return ck
-
-
 def import_hf(name_or_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Write a GPT-2 or Llama-family model (name, hub id or local HF directory) as a gptforge
     checkpoint directory that `load_checkpoint`, `gptforge sample` and `gptforge eval` read."""
-    from gptforge.modelio.checkpoint import write_checkpoint
-
     out = Path(out_dir)
     check_output_dir(out, overwrite, (Path(name_or_dir),) if Path(name_or_dir).exists() else ())
     cfg, sd, tok, src = _read_hf(name_or_dir)
@@ -539,13 +511,11 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
     as gptforge_tokenizer.json, and README.md. Refuses architectures HF cannot compute exactly."""
     from safetensors.torch import save_file
 
-    from gptforge import __version__
-    from gptforge.modelio.checkpoint import load_checkpoint, model_state, resolve_checkpoint, umask_mode, write_dir_atomically
 
     _transformers()
     out = Path(out_dir)
     check_output_dir(out, overwrite, (Path(run_or_checkpoint), resolve_checkpoint(run_or_checkpoint, which)))
-    ck = load_checkpoint(run_or_checkpoint, "cpu", which)
+    ck = open_checkpoint(run_or_checkpoint, which)
     cfg, tok = ck.config.model, ck.tokenizer
     arch = hf_architecture(cfg)
     hf_config = _hf_config(cfg, arch, tok.eot_id)
@@ -602,8 +572,6 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
 def to_hf_model(model: torch.nn.Module, eot_id: Optional[int] = None):
     """Our GPT as an in-memory `transformers` model with the same weights (float32, eval mode, on the
     CPU): the conversion `export_hf` writes to disk, for side-by-side runs that need no files."""
-    from gptforge.modelio.checkpoint import model_state
-
     tf = _transformers()
     cfg = model.config
     arch = hf_architecture(cfg)

@@ -16,7 +16,9 @@ import torch
 
 from gptforge.config import ConfigError, GPTConfig, RunConfig
 from gptforge.errors import UserError, one_line
-from gptforge.files import path_problem
+from gptforge.files import check_output_dir, path_problem
+from gptforge.model import GPT, meta_model, stored_layers
+from gptforge.modelio.checkpoint import Checkpoint, write_checkpoint
 from gptforge.nanogpt.config_file import MACHINE_FIELDS, map_names
 from gptforge.nanogpt.data import GPT2_VOCAB, META, read_meta
 from gptforge.tokenizer import GPT2Tokenizer, Tokenizer
@@ -80,8 +82,6 @@ def _model_config(args: Any, sd: dict[str, torch.Tensor], path: Path) -> GPTConf
 
 def _check_shapes(cfg: GPTConfig, sd: dict[str, torch.Tensor], path: Path) -> None:
     """Every tensor named and shaped as GPT(cfg) wants, before a single real weight is allocated."""
-    from gptforge.model import meta_model, stored_layers
-
     # shapes only: no memory, no initialisation, and no more blocks built than the file holds
     want = {k: tuple(v.shape) for k, v in meta_model(cfg, stored_layers(sd)).state_dict().items()}
     missing = [k for k in want if k not in sd]
@@ -155,8 +155,6 @@ def load_init(path: Union[str, Path], data_dir_or_tokenizer: Union[None, str, Pa
     """A nanoGPT ckpt.pt as our GPT (eval mode, CPU), its config and its tokenizer, for --train.init_from,
     sample and eval. block_size may shorten the context (learned positions are cut); dropout and
     attention, when given, replace the checkpoint's."""
-    from gptforge.model import GPT
-
     path = Path(path)
     ck = read_checkpoint(path)
     tok = _tokenizer_for(ck, data_dir_or_tokenizer, path)
@@ -176,8 +174,6 @@ def load_init(path: Union[str, Path], data_dir_or_tokenizer: Union[None, str, Pa
 def load_nanogpt_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
                             data: Union[None, str, Path] = None):
     """`load_init` as a `gptforge.modelio.checkpoint.Checkpoint`, for `sample` and `eval` on a ckpt.pt."""
-    from gptforge.modelio.checkpoint import Checkpoint
-
     ck = read_checkpoint(path)
     model, _, tok = load_init(path, data)
     return Checkpoint(model=model.to(device), tokenizer=tok, config=_run_config(ck, data), path=Path(path),
@@ -200,9 +196,6 @@ def import_checkpoint(path: Union[str, Path], out_dir: Union[str, Path], *, data
     """`gptforge import ckpt.pt --out DIR`: write a nanoGPT checkpoint as a gptforge checkpoint directory
     (weights, the run config it was trained with as far as it maps, its tokenizer, step and best val loss).
     The optimizer state is not carried over: the result is for sampling, eval and --train.init_from."""
-    from gptforge.modelio.checkpoint import write_checkpoint
-    from gptforge.files import check_output_dir
-
     path, out = Path(path), Path(out_dir)
     check_output_dir(out, overwrite, tuple(p for p in (path, data and Path(data)) if p and p.exists()))
     ck = read_checkpoint(path)

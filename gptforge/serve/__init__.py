@@ -76,20 +76,17 @@ def build_server(run, *, device: str = "auto", which: str = "latest", api_key: O
     """(app, engine) for a checkpoint: the engine's thread is started; close it with engine.close()."""
     _require_libraries()
     from gptforge.device import pick_device, pick_dtype
-    from gptforge.modelio.hf import load_any
-    from gptforge.infer.sample import use_decode_layout
+    from gptforge.modelio.load import load
     from gptforge.serve.app import Limits, create_app
     from gptforge.serve.batcher import Engine
 
     _check_limits(max_tokens=max_tokens, max_seqs=max_seqs, max_queue=max_queue,
                   max_request_bytes=max_request_bytes, prefill_chunk=prefill_chunk)
     dev = pick_device(device)
-    ck = load_any(run, dev, which)
+    ck = load(run, dev, which)
     block = ck.model.config.block_size
     if context_length is not None and not 2 <= context_length <= block:
         raise UserError(f"--context-length must be in [2, {block}] (the model's block_size), got {context_length}")
-    if dev.type == "cpu":
-        use_decode_layout(ck.model)  # as `gptforge sample` does: the same weights layout gives the same numbers
     ck.model.eval()  # grad mode is per thread: the engine's own thread turns it off for itself
     engine = Engine(ck.model, ck.tokenizer, dev, pick_dtype(ck.config.train.dtype, dev), max_seqs=max_seqs,
                     max_queue=max_queue, prefill_chunk=prefill_chunk).start()

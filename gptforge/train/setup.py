@@ -218,24 +218,11 @@ def load_init(cfg: RunConfig, tokenizer) -> torch.nn.Module:
     """The weights of --train.init_from: GPT-2 / a Hugging Face directory, a nanoGPT ckpt.pt, or a gptforge run
     or checkpoint. Sets cfg.model to their shape, keeping this run's dropout and attention (and, for Hugging
     Face sources, a shorter block_size: learned positions are cropped)."""
-    from gptforge.modelio.hf import is_hf_source, load_pretrained
-    from gptforge.tokenizer import load_tokenizer
+    from gptforge.modelio import load
 
     source = cfg.train.init_from
-    if is_hf_source(source):
-        model, model_cfg, init_tok = load_pretrained(source, "cpu", block_size=cfg.model.block_size,
-                                                     dropout=cfg.model.dropout, attention=cfg.model.attention)
-    elif str(source).endswith(".pt") and Path(source).is_file():
-        from gptforge.nanogpt.checkpoint import load_init as load_nanogpt
-
-        model, model_cfg, init_tok = load_nanogpt(source, tokenizer, block_size=cfg.model.block_size,
-                                                  dropout=cfg.model.dropout, attention=cfg.model.attention)
-    else:  # a gptforge run or checkpoint: its shape, with this run's dropout and attention
-        ckpt = ckpt_io.resolve_checkpoint(source)
-        model_cfg = dataclasses.replace(ckpt_io.read_config(ckpt).model, dropout=cfg.model.dropout,
-                                        attention=cfg.model.attention)
-        model = ckpt_io.load_model(ckpt, model_cfg)
-        init_tok = load_tokenizer(ckpt)
+    model, model_cfg, init_tok = load.load_init(source, tokenizer, block_size=cfg.model.block_size,
+                                                dropout=cfg.model.dropout, attention=cfg.model.attention)
     if init_tok.fingerprint() != tokenizer.fingerprint() and not _adds_chat_markers(init_tok, tokenizer):
         raise UserError(f"--init-from {source} uses its own {init_tok.kind} tokenizer ({init_tok.vocab_size} tokens), "
                         f"not the one the data in {cfg.data.dir} was prepared with; prepare the data with the same "

@@ -1,0 +1,131 @@
+"""The one loader: every "what is this model source?" in gptforge is answered here, once.
+
+A source is one of three kinds (`source_kind`):
+  "hf"       a GPT-2 name (gpt2 ... gpt2-xl) or a local Hugging Face model directory  (gptforge.modelio.hf)
+  "nanogpt"  a nanoGPT ckpt.pt, read with torch.load(weights_only=True)              (gptforge.nanogpt)
+  "run"      a gptforge run directory (its latest/ or best/) or checkpoint directory (gptforge.modelio.checkpoint)
+and three things are done with one:
+- `load(source, device, which)`: a ready model for inference (eval mode, on the device, on a CPU in the decode
+  layout) with its tokenizer and run config: what sample, chat, eval, HellaSwag and serve call;
+- `load_init(source, tokenizer, ...)`: the weights a training run starts from (--train.init_from), in the
+  layout training uses, with the model config they need;
+- `import_model(source, out_dir, ...)`: the source written as a gptforge checkpoint (`gptforge import`).
+`load_checkpoint` is `load` for gptforge checkpoints only (the Python API's entry).
+This module sits above storage and the formats: they never import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import torch
+
+from gptforge.config import GPTConfig
+from gptforge.errors import UserError
+from gptforge.modelio import hf
+from gptforge.modelio.checkpoint import Checkpoint, load_model, open_checkpoint, read_config, resolve_checkpoint
+from gptforge.nanogpt import checkpoint as nanogpt
+from gptforge.tokenizer import Tokenizer, load_tokenizer
+
+SourceKind = Literal["hf", "nanogpt", "run"]
+Source = Union[str, Path]
+
+
+def source_kind(source: Source) -> SourceKind:
+    """Which kind of model source `source` is. A name that is no local path goes to the Hugging Face loader
+    only when it is a GPT-2 name; anything else that is not a ckpt.pt file is read as a gptforge run, whose
+    loader says in one line what is wrong with it (missing, not a folder, no checkpoint inside)."""
+    if hf.is_hf_source(source):
+        return "hf"
+    if str(source).endswith(".pt") and Path(source).is_file():
+        return "nanogpt"
+    return "run"
+
+
+# ----------------------------------------------------------------------------------------------
+# For inference
+
+
+def use_decode_layout(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep the Linear weights that decoding reads faster transposed in memory, (in, out) row by row, with
+    the same shape, values and names; returns the model. `load` applies it to every model it gives a CPU.
+
+    Decoding one token multiplies a single row by every weight matrix, so its speed is the speed of
+    reading the weights, and with MKL that depends on the layout (AMD EPYC, fp32, GB/s read by a one-row
+    product, (out, in) vs (in, out) storage; F.linear, mv, addmv and addmm all alike):
+    qkv 2304x768 10.5 vs 14.4, fc 3072x768 9.9 vs 15.1, head 50304x768 10.5 vs 13.8, but the MLP's
+    768x3072 down-projection 14.5 vs 12.0, and 768x768 the same either way. So only weights with more
+    outputs than inputs are transposed: GPT-2 124M decodes 24.2 tok/s so, 22.9 with every weight
+    transposed and 19.2 with none (same run). Prefill is no slower and training still works (checkpoints
+    are written contiguous); results can differ from the contiguous layout's in the last bits (MKL sums in
+    another order: 4.8e-7 in a 10-token forward of a char model), so compare models in the same layout.
+    Changing the layout costs a transposed copy of each weight (0.4 s for 124M, about ten decode steps),
+    which is why `generate` does not do it per call: a caller's model is theirs.
+    A tied embedding matrix is transposed with the output layer; a lookup reads a strided row, which costs
+    microseconds for a few tokens.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if (isinstance(module, torch.nn.Linear) and module.out_features > module.in_features
+                    and module.weight.is_contiguous()):
+                module.weight.data = module.weight.data.t().contiguous().t()  # (out, in) shape, (in, out) storage
+    return model
+
+
+def _ready(ck: Checkpoint, device: Union[str, torch.device]) -> Checkpoint:
+    """The loaded model on `device`, in eval mode, and on a CPU in the decode layout: the one place any
+    loaded model is readied for inference."""
+    ck.model.to(device).eval()
+    if next(ck.model.parameters()).device.type == "cpu":
+        use_decode_layout(ck.model)
+    return ck
+
+
+def load_checkpoint(path: Source, device: Union[str, torch.device] = "cpu", which: str = "latest") -> Checkpoint:
+    """A gptforge run directory (its `which` checkpoint: latest or best) or checkpoint directory, ready for
+    inference on `device` (on a CPU in the decode layout)."""
+    return _ready(open_checkpoint(path, which), device)
+
+
+def load(source: Source, device: Union[str, torch.device] = "cpu", which: str = "latest") -> Checkpoint:
+    """Any model source (see `source_kind`) as a `Checkpoint` ready for inference on `device`; `which` picks a
+    run's latest or best checkpoint."""
+    kind = source_kind(source)
+    if kind == "hf":
+        return _ready(hf.load_pretrained_checkpoint(source), device)
+    if kind == "nanogpt":
+        return _ready(nanogpt.load_nanogpt_checkpoint(source), device)
+    return load_checkpoint(source, device, which)
+
+
+# ----------------------------------------------------------------------------------------------
+# For training and import
+
+
+def load_init(source: Source, tokenizer: Optional[Tokenizer] = None, *, block_size: Optional[int] = None,
+              dropout: float = 0.0, attention: str = "sdpa") -> tuple[torch.nn.Module, GPTConfig, Tokenizer]:
+    """The weights of --train.init_from as (model on the CPU, its config, its tokenizer). The shape is the
+    source's; dropout and attention are this run's; block_size may shorten a GPT-2 or nanoGPT context (learned
+    positions are cropped). `tokenizer` (the run's data tokenizer) lets a vocabulary-only ckpt.pt decode."""
+    kind = source_kind(source)
+    if kind == "hf":
+        return hf.load_pretrained(source, "cpu", block_size=block_size, dropout=dropout, attention=attention)
+    if kind == "nanogpt":
+        return nanogpt.load_init(source, tokenizer, block_size=block_size, dropout=dropout, attention=attention)
+    ckpt = resolve_checkpoint(source)
+    model_cfg = dataclasses.replace(read_config(ckpt).model, dropout=dropout, attention=attention)
+    return load_model(ckpt, model_cfg), model_cfg, load_tokenizer(ckpt)
+
+
+def import_model(source: Source, out_dir: Source, *, data: Optional[Source] = None,
+                 overwrite: bool = False) -> dict[str, Any]:
+    """`gptforge import`: a nanoGPT ckpt.pt (with `data`, the nanoGPT data directory holding its meta.pkl) or a
+    GPT-2 name / Hugging Face directory, written as a gptforge checkpoint in `out_dir`. The result says which
+    (`kind`: "nanogpt" or "hf") with what was written."""
+    if source_kind(source) == "nanogpt":
+        return {"kind": "nanogpt", **nanogpt.import_checkpoint(source, out_dir, data=data, overwrite=overwrite)}
+    if data is not None:
+        raise UserError("--data applies to importing a nanoGPT ckpt.pt")
+    return {"kind": "hf", **hf.import_hf(source, out_dir, overwrite=overwrite)}
