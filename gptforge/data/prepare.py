@@ -3,8 +3,9 @@
 The verb itself, stage by stage: read SOURCE (gptforge.data.sources), build the tokenizer on it, encode
 it in parallel (in order, so the output never depends on the number of processes) with an end-of-text
 token *between* documents, append the tokens to the resumable stream in DATA_DIR.partial/, cut that
-stream into train / test / val and write the manifest (gptforge.data.shards does the files). Here live
-the options, the tokenizer, the encoding and what the manifest says. A data directory is
+stream into train / test / val and write the manifest (gptforge.data.shards does the files, for this path
+and the chat path alike). Here live the options, the tokenizer, the encoding and what the text manifest
+says; `--chat` hands SOURCE to gptforge.data.chat_prepare instead. A data directory is
 
     DATA_DIR/train.bin, val.bin, [test.bin]    flat uint16 (or uint32) arrays, np.memmap-able; a split
     DATA_DIR/train-000000.bin, ...             longer than --shard-tokens is several files of that size
@@ -40,11 +41,10 @@ import numpy as np
 from tqdm import tqdm
 
 from gptforge import __version__
-from gptforge.config import save_json
 from gptforge.data import chunks, shards, sources
-from gptforge.data.shards import (MANIFEST_FILE, MANIFEST_FORMAT, PROGRESS_FILE, check_splits, is_count,  # noqa: F401
-                                  split_sizes, token_dtype)
-from gptforge.data.sources import Corpus, open_source
+from gptforge.data.chat_prepare import prepare_chat
+from gptforge.data.shards import PROGRESS_FILE, check_splits, is_count, split_sizes, token_dtype
+from gptforge.data.sources import Corpus, open_source, read_bar
 from gptforge.errors import UserError
 from gptforge.tokenizer import (TOKENIZER_FILE, CharTokenizer, Tokenizer, check_tokenizer_args, load_tokenizer,
                                 train_bpe, train_tokenizer)
@@ -71,11 +71,6 @@ def _empty(source: str) -> UserError:
     return UserError(f"{source}: the corpus is empty (no text to tokenize)")
 
 
-def _bar(total: int | None, desc: str, progress: bool, initial: int = 0) -> tqdm:
-    return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                disable=not progress, file=sys.stderr, dynamic_ncols=True)
-
-
 def prepare(source: str, out: str | Path, tokenizer: str = "char", vocab_size: int | None = None,
             val_fraction: float | None = None, test_fraction: float | None = None, text_field: str = "text",
             overwrite: bool = False, progress: bool = True, *, num_proc: int | None = None,
@@ -94,8 +89,6 @@ def prepare(source: str, out: str | Path, tokenizer: str = "char", vocab_size: i
     """
     source = os.fspath(source)
     if chat is not None:
-        from gptforge.data.chat_prepare import prepare_chat
-
         if val_tokens is not None or test_tokens is not None:
             raise UserError("--chat splits whole conversations: use --val-fraction / --test-fraction, "
                             "not --val-tokens / --test-tokens")
@@ -105,10 +98,9 @@ def prepare(source: str, out: str | Path, tokenizer: str = "char", vocab_size: i
     check_tokenizer_args(tokenizer, vocab_size)
     val_fraction, test_fraction = check_splits(val_fraction, test_fraction, val_tokens, test_tokens)
     num_proc = default_num_proc() if num_proc is None else num_proc
-    if not is_count(num_proc) or num_proc < 1:
-        raise UserError(f"--num-proc must be a whole number >= 1, got {num_proc!r}")
-    if not is_count(shard_tokens) or shard_tokens < 1:
-        raise UserError(f"--shard-tokens must be a whole number >= 1, got {shard_tokens!r}")
+    for flag, value in (("--num-proc", num_proc), ("--shard-tokens", shard_tokens)):
+        if not is_count(value) or value < 1:
+            raise UserError(f"{flag} must be a whole number >= 1, got {value!r}")
     out, shown = shards.out_path(out)
     work = out.parent / f"{out.name}.partial"
     local = sources.local_inputs(source)  # listed, not read: an output may not be, hold or lie in an input
@@ -140,23 +132,30 @@ def prepare(source: str, out: str | Path, tokenizer: str = "char", vocab_size: i
         shutil.rmtree(work, ignore_errors=True)
         return manifest
     except BaseException as e:
-        # A user mistake (bad data, too small a corpus) leaves nothing behind; an interruption or a
-        # failing disk leaves the work dir, and the same command resumes from it.
-        kept = (not isinstance(e, UserError) or isinstance(e, _KeepWork)) and (work / PROGRESS_FILE).is_file()
-        if not kept:
-            shutil.rmtree(work, ignore_errors=True)
-        again = f"; re-run the same command to resume from {work}" if kept else ""
-        if isinstance(e, OSError):  # disk full, I/O error, a file vanishing: not a bug, one line
-            raise UserError(f"preparing {shown} failed: {e.strerror or e} ({e.filename or 'no file'}){again}") from None
-        if isinstance(e, BrokenProcessPool):
-            raise UserError(f"preparing {shown} failed: a tokenizer process died (out of memory? called from Python, "
-                            "the main module must be importable and guard its code with if __name__ == '__main__', "
-                            f"or pass num_proc=1){again}") from None
-        if isinstance(e, KeyboardInterrupt) and kept:
-            print(f"gptforge: prepare stopped{again}", file=sys.stderr)
+        if (said := _failed(e, work, shown)) is not None:
+            raise said from None
         raise
     finally:
         lock.close()
+
+
+def _failed(e: BaseException, work: Path, shown: str) -> UserError | None:
+    """What to raise instead of `e`, which stopped preparing `shown` (None: `e` itself), after deciding
+    whether the work dir stays. A user mistake (bad data, too small a corpus) leaves nothing behind; an
+    interruption or a failing disk leaves the work dir, and the same command resumes from it."""
+    kept = (not isinstance(e, UserError) or isinstance(e, _KeepWork)) and (work / PROGRESS_FILE).is_file()
+    if not kept:
+        shutil.rmtree(work, ignore_errors=True)
+    again = f"; re-run the same command to resume from {work}" if kept else ""
+    if isinstance(e, OSError):  # disk full, I/O error, a file vanishing: not a bug, one line
+        return UserError(f"preparing {shown} failed: {e.strerror or e} ({e.filename or 'no file'}){again}")
+    if isinstance(e, BrokenProcessPool):
+        return UserError(f"preparing {shown} failed: a tokenizer process died (out of memory? called from Python, "
+                         "the main module must be importable and guard its code with if __name__ == '__main__', "
+                         f"or pass num_proc=1){again}")
+    if isinstance(e, KeyboardInterrupt) and kept:
+        print(f"gptforge: prepare stopped{again}", file=sys.stderr)
+    return None
 
 
 def _finish(work: Path, state: dict[str, Any], tok: Tokenizer, out: Path, shown: str, overwrite: bool,
@@ -175,43 +174,15 @@ def _finish(work: Path, state: dict[str, Any], tok: Tokenizer, out: Path, shown:
             if not state["shard_bytes"]:  # a small corpus: encoding it again costs nothing
                 raise UserError(msg)
             raise _KeepWork(f"{msg} (re-run with other split sizes to finish from {work} without encoding again)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = shards.new_hidden_dir(out, "tmp")  # next to DATA_DIR (same filesystem: the final rename is atomic), hidden
-    try:
-        splits = shards.write_splits(work, tmp, sizes, state, _lengths(tok))
-        tok.save(tmp)
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "gptforge_version": __version__,
-            "source": source,
-            "documents": state["documents"],
-            "inputs": state["inputs"],
-            "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
-                          "fingerprint": tok.fingerprint(), "file": "tokenizer.json"},
-            "dtype": state["dtype"],
-            "tokens": n,
-            "val_fraction": None if val_tokens is not None else val_fraction,
-            "test_fraction": None if test_tokens is not None else test_fraction,
-            "val_tokens": val_tokens,
-            "test_tokens": test_tokens,
-            "shard_tokens": state["options"]["shard_tokens"],
-            "splits": splits,
-        }
-        save_json(manifest, tmp / MANIFEST_FILE)
-        try:
-            shards.check_out(out, shown, overwrite)  # it may have changed while we worked
-        except UserError as e:
-            raise _KeepWork(f"{e}; the tokens are ready in {work}: move {shown} away and re-run the same "
-                            "command to finish") from None
-        shards.install(tmp, out, shown)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
-
-
-# ----------------------------------------------------------------------------------------------
-# Options
+    read = {"documents": state["documents"], "inputs": state["inputs"]}
+    split = {"val_fraction": None if val_tokens is not None else val_fraction,
+             "test_fraction": None if test_tokens is not None else test_fraction,
+             "val_tokens": val_tokens, "test_tokens": test_tokens, "shard_tokens": state["options"]["shard_tokens"]}
+    return shards.write_data_dir(
+        out, shown, overwrite, tok, lambda tmp: shards.write_splits(work, tmp, sizes, state, _lengths(tok)),
+        lambda splits: shards.manifest(source, tok, splits, read=read, split=split),
+        taken=lambda e: _KeepWork(f"{e}; the tokens are ready in {work}: move {shown} away and re-run the same "
+                                  "command to finish"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,7 +200,7 @@ def _build_tokenizer(corpus: Corpus, kind: str, vocab_size: int | None, progress
         return train_tokenizer("gpt2", [])
     n_docs = 0
     desc = "char vocabulary" if kind == "char" else f"train bpe ({vocab_size})"
-    with _bar(corpus.total_bytes, desc, progress) as bar:
+    with read_bar(corpus.total_bytes, desc, progress) as bar:
         stream = sources.read(corpus, bar.update)
         first = next(stream, None)
         if first is None:  # say so before HF trains a tokenizer on nothing
@@ -279,7 +250,7 @@ def _encode(corpus: Corpus, tok: Tokenizer, work: Path, state: dict[str, Any], n
     batches = _batches(corpus, tuple(state["position"]), documents, input_done)  # type: ignore[arg-type]
     skipped = sum(r.get("bytes", 0) for r in records) if corpus.total_bytes is not None else 0
     try:
-        with _bar(corpus.total_bytes, f"encode ({tok.kind})", progress, skipped) as bar, \
+        with read_bar(corpus.total_bytes, f"encode ({tok.kind})", progress, skipped) as bar, \
                 _encoder(tok, dtype, num_proc, work / TOKENIZER_FILE) as encode:
             for batch, ids in encode(batches):
                 if stream.write(ids):

@@ -10,8 +10,12 @@ Owns the work folder and the token stream in it,
 so that a killed run resumes after its last finished file (what was written past it is cut off); then
 cutting the finished stream into splits (train | test | val, by token count, each one file or numbered
 shards) in a hidden folder next to DATA_DIR, and installing that folder as DATA_DIR in one rename,
-without ever replacing a folder that is not prepared data or deleting a file gptforge did not write. What the tokens and the manifest say is
-gptforge.data.prepare's; this module only moves them between files, durably.
+without ever replacing a folder that is not prepared data or deleting a file gptforge did not write.
+
+Also the one writer of a data directory for both paths, text and chat (`write_data_dir`): its split files
+(written by the caller), tokenizer.json and manifest.json (`manifest`: the fields every data directory has,
+in one order, around what each path adds), installed in one rename. What the tokens say is
+gptforge.data.prepare's and gptforge.data.chat_prepare's; this module only moves them between files, durably.
 """
 
 from __future__ import annotations
@@ -23,15 +27,17 @@ import re
 import secrets
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gptforge import __version__
 from gptforge.config import save_json
 from gptforge.data.chunks import one_line
 from gptforge.errors import UserError
-from gptforge.tokenizer import TOKENIZER_FILE, load_tokenizer
+from gptforge.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
 MANIFEST_FILE = "manifest.json"
 PROGRESS_FORMAT = "gptforge-prepare-progress/1"
@@ -398,6 +404,51 @@ def _move_back(old: Path, out: Path, shown: str, mine: list[str], ours: set[str]
 
 # ----------------------------------------------------------------------------------------------
 # What every prepared directory shares (text and chat alike)
+
+
+Splits = dict[str, dict[str, Any]]  # split name -> its files, tokens and counts, as the manifest lists them
+
+
+def manifest(source: str, tok: Tokenizer, splits: Splits, *, read: dict[str, Any], split: dict[str, Any],
+             kind: str | None = None) -> dict[str, Any]:
+    """A data directory's manifest: format, kind (none for text, which the loader assumes), version, source,
+    `read` (what was read: documents, inputs, bad rows), the tokenizer, dtype and token count, `split` (how
+    it was split: fractions, token counts, shard size) and the splits, train, val, test."""
+    chat = {"chat": tok.chat.to_dict()} if tok.chat is not None else {}
+    return {
+        "format": MANIFEST_FORMAT, **({"kind": kind} if kind else {}), "gptforge_version": __version__,
+        "source": source, **read,
+        "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+                      "fingerprint": tok.fingerprint(), "file": TOKENIZER_FILE, **chat},
+        "dtype": token_dtype(tok.vocab_size).name, "tokens": sum(s["tokens"] for s in splits.values()),
+        **split,
+        "splits": {name: splits[name] for name in ("train", "val", "test") if name in splits},
+    }
+
+
+def write_data_dir(out: Path, shown: str, overwrite: bool, tok: Tokenizer, write_splits: Callable[[Path], Splits],
+                   describe: Callable[[Splits], dict[str, Any]],
+                   taken: Callable[[UserError], UserError] | None = None) -> dict[str, Any]:
+    """Write DATA_DIR `out` and return its manifest: in a fresh hidden sibling (the same filesystem, so the
+    final rename is atomic), `write_splits(folder)` writes the split files, then the tokenizer and
+    `describe(splits)` (a `manifest`) go beside them, and the folder is installed as `out`, after checking
+    `out` again (it may have changed while we worked; `taken` may say more then). On any failure nothing
+    is left behind and an old `out` is as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = new_hidden_dir(out, "tmp")
+    try:
+        made = describe(write_splits(tmp))
+        tok.save(tmp)
+        save_json(made, tmp / MANIFEST_FILE)
+        try:
+            check_out(out, shown, overwrite)
+        except UserError as e:
+            raise (taken(e) if taken else e) from None
+        install(tmp, out, shown)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return made
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

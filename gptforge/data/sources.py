@@ -1,7 +1,9 @@
-"""Corpus sources: SOURCE -> an ordered stream of documents, each read as non-empty chunks of text.
+"""Corpus sources: SOURCE -> its inputs, and the text path's ordered stream of documents, each read as
+non-empty chunks of text.
 
 Owns what a SOURCE may be and which reader reads each kind of input (one module per kind, all built on
-gptforge.data.chunks):
+gptforge.data.chunks; gptforge.data.conversations lists a conversation SOURCE's inputs with the same
+`local_inputs` and its own table of `Readers`):
 
     a text file (.txt, .md, .txt.gz, any other name)   gptforge.data.text_files.TextFile
     a JSON-lines file (.jsonl, .jsonl.gz, .json.gz)    gptforge.data.text_files.JsonlFile
@@ -11,16 +13,20 @@ gptforge.data.chunks):
     shakespeare, pydoc                                 gptforge.data.builtin_sources
 
 and walking a corpus's inputs from any (input, chunk) position with `read`, which is how an interrupted
-`prepare` skips what it already encoded without tokenizing it again.
+`prepare` skips what it already encoded without tokenizing it again; `read_bar` is the progress bar over
+the source bytes read, for both paths.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from gptforge.data.builtin_sources import BUILTINS, open_builtin
 from gptforge.data.chunks import FileInput, Input, Tally
@@ -30,12 +36,29 @@ from gptforge.data.text_files import JsonlFile, TextFile
 from gptforge.errors import UserError
 from gptforge.files import check_apart, path_problem
 
-# The first suffix that matches picks the reader; a file named otherwise is read as text when given
-# by name, and skipped inside a folder.
-FILE_READERS: tuple[tuple[tuple[str, ...], type[FileInput]], ...] = (
-    ((".parquet",), ParquetFile),
-    ((".jsonl", ".jsonl.gz", ".json.gz"), JsonlFile),
-    ((".txt", ".md", ".txt.gz"), TextFile),
+
+@dataclass(frozen=True)
+class Readers:
+    """Which reader reads a local file: the first suffix that matches picks it; a file named otherwise is read
+    by `default` when given by name, and skipped inside a folder (`none_in_folder` when nothing is left)."""
+
+    by_suffix: tuple[tuple[tuple[str, ...], type[FileInput]], ...]
+    default: type[FileInput]
+    none_in_folder: str
+
+    def reader_for(self, name: str) -> type[FileInput] | None:
+        lower = name.lower()
+        return next((reader for suffixes, reader in self.by_suffix if lower.endswith(suffixes)), None)
+
+
+TEXT_READERS = Readers(
+    by_suffix=(
+        ((".parquet",), ParquetFile),
+        ((".jsonl", ".jsonl.gz", ".json.gz"), JsonlFile),
+        ((".txt", ".md", ".txt.gz"), TextFile),
+    ),
+    default=TextFile,
+    none_in_folder="no .txt, .md, .jsonl or .parquet files in this folder (hidden files are skipped)",
 )
 
 
@@ -47,8 +70,13 @@ class Corpus:
 
     @property
     def total_bytes(self) -> int | None:
-        sizes = [i.size for i in self.inputs]
-        return None if None in sizes else sum(sizes)  # type: ignore[arg-type]
+        return total_bytes(self.inputs)
+
+
+def total_bytes(inputs: Iterable[Input]) -> int | None:
+    """The inputs' size in all, or None when one's is unknown (a streamed dataset)."""
+    sizes = [i.size for i in inputs]
+    return None if None in sizes else sum(sizes)  # type: ignore[arg-type]
 
 
 def read(corpus: Corpus, tally: Tally, start: tuple[int, int] = (0, 0),
@@ -76,27 +104,29 @@ def read(corpus: Corpus, tally: Tally, start: tuple[int, int] = (0, 0),
             yield text, doc_start, index, n
 
 
-def reader_for(name: str) -> type[FileInput] | None:
-    lower = name.lower()
-    return next((reader for suffixes, reader in FILE_READERS if lower.endswith(suffixes)), None)
+def read_bar(total: int | None, desc: str, progress: bool, initial: int = 0, unit: str = "B") -> tqdm:
+    """A bar over the source bytes read, or another `unit` (conversations), on stderr; drawn only with
+    `progress`."""
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=True,
+                unit_divisor=1024 if unit == "B" else 1000, disable=not progress, file=sys.stderr, dynamic_ncols=True)
 
 
-def _file_input(path: Path, name: str, display: str) -> FileInput:
-    return (reader_for(path.name) or TextFile).of(path, name, display)
+def _file_input(path: Path, name: str, display: str, readers: Readers) -> FileInput:
+    return (readers.reader_for(path.name) or readers.default).of(path, name, display)
 
 
-def _folder_inputs(root: Path, source: str) -> list[FileInput]:
+def _folder_inputs(root: Path, source: str, readers: Readers) -> list[FileInput]:
     found: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
-            if not name.startswith(".") and reader_for(name) is not None:
+            if not name.startswith(".") and readers.reader_for(name) is not None:
                 path = Path(dirpath) / name
                 found.append((path.relative_to(root).as_posix(), path))
     if not found:
-        raise UserError(f"{source}: no .txt, .md, .jsonl or .parquet files in this folder (hidden files are skipped)")
+        raise UserError(f"{source}: {readers.none_in_folder}")
     found.sort()
-    return [_file_input(path, rel, os.path.join(source, rel)) for rel, path in found]
+    return [_file_input(path, rel, os.path.join(source, rel), readers) for rel, path in found]
 
 
 def local_path(source: str) -> Path | None:
@@ -115,13 +145,16 @@ def local_path(source: str) -> Path | None:
     raise UserError(f"{source} {problem}")
 
 
-def local_inputs(source: str) -> list[FileInput] | None:
-    """The inputs of SOURCE when it is a local file or folder, listed but not opened; None for hf: and the
-    built-ins (an existing path wins over a built-in name; "hf:" always means a dataset)."""
+def local_inputs(source: str, readers: Readers = TEXT_READERS) -> list[FileInput] | None:
+    """The inputs of SOURCE when it is a local file or folder, listed but not opened, each read by the reader
+    `readers` picks; None for hf: and the built-ins (an existing path wins over a built-in name; "hf:" always
+    means a dataset)."""
     path = None if source.startswith(HF_PREFIX) else local_path(source)
     if path is None:
         return None
-    return _folder_inputs(path, source) if path.is_dir() else [_file_input(path, path.name, source)]
+    if path.is_dir():
+        return _folder_inputs(path, source, readers)
+    return [_file_input(path, path.name, source, readers)]
 
 
 def check_outputs(source: str, files: Iterable[Path], outputs: Iterable[Path]) -> None:
