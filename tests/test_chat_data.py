@@ -213,3 +213,47 @@ def test_sft_with_gptforge_train_learns_only_the_assistant(tmp_path):
     full = [r for r in rows if "val_loss_full" in r][0]
     data = open_data(tmp_path / "d")
     assert full["val_tokens"] == int(np.asarray(data.mask("val")).sum())  # only assistant targets
+
+
+def test_parquet_and_hf_rows_give_the_conversations_of_the_jsonl(tmp_path, monkeypatch):
+    """One reader per kind of source for both paths: the same rows as .jsonl, .parquet and hf: (a local dataset
+    streamed through `datasets`) give byte-identical chat data."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = _rows("alpaca")
+    _write(tmp_path / "rows.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet", row_group_size=5)
+    sources = [tmp_path / "rows.jsonl", tmp_path / "rows.parquet"]
+    try:
+        import datasets
+    except ImportError:
+        datasets = None
+    if datasets is not None:
+        for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+            monkeypatch.setenv(var, "1")
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+        (tmp_path / "ds").mkdir()
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ds" / "train-00000-of-00001.parquet")
+        sources.append(f"hf:{tmp_path / 'ds'}")
+    outputs = []
+    for i, src in enumerate(sources):
+        manifest = prepare(src, tmp_path / f"d{i}", chat="auto", progress=False, val_fraction=0.25)
+        assert manifest["conversations"] == len(rows) and manifest["bad_rows"]["count"] == 0
+        outputs.append({f: (tmp_path / f"d{i}" / f).read_bytes() for f in ("train.bin", "train.mask.bin", "val.bin",
+                                                                           "val.mask.bin", "tokenizer.json")})
+    assert all(out == outputs[0] for out in outputs[1:])
+
+
+def test_progress_bars_are_drawn_on_a_terminal_only(tmp_path, capsys, monkeypatch):
+    from gptforge.data import chat_prepare
+
+    src = _write(tmp_path / "in.jsonl", _rows("messages"))
+    prepare(src, tmp_path / "quiet", chat="auto")  # stderr is not a terminal here: nothing is drawn
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(chat_prepare, "is_terminal", lambda: True)
+    prepare(src, tmp_path / "drawn", chat="auto")
+    err = capsys.readouterr().err
+    assert "char vocabulary" in err and f"{len(CONVS)} conversations" in err and "encode (char)" in err
+    prepare(src, tmp_path / "off", chat="auto", progress=False)
+    assert capsys.readouterr().err == ""

@@ -64,3 +64,12 @@ def test_data_readers_do_not_import_the_dispatcher():
     graph = module_graph()
     for reader in ("text_files", "parquet_files", "hf_dataset", "builtin_sources", "chunks"):
         assert "gptforge.data.sources" not in graph[f"gptforge.data.{reader}"], reader
+
+
+def test_data_modules_use_no_other_modules_private_names():
+    """gptforge.data's modules share what they share under public names (a `_name` is its module's own)."""
+    for path in (PACKAGE / "data").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gptforge"):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                assert not private, f"{path.name} imports {private} from {node.module}"

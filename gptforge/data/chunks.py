@@ -1,10 +1,13 @@
 """What every reader of a corpus gives, and cutting text into chunks.
 
 Owns the `Input` interface (one input of a corpus, read as a stream of non-empty text chunks that
-returns its manifest record at the end), `FileInput` (an input that is one local file), and how a long
-text is cut into chunks of about CHUNK_BYTES without changing its tokens (see `cut`). The readers, one
-per kind of input, build on this module: gptforge.data.text_files (text, JSON lines), parquet_files,
-hf_dataset (hf:) and builtin_sources (shakespeare, pydoc); gptforge.data.sources picks among them.
+returns its manifest record at the end), `FileInput` (an input that is one local file), `RowInput` (an
+input made of records: JSON lines, parquet rows, dataset rows, read by `rows` for both paths: the text
+path takes one field of each record, gptforge.data.conversations maps each to messages), `Bad` (a row
+that could not be decoded), and how a long text is cut into chunks of about CHUNK_BYTES without
+changing its tokens (see `cut`). The readers, one per kind of input, build on this module:
+gptforge.data.text_files (text, JSON), parquet_files, hf_dataset (hf:) and builtin_sources (shakespeare,
+pydoc); gptforge.data.sources picks among them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ MAX_LINE_BYTES = 1 << 28
 
 Tally = Callable[[int], None]  # told how many source bytes were just read (for the progress bar)
 Chunks = Generator[tuple[str, bool], None, dict[str, Any]]  # (text, starts a document); returns the record
+Rows = Generator[tuple[str, Any], None, dict[str, Any]]  # (where, the record or a Bad); returns the manifest record
 
 
 def one_line(e: BaseException, limit: int = 300) -> str:
@@ -82,6 +86,49 @@ class FileInput(Input):
 
     def cannot_read(self, e: OSError) -> UserError:
         return UserError(f"{self.display}: cannot read it ({e.strerror or one_line(e)})")
+
+
+class Bad(str):
+    """A row that could not even be decoded (bad JSON, not UTF-8, a line too long): why. The text path stops at
+    the first (`hint` says how to fix it there); a conversation reader counts it and goes on."""
+
+    hint: str
+
+    def __new__(cls, reason: str, hint: str = "") -> Bad:
+        bad = super().__new__(cls, reason)
+        bad.hint = hint
+        return bad
+
+
+class RowInput(Input):
+    """An input made of records (dicts), one document or conversation each."""
+
+    @abstractmethod
+    def rows(self, tally: Tally, columns: list[str] | None = None) -> Rows:
+        """(where, record or Bad) for each record in order, `where` naming it for messages ("FILE:LINE");
+        returns the manifest record. `columns`: the fields the caller needs (the others may be left unread;
+        a missing one fails, naming the fields there are)."""
+
+    def text_of(self, where: str, row: Any, text_field: str) -> str:
+        """The document in `row` (its `text_field`), or a one-line error naming `where`."""
+        if isinstance(row, Bad):
+            raise UserError(f"{where}: {row}{row.hint}")
+        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+            raise UserError(f"{where}: no string field {text_field!r} (pick the field with --text-field)")
+        return row[text_field]
+
+    def chunks(self, text_field: str, tally: Tally) -> Chunks:
+        return text_chunks(self, self.rows(tally, [text_field]), text_field)
+
+
+def text_chunks(inp: RowInput, rows: Rows, text_field: str) -> Chunks:
+    """The text path's reading of records: the document chunks of each record's `text_field`."""
+    while True:
+        try:
+            where, row = next(rows)
+        except StopIteration as stop:
+            return stop.value
+        yield from document_chunks(inp.text_of(where, row, text_field))
 
 
 def sha256_file(path: Path) -> str:

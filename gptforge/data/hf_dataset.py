@@ -3,8 +3,9 @@
 Owns naming a dataset and its split, opening it as a stream (from the Hub or a local folder) with the
 failures of that (offline, no such dataset, config or split, no text column) turned into one-line user
 errors, what the manifest records of it (name, config, split, revision, fingerprint), what a resume
-checks has not changed (its data files), and its rows as document chunks. It builds on
-gptforge.data.chunks like every other reader; gptforge.data.sources sends hf: sources here.
+checks has not changed (its data files), and its rows as records: the text path reads only the text
+column, gptforge.data.conversations every column. It builds on gptforge.data.chunks like every other
+reader; gptforge.data.sources sends hf: sources here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptforge.data.chunks import Chunks, Input, Tally, document_chunks, one_line
+from gptforge.data.chunks import RowInput, Rows, Tally, one_line
 from gptforge.errors import UserError
 
 HF_PREFIX = "hf:"
@@ -74,8 +75,8 @@ def _hf_stamp(builder: Any) -> list[Any]:
 
 
 @dataclass
-class HFDataset(Input):
-    """A streamed split of a Hugging Face dataset: one document per row of the text column."""
+class HFDataset(RowInput):
+    """A streamed split of a Hugging Face dataset: one record per row."""
 
     name: str
     display: str
@@ -87,22 +88,26 @@ class HFDataset(Input):
     def stamp(self) -> list[Any]:
         return [self.name, self.size, {**self.meta, "files": self.files}]
 
-    def chunks(self, text_field: str, tally: Tally) -> Chunks:
-        n_bytes = 0
+    def rows(self, tally: Tally, columns: list[str] | None = None) -> Rows:
+        """Its rows (only `columns`, when given); the bytes of their text are the progress and the manifest's."""
+        n_bytes, n = 0, 0
         for batch in self.dataset.iter(batch_size=HF_BATCH_ROWS):
-            if text_field not in batch:
-                raise UserError(f"{self.display}: no column {text_field!r} (columns: {', '.join(batch)}); "
+            if missing := [c for c in columns or () if c not in batch]:
+                raise UserError(f"{self.display}: no column {missing[0]!r} (columns: {', '.join(batch)}); "
                                 "pick the column with --text-field")
-            for text in batch[text_field]:
-                if not text:
-                    continue
-                if not isinstance(text, str):
-                    raise UserError(f"{self.display}: column {text_field!r} holds {type(text).__name__}, not text")
-                size = len(text.encode("utf-8", "surrogatepass"))
-                n_bytes += size
+            names = list(columns or batch)
+            for values in zip(*(batch[c] for c in names)):
+                size = sum(len(v.encode("utf-8", "surrogatepass")) for v in values if isinstance(v, str))
+                n_bytes, n = n_bytes + size, n + 1
                 tally(size)
-                yield from document_chunks(text)
+                yield f"{self.display} row {n}", dict(zip(names, values))
         return {"name": self.name, **self.meta, "bytes": n_bytes}
+
+    def text_of(self, where: str, row: Any, text_field: str) -> str:
+        text = row[text_field]
+        if text and not isinstance(text, str):
+            raise UserError(f"{self.display}: column {text_field!r} holds {type(text).__name__}, not text")
+        return text or ""  # null and "" are empty documents, skipped
 
 
 def _select_text(source: str, dataset: Any, text_field: str) -> Any:
@@ -119,9 +124,12 @@ def _select_text(source: str, dataset: Any, text_field: str) -> Any:
     return dataset.select_columns([text_field])
 
 
-def open_hf(source: str, text_field: str) -> HFDataset:
+def open_hf(source: str, text_field: str | None) -> HFDataset:
+    """The dataset's split, streamed: with only its `text_field` column (checked when its features are known),
+    or every column when None (rows of conversations)."""
     name, config, split = parse_hf(source)
     try:
+        # Here, not at the top: datasets is optional (the [hf] extra) and slow to import.
         import datasets
     except ImportError:
         raise UserError(f"{source}: reading Hugging Face datasets needs the datasets package: "
@@ -133,5 +141,7 @@ def open_hf(source: str, text_field: str) -> HFDataset:
         dataset = builder.as_streaming_dataset(split=split)
     except Exception as e:  # every failure here is about the name, the network or the cache
         raise _hf_error(source, e) from None
-    return HFDataset(name=source, display=source, dataset=_select_text(source, dataset, text_field),
+    if text_field is not None:
+        dataset = _select_text(source, dataset, text_field)
+    return HFDataset(name=source, display=source, dataset=dataset,
                      meta=_hf_meta(builder, name, split), files=_hf_stamp(builder))

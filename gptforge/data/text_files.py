@@ -1,11 +1,15 @@
-"""Readers of text files and JSON-lines files, plain or gzip-compressed.
+"""Readers of text files and JSON files, plain or gzip-compressed.
 
     a text file (.txt, .md, .txt.gz, any other name)   one document, read in chunks of about CHUNK_BYTES
-    a JSON-lines file (.jsonl, .jsonl.gz, .json.gz)    one document per line, from the text field
+    a JSON-lines file (.jsonl, .jsonl.gz, .json.gz)    one record per line (JsonlFile)
+    a JSON file of conversations (.json, .json.gz)     JSON lines, or one JSON array of records (JsonFile;
+                                                       gptforge.data.conversations reads these)
 
 Owns reading a file through a tap that hashes every byte (the manifest's sha256, computed on the way),
-checking it is not binary, the user errors of bad gzip, bad UTF-8 and bad JSON lines, and reading JSON
-lines in bounded memory (`lines`, `json_value`: gptforge.data.chat_prepare reads its rows with them too).
+checking a text file is not binary, the user errors of bad gzip and bad UTF-8, and decoding JSON in
+bounded memory: a line at a time (`lines`), a record that cannot be decoded kept as a `Bad` row (bad
+JSON, nested too deeply, not UTF-8, a line past chunks.MAX_LINE_BYTES), JSON's lone surrogates read as
+U+FFFD (`json_value`), and a JSON array parsed whole only after checking it fits in free memory.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from gptforge.data import chunks
-from gptforge.data.chunks import Chunks, FileInput, Tally, document_chunks, one_line
+from gptforge.data.chunks import Bad, Chunks, FileInput, RowInput, Rows, Tally, one_line, text_chunks
 from gptforge.errors import UserError
 
 SNIFF_BYTES = 8192
+ARRAY_BLOCK = 1 << 24  # a JSON array is read in blocks of this many bytes, checking free memory after each
+ARRAY_MEMORY = 4  # parsing a JSON array holds about 4x its size (the bytes, their text, the rows: measured on Alpaca)
 
 
 class _Tap(io.RawIOBase):
@@ -50,8 +56,9 @@ class _Tap(io.RawIOBase):
         return {"name": name, "bytes": self.n, "sha256": self.sha256.hexdigest()}
 
 
-def _open_tapped(inp: FileInput, tally: Tally) -> tuple[_Tap, Any]:
-    """(tap, binary stream of the decompressed content), after checking the content is not binary."""
+def _open_tapped(inp: FileInput, tally: Tally, refuse_binary: bool = True) -> tuple[_Tap, Any]:
+    """(tap, binary stream of the decompressed content), after checking that a gzip file is one and, with
+    `refuse_binary`, that the content is not binary."""
     try:
         raw = open(inp.path, "rb")
     except OSError as e:
@@ -68,7 +75,7 @@ def _open_tapped(inp: FileInput, tally: Tally) -> tuple[_Tap, Any]:
     except BaseException:
         raw.close()
         raise
-    if b"\0" in head:
+    if refuse_binary and b"\0" in head:
         raw.close()
         raise UserError(f"{inp.display}: looks like a binary file (NUL bytes); only UTF-8 text is supported")
     return tap, stream
@@ -103,31 +110,36 @@ class TextFile(FileInput):
                             f"{offset + e.start}); convert it to UTF-8 first") from None
 
 
-class JsonlFile(FileInput):
-    """One document per non-blank line: the string in its `text_field`."""
+class JsonlFile(FileInput, RowInput):
+    """One record per non-blank line. The text path refuses a binary file and stops at the first line that
+    is not a JSON object with a string `text_field`; `rows` gives every line, undecodable ones as Bad rows."""
 
     def chunks(self, text_field: str, tally: Tally) -> Chunks:
-        tap, stream = _open_tapped(self, tally)
+        return text_chunks(self, self._rows(tally, refuse_binary=True), text_field)
+
+    def rows(self, tally: Tally, columns: list[str] | None = None) -> Rows:
+        return self._rows(tally, refuse_binary=False)
+
+    def _rows(self, tally: Tally, refuse_binary: bool) -> Rows:
+        tap, stream = _open_tapped(self, tally, refuse_binary)
         with tap.f, stream:
-            for lineno, raw in _gzip_errors(self, lines(stream)):
-                where = f"{self.display}:{lineno}"
-                if raw is None:
-                    raise UserError(f"{where}: {too_long_line()} (a line is held whole to parse it); put a "
-                                    "document that long in a text file of its own")
-                yield from document_chunks(_json_text(raw, where, text_field))
+            yield from _gzip_errors(self, self._records(stream))
             return tap.record(self.name)
 
+    def _records(self, stream: Any) -> Iterator[tuple[str, Any]]:
+        for lineno, raw in lines(stream):
+            yield f"{self.display}:{lineno}", json_record(raw)
 
-def _json_text(raw: bytes, where: str, text_field: str) -> str:
-    try:
-        obj = json_value(raw)
-    except UnicodeDecodeError:
-        raise UserError(f"{where}: not UTF-8 text") from None
-    except ValueError as e:
-        raise UserError(f"{where}: invalid JSON ({getattr(e, 'msg', e)})") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-        raise UserError(f"{where}: no string field {text_field!r} (pick the field with --text-field)")
-    return obj[text_field]
+
+class JsonFile(JsonlFile):
+    """JSON lines, or, when the file starts with "[", one JSON array of records (Alpaca's layout), parsed whole
+    after checking it fits in memory. A line of a JSON-lines file that is an array is a bad row like any other."""
+
+    def _records(self, stream: Any) -> Iterator[tuple[str, Any]]:
+        if stream.peek(SNIFF_BYTES)[:SNIFF_BYTES].lstrip()[:1] != b"[":
+            yield from super()._records(stream)
+            return
+        yield from ((f"{self.display}[{i}]", row) for i, row in enumerate(json_array(stream, self.display), 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +187,40 @@ def _line(head: list[bytes], part: bytes, size: int, limit: int) -> bytes:
 def too_long_line() -> str:
     limit = chunks.MAX_LINE_BYTES
     return f"a line longer than {f'{limit >> 20} MiB' if limit % (1 << 20) == 0 else f'{limit} bytes'}"
+
+
+def json_record(raw: bytes | None) -> Any:
+    """One line of `lines` -> its JSON value, or a Bad row saying why it has none."""
+    if raw is None:
+        return Bad(too_long_line(), " (a line is held whole to parse it); put a document that long in a text file "
+                                    "of its own")
+    try:
+        return json_value(raw)
+    except UnicodeDecodeError:
+        return Bad("not UTF-8 text")
+    except ValueError as e:  # "nested too deeply" included
+        return Bad(f"invalid JSON ({getattr(e, 'msg', e)})")
+
+
+def json_array(stream: Any, display: str) -> list[Any]:
+    """The values of a stream holding one JSON array, read in blocks and refused as soon as parsing what it holds
+    would not fit in free memory (gptforge.device.check_memory)."""
+    # Here, not at the top: gptforge.device imports torch, seconds of start-up that only a JSON array needs.
+    import torch
+
+    from gptforge.device import check_memory
+
+    blocks, n = [], 0
+    while block := stream.read(ARRAY_BLOCK):
+        blocks.append(block)
+        n += len(block)
+        check_memory(ARRAY_MEMORY * n, torch.device("cpu"), f"{display}: parsing this JSON array",
+                     "write it as JSON lines, one row a line (e.g. jq -c '.[]' FILE > rows.jsonl), which are read "
+                     "row by row")
+    rows = json_record(b"".join(blocks))
+    if isinstance(rows, Bad) or not isinstance(rows, list):
+        raise UserError(f"{display}: not a JSON array of rows ({rows if isinstance(rows, Bad) else 'an object'})")
+    return rows
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
