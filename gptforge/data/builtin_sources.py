@@ -65,7 +65,7 @@ def open_builtin(name: str) -> Input:
     if name == "shakespeare":
         file = fetch_shakespeare()
         return TextFile.of(file, "tinyshakespeare.txt", str(file))
-    try:
+    try:  # here, not at the top: some Python distributions strip pydoc_data
         from pydoc_data.topics import topics
     except ImportError:
         raise UserError("this Python has no pydoc_data module (some distributions strip it); "

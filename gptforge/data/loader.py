@@ -28,7 +28,7 @@ import torch
 
 from gptforge.errors import UserError, one_line
 from gptforge.files import path_problem
-from gptforge.tokenizer import TOKENIZER_FILE
+from gptforge.tokenizer import TOKENIZER_FILE, load_tokenizer
 
 MANIFEST = "manifest.json"
 
@@ -142,8 +142,6 @@ class TokenData:
         return arrays[0] if len(arrays) == 1 else ShardedTokens(arrays)
 
     def tokenizer(self):
-        from gptforge.tokenizer import load_tokenizer
-
         if self.known_tokenizer is not None:
             return self.known_tokenizer
 
@@ -238,7 +236,9 @@ def open_data(path: str | Path) -> TokenData:
         fix = f"; create it with `gptforge prepare SOURCE --out {path}`" if problem == "does not exist" else ""
         raise UserError(f"data directory {path} {problem}{fix}")
     if not manifest_file.is_file() and (path / "train.bin").is_file():
-        from gptforge.nanogpt.data import nanogpt_manifest  # nanoGPT's data/NAME/: train.bin, val.bin (+ meta.pkl)
+        # nanoGPT's data/NAME/: train.bin, val.bin (+ meta.pkl). Imported here: gptforge.nanogpt's package
+        # __init__ loads its checkpoint reader (the model, the config), which only this case needs.
+        from gptforge.nanogpt.data import nanogpt_manifest
 
         return TokenData(path, *nanogpt_manifest(path))
     if not manifest_file.is_file():
