@@ -12,7 +12,7 @@ _EXPORTS = {
     "GPTConfig": "gptforge.config",
     "RunConfig": "gptforge.config",
     "load_checkpoint": "gptforge.modelio.load",
-    "generate": "gptforge.infer.sample",
+    "generate": "gptforge.infer.engine",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -5,7 +5,7 @@ Two measurements, both on random tokens and randomly initialised weights (no dat
   autocast, gradient scaler and clipping of the training loop), timed after warm-up steps: ms per step,
   tokens/s, MFU against a matmul timed here on the same device and dtype (and, on known GPUs, against
   the data-sheet peak), and peak memory.
-- `bench_generate`: greedy decoding through `gptforge.infer.sample.stream` (KV cache): prompt processing
+- `bench_generate`: greedy decoding through `gptforge.infer.engine.stream` (KV cache): prompt processing
   (prefill) and per-token decoding speed at several batch sizes, optionally side by side with Hugging
   Face `generate` on the same weights, plus the memory bandwidth of this machine and the decode speed it
   bounds (every weight is read once per decoded token), and at batch 1 the GEMV ceiling: the step's
@@ -241,7 +241,7 @@ def _timed_runs(run: Callable[[], Any], repeats: int, min_time: float) -> list[A
 def _decode_once(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one greedy generation: the first token needs the prompt's
     forward, each further one a single-token step."""
-    from gptforge.infer.sample import stream
+    from gptforge.infer.engine import stream
 
     synchronize(device)
     t0 = time.perf_counter()
@@ -285,7 +285,7 @@ def gemv_timer(model: torch.nn.Module, device: torch.device) -> Callable[[], flo
     """A function that times a batch-1 decode step's matrix products alone, in seconds: one row through each
     of `decode_matmuls`, with the model's own weights in their layout and the threads a decode step runs
     with. What a step would cost with no attention, norms, Python or sampling around them."""
-    from gptforge.infer.sample import decode_threads
+    from gptforge.infer.engine import decode_threads
 
     layers = decode_matmuls(model)
     rows = [torch.randn(1, 1, m.in_features, device=device, dtype=m.weight.dtype) for m in layers]
@@ -332,19 +332,10 @@ def _hf_generate_once(hf, prompt: torch.Tensor, new_tokens: int) -> tuple[tuple[
     return (streamer.first - t0, t_end - streamer.first), out[:, prompt.size(1):]
 
 
-def bench_generate(shapes: dict[str, GPTConfig], *, batch_sizes: Sequence[int] = (1, 8),
-                   prompt_len: Optional[int] = None, new_tokens: Optional[int] = None, compare_hf: bool = False,
-                   device: str = "auto", dtype: str = "auto", seed: int = 1337, repeats: int = 3,
-                   min_time: float = 1.0, bandwidth_mb: int = 256,
-                   log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
-    """Greedy decoding speed of each named model shape: prefill and decode tokens/s at each batch size,
-    Hugging Face `generate` on the same weights (compare_hf, batch 1, float32), and the bound that
-    memory bandwidth puts on batch-1 decoding. prompt_len and new_tokens default, per shape, to
-    min(64, block_size / 4) and the rest of the context up to 64 tokens."""
-    from gptforge.model import GPT
-    from gptforge.infer.sample import generate
-    from gptforge.modelio.load import use_decode_layout
-
+def _decode_plans(shapes: dict[str, GPTConfig], batch_sizes: Sequence[int], prompt_len: Optional[int],
+                  new_tokens: Optional[int], compare_hf: bool, repeats: int) -> list[tuple[str, GPTConfig, int, int]]:
+    """(name, config, prompt tokens, new tokens) of every shape, after checking all of them: a bad setting
+    fails before the first measurement."""
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
     if not batch_sizes or any(b < 1 for b in batch_sizes):
@@ -353,10 +344,8 @@ def bench_generate(shapes: dict[str, GPTConfig], *, batch_sizes: Sequence[int] =
         raise UserError(f"--prompt-len must be at least 1, got {prompt_len}")
     if new_tokens is not None and new_tokens < 2:
         raise UserError(f"--new-tokens must be at least 2 (one from the prompt, one decode step), got {new_tokens}")
-    dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
     plans = []
-    for name, cfg in shapes.items():  # check every shape before the first measurement
+    for name, cfg in shapes.items():
         if cfg.vocab_size is None:
             raise ConfigError(f"model {name} needs a vocab_size")
         p = prompt_len if prompt_len is not None else min(64, max(1, cfg.block_size // 4))
@@ -368,11 +357,71 @@ def bench_generate(shapes: dict[str, GPTConfig], *, batch_sizes: Sequence[int] =
             raise UserError(f"model {name}: block_size {cfg.block_size} leaves no room to decode after a "
                             f"{p}-token prompt; lower --prompt-len")
         if compare_hf:
-            from gptforge.modelio.hf import _transformers, hf_architecture
+            from gptforge.modelio.hf import hf_architecture, require_transformers
 
-            _transformers()
+            require_transformers()
             hf_architecture(cfg)  # refuses shapes transformers cannot compute, before any timing
         plans.append((name, cfg, p, n))
+    return plans
+
+
+def _bench_batch(model, prompt: torch.Tensor, N: int, dev: torch.device, repeats: int,
+                 min_time: float) -> dict[str, Any]:
+    """Prefill and decode speed of greedy generation from `prompt` (B, P), N new tokens (inside the autocast to
+    measure in); at batch 1 also the GEMV ceiling, timed between the decode runs so that a change in the
+    machine's load hits both."""
+    from gptforge.infer.engine import generate
+
+    B, P = prompt.shape
+    generate(model, prompt, min(N, 4), temperature=0.0)  # warm-up: allocator, kernels, caches
+    gemv_s = None
+    if B == 1:
+        gemv = gemv_timer(model, dev)
+        gemv()  # warm-up
+        pairs = _timed_runs(lambda: (_decode_once(model, prompt, N, dev), [gemv() for _ in range(4)]),
+                            repeats, min_time)
+        runs, gemv_s = [r for r, _ in pairs], statistics.median(t for _, ts in pairs for t in ts)
+    else:
+        runs = _timed_runs(lambda: _decode_once(model, prompt, N, dev), repeats, min_time)
+    prefill_s, decode_s = _median_run(runs)
+    result = {"batch_size": B, "prefill_ms": prefill_s * 1e3, "prefill_tokens_per_s": B * P / prefill_s,
+              "decode_ms_per_step": decode_s / (N - 1) * 1e3, "decode_tokens_per_s": B * (N - 1) / decode_s,
+              "runs": len(runs)}
+    if gemv_s is not None:
+        result["gemv_ceiling"] = {"ms_per_token": gemv_s * 1e3, "tokens_per_s": 1 / gemv_s,
+                                  "achieved_fraction": gemv_s * (N - 1) / decode_s}
+    return result
+
+
+def _bandwidth_bound(model, cfg: GPTConfig, P: int, N: int, dt: torch.dtype, bandwidth: float,
+                     results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The batch-1 decode speed that reading the weights and the KV cache at `bandwidth` bytes/s allows, and the
+    share of it batch 1 reached."""
+    weights = weight_bytes_per_token(model)
+    kv_bytes = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * (P + N / 2) * torch.finfo(dt).bits // 8
+    bound = {"weight_bytes_per_token": weights, "kv_bytes_per_token": int(kv_bytes),
+             "tokens_per_s": bandwidth / (weights + kv_bytes)}
+    batch1 = next((r for r in results if r["batch_size"] == 1), None)
+    if batch1 is not None:
+        bound["achieved_fraction"] = batch1["decode_tokens_per_s"] / bound["tokens_per_s"]
+    return bound
+
+
+def bench_generate(shapes: dict[str, GPTConfig], *, batch_sizes: Sequence[int] = (1, 8),
+                   prompt_len: Optional[int] = None, new_tokens: Optional[int] = None, compare_hf: bool = False,
+                   device: str = "auto", dtype: str = "auto", seed: int = 1337, repeats: int = 3,
+                   min_time: float = 1.0, bandwidth_mb: int = 256,
+                   log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    """Greedy decoding speed of each named model shape: prefill and decode tokens/s at each batch size,
+    Hugging Face `generate` on the same weights (compare_hf, batch 1, float32), and the bound that
+    memory bandwidth puts on batch-1 decoding. prompt_len and new_tokens default, per shape, to
+    min(64, block_size / 4) and the rest of the context up to 64 tokens."""
+    from gptforge.model import GPT
+    from gptforge.modelio.load import use_decode_layout
+
+    plans = _decode_plans(shapes, batch_sizes, prompt_len, new_tokens, compare_hf, repeats)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
     setup_backends(dev)
     log(f"measuring memory bandwidth ({bandwidth_mb} MB copy) ...")
     bandwidth = measure_bandwidth(dev, bandwidth_mb)
@@ -381,45 +430,20 @@ def bench_generate(shapes: dict[str, GPTConfig], *, batch_sizes: Sequence[int] =
         seed_everything(seed)
         model = GPT(cfg).to(dev).eval()
         if dev.type == "cpu":
-            use_decode_layout(model)  # as `load_checkpoint` loads every model onto a CPU
+            use_decode_layout(model)  # as the loader gives every model on a CPU
         g = torch.Generator(device=dev).manual_seed(seed)
         results = []
         for B in batch_sizes:
             prompt = torch.randint(0, cfg.vocab_size, (B, P), device=dev, generator=g)
             log(f"{name}: batch {B}, prompt {P}, {N} new tokens ...")
             with autocast(dev, dt):
-                generate(model, prompt, min(N, 4), temperature=0.0)  # warm-up: allocator, kernels, caches
-                if B == 1:  # the ceiling's runs between decode's, so that a change in the machine's load hits both
-                    gemv = gemv_timer(model, dev)
-                    gemv()  # warm-up
-                    pairs = _timed_runs(lambda: (_decode_once(model, prompt, N, dev), [gemv() for _ in range(4)]),
-                                        repeats, min_time)
-                    runs, gemv_s = [r for r, _ in pairs], statistics.median(t for _, ts in pairs for t in ts)
-                else:
-                    runs, gemv_s = _timed_runs(lambda: _decode_once(model, prompt, N, dev), repeats, min_time), None
-            prefill_s, decode_s = _median_run(runs)
-            results.append({"batch_size": B, "prefill_ms": prefill_s * 1e3,
-                            "prefill_tokens_per_s": B * P / prefill_s,
-                            "decode_ms_per_step": decode_s / (N - 1) * 1e3,
-                            "decode_tokens_per_s": B * (N - 1) / decode_s, "runs": len(runs)})
-            if gemv_s is not None:
-                results[-1]["gemv_ceiling"] = {"ms_per_token": gemv_s * 1e3, "tokens_per_s": 1 / gemv_s,
-                                               "achieved_fraction": gemv_s * (N - 1) / decode_s}
-        weights = weight_bytes_per_token(model)
-        kv_bytes = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * (P + N / 2) * torch.finfo(dt).bits // 8
-        bound = bandwidth / (weights + kv_bytes)
+                results.append(_bench_batch(model, prompt, N, dev, repeats, min_time))
         entry: dict[str, Any] = {
             "name": name, "model": dataclasses.asdict(cfg), "params": model.num_params(),
             "prompt_len": P, "new_tokens": N, "results": results,
-            "bandwidth_bound": {"weight_bytes_per_token": weights, "kv_bytes_per_token": int(kv_bytes),
-                                "tokens_per_s": bound},
-            "hf": None,
+            "bandwidth_bound": _bandwidth_bound(model, cfg, P, N, dt, bandwidth, results),
+            "hf": _compare_hf(model, cfg, P, N, dev, g, repeats, min_time, log, name) if compare_hf else None,
         }
-        batch1 = next((r for r in results if r["batch_size"] == 1), None)
-        if batch1 is not None:
-            entry["bandwidth_bound"]["achieved_fraction"] = batch1["decode_tokens_per_s"] / bound
-        if compare_hf:
-            entry["hf"] = _compare_hf(model, cfg, P, N, dev, g, repeats, min_time, log, name)
         out_shapes.append(entry)
         del model
     return {"mode": "generate", "device": str(dev), "device_name": _device_name(dev), "dtype": _dtype_name(dt),
@@ -434,7 +458,7 @@ def _compare_hf(model, cfg: GPTConfig, P: int, N: int, dev: torch.device, g, rep
     import logging
 
     from gptforge.modelio.hf import to_hf_model
-    from gptforge.infer.sample import generate
+    from gptforge.infer.engine import generate
 
     logging.getLogger("transformers").setLevel(logging.ERROR)  # generation-flag notices are not results
     hf = to_hf_model(model).to(dev)
@@ -464,7 +488,7 @@ def _compare_hf(model, cfg: GPTConfig, P: int, N: int, dev: torch.device, g, rep
 
 def format_generate(r: dict[str, Any]) -> str:
     bw = r["bandwidth_bytes_per_s"]
-    layout = " | weights in decode layout, as `load_checkpoint` gives them on CPU" if r["decode_layout"] else ""
+    layout = " | weights in decode layout, as the loader gives them on a CPU" if r["decode_layout"] else ""
     lines = [f"gptforge bench --generate: greedy decoding with the KV cache, random weights | {r['device']} "
              f"({r['device_name']}) | {r['dtype']} | {r['threads']} threads{layout}",
              f"memory bandwidth: {bw / 1e9:.1f} GB/s ({r['bandwidth_mb']} MB tensor copy, read + write bytes, median)"]

@@ -72,13 +72,12 @@ def render_conversation(tok: Tokenizer, messages: list[dict[str, str]], *,
     problem = validate_messages(messages, for_generation=for_generation)
     if problem is not None:
         raise UserError(f"cannot render this conversation: {problem}")
-    starts = {"system": template.system_id, "user": template.user_id, "assistant": template.assistant_id}
-    ids, mask = [template.bos_id], [0]
+    ids, mask = template.head(), [0]
     for m in messages:
-        learn = 1 if m["role"] == "assistant" else 0
-        text = tok.encode(m["content"])
-        ids += [starts[m["role"]], *text, template.end_id]
-        mask += [0] + [learn] * (len(text) + 1)
+        turn = template.turn(m["role"], tok.encode(m["content"]))
+        ids += turn
+        learn = 1 if m["role"] == "assistant" else 0  # its text and its <|end|>, not its <|assistant|>
+        mask += [0] + [learn] * (len(turn) - 1)
     if for_generation:
         ids.append(template.assistant_id)
         mask.append(0)

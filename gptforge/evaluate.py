@@ -174,9 +174,9 @@ def greedy_answers(model: torch.nn.Module, tok, prompts: list[list[int]], max_ne
                    batch_size: int, device: torch.device, dtype: torch.dtype) -> list[str]:
     """The greedy answer to each prompt (which ends with <|assistant|>): the text before the first
     <|end|>, other marker or end-of-text. Prompts of equal length decode together."""
-    from gptforge.infer.sample import stream
+    from gptforge.infer.engine import stream
 
-    stops = set(tok.chat.ids.values()) | ({tok.eot_id} if tok.eot_id is not None else set())
+    stops = tok.chat.stop_ids(tok.eot_id)
     answers: list[Optional[str]] = [None] * len(prompts)
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):

@@ -100,7 +100,7 @@ class CausalSelfAttention(nn.Module):
         self.use_sdpa = config.attention == "sdpa"
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]], kv_cache=None,
-                value_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
+                value_embed: Optional[torch.Tensor] = None, rows_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, C = x.size()
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([q_size, kv_size, kv_size], dim=2)
@@ -124,9 +124,8 @@ class CausalSelfAttention(nn.Module):
         is_causal, mask = Tk == T and T > 1, None
         if Tk != T and T > 1:
             mask = causal_mask(T, Tk, x.device)
-        row_mask = getattr(kv_cache, "attn_mask", None)  # (B, 1, T, Tk): a batch of rows of different lengths
-        if row_mask is not None:
-            is_causal, mask = False, row_mask
+        if rows_mask is not None:  # (B, 1, T, Tk): a batch of rows of different lengths (the cache's)
+            is_causal, mask = False, rows_mask
         dropout_p = self.dropout if self.training else 0.0
         if self.use_sdpa:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
@@ -172,8 +171,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope=None, kv_cache=None, value_embed=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, kv_cache, value_embed)
+    def forward(self, x: torch.Tensor, rope=None, kv_cache=None, value_embed=None, rows_mask=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, value_embed, rows_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -243,18 +242,18 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
-    def _blocks(self, x: torch.Tensor, idx: torch.Tensor, rope, kv_cache) -> torch.Tensor:
+    def _blocks(self, x: torch.Tensor, idx: torch.Tensor, rope, kv_cache, rows_mask) -> torch.Tensor:
         """The transformer blocks in order, with the value embeddings and U-net skips when the config has them."""
         c = self.config
         if not (c.value_embeds or c.unet_skips):
             for block in self.transformer.h:
-                x = block(x, rope, kv_cache)
+                x = block(x, rope, kv_cache, None, rows_mask)
             return x
         skips, half = [], c.n_layer // 2
         for i, block in enumerate(self.transformer.h):
             if c.unet_skips and i >= c.n_layer - half:
                 x = x + self.skip_weights[c.n_layer - 1 - i] * skips.pop()
-            x = block(x, rope, kv_cache, self.value_embeds[i](idx) if c.value_embeds else None)
+            x = block(x, rope, kv_cache, self.value_embeds[i](idx) if c.value_embeds else None, rows_mask)
             if c.unet_skips and i < half:
                 skips.append(x)
         return x
@@ -263,28 +262,29 @@ class GPT(nn.Module):
                 last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for idx (B, T); with targets, the mean cross-entropy loss instead.
 
-        With a kv_cache, idx holds only the new tokens; their positions start at kv_cache.pos.
-        Targets equal to -1 are ignored. last_only computes logits for the last position only,
+        With a kv_cache (gptforge.infer.engine.KVCache), idx holds only the new tokens of each row; the cache
+        says where they go (`begin`: positions after the row's own tokens, and a mask when rows differ in
+        length). Targets equal to -1 are ignored. last_only computes logits for the last position only,
         (B, 1, vocab): all that sampling needs, and the output layer is a large share of the FLOPs.
         """
         B, T = idx.size()
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        if kv_cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+            pos, rows_mask = slice(0, T), None
+        else:
+            pos, rows_mask = kv_cache.begin(T)  # a slice, or (B, T) positions with a (B, 1, T, Tk) mask
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
-        # a cache with row_pos (B,) holds rows of different lengths (gptforge serve's batch): each row's own positions
-        rows = getattr(kv_cache, "row_pos", None)
-        pos = slice(start, start + T) if rows is None else rows[:, None] + torch.arange(T, device=idx.device)  # (B, T)
         if self.config.pos == "learned":
-            x = x + self.transformer.wpe.weight[pos]  # positions start..start+T-1, (T, C) or (B, T, C)
+            x = x + self.transformer.wpe.weight[pos]  # (T, C) or (B, T, C)
         else:
             rope = (self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype))  # (T, hs) or (B, T, hs)
-            if rows is not None:
+            if rows_mask is not None:
                 rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))  # (B, 1, T, hs): the same angles for every head
         if self.training:
             x = self.transformer.drop(x)
-        x = self._blocks(x, idx, rope, kv_cache)
+        x = self._blocks(x, idx, rope, kv_cache, rows_mask)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.advance(T)

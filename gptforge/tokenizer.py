@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -433,6 +433,7 @@ def train_tokenizer(kind: str, documents: Iterable[str], vocab_size: int | None 
 BOS, SYSTEM, USER, ASSISTANT, END = "<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 MARKERS = (BOS, SYSTEM, USER, ASSISTANT, END)
 ROLES = ("system", "user", "assistant")
+_ROLE_MARKER = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 GPT2_FIRST_ID = 50257  # the first of GPT-2's padded slots (its real vocabulary is 0..50256)
 
 
@@ -461,6 +462,23 @@ class ChatTemplate:
     @property
     def end_id(self) -> int:
         return self.ids[END]
+
+    def stop_ids(self, eot_id: Optional[int] = None) -> frozenset[int]:
+        """The ids that end a reply: its <|end|>, any other marker (a model that starts a turn of its own has
+        finished its answer) and end-of-text (`eot_id`, the tokenizer's, if it has one)."""
+        return frozenset(self.ids.values()) | (frozenset() if eot_id is None else {eot_id})
+
+    def head(self, system: Optional[list[int]] = None) -> list[int]:
+        """<|bos|> and, with the ids of a system prompt, <|system|> text <|end|>: how a conversation begins."""
+        return [self.bos_id] + (self.turn("system", system) if system is not None else [])
+
+    def turn(self, role: str, text: list[int]) -> list[int]:
+        """<|role|> text <|end|>: one message of a conversation, role one of ROLES."""
+        return [self.ids[_ROLE_MARKER[role]], *text, self.end_id]
+
+    def user_turn(self, text: list[int]) -> list[int]:
+        """A user message and the <|assistant|> that asks for the reply: what a turn of a chat adds before it."""
+        return [*self.turn("user", text), self.assistant_id]
 
     def to_dict(self) -> dict[str, Any]:
         return {"markers": {m: self.ids[m] for m in MARKERS}}

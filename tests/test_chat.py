@@ -17,7 +17,8 @@ from gptforge.config import GPTConfig, RunConfig
 from gptforge.errors import UserError
 from gptforge.evaluate import evaluate_chat
 from gptforge.model import GPT
-from gptforge.infer.sample import generate, prefill
+from gptforge.infer.engine import generate, step
+from gptforge.infer.sampling import SamplingParams
 from gptforge.tokenizer import CharTokenizer
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"
@@ -39,9 +40,10 @@ def tiny_model(tok, seed=0, block_size=64, **overrides) -> GPT:
     return model.eval()
 
 
-def session(model, tok, **kw) -> ChatSession:
+def session(model, tok, temperature=0.0, seed=1337, **kw) -> ChatSession:
     notes = []
-    s = ChatSession(model, tok, **{"temperature": 0.0, "max_new_tokens": 8, "note": notes.append, **kw})
+    params = SamplingParams(temperature, 200, None, seed)
+    s = ChatSession(model, tok, **{"params": params, "max_new_tokens": 8, "note": notes.append, **kw})
     s.notes = notes
     return s
 
@@ -104,7 +106,7 @@ def test_reused_cache_gives_the_logits_of_a_fresh_forward(tok):
     s.reply("hello there")
     p2 = s.ids + s.user_turn("and then")
     new = torch.tensor([p2[s.cache.pos:]])
-    cached = prefill(model, new, s.cache)[0]
+    cached = step(model, new, s.cache)[0]
     with torch.no_grad():
         fresh = model(torch.tensor([p2]))[0, -1]
     torch.testing.assert_close(cached, fresh, atol=1e-5, rtol=1e-5)
@@ -141,7 +143,7 @@ def test_after_a_drop_the_cache_is_rebuilt(tok):
     prompt = s.head + second + s.user_turn("c" * 17)
     assert len(s.exchanges) == 2 and s.exchanges[0] == second and held <= len(prompt)  # the scenario above
     assert tok.encode(answer) == fresh_greedy(model, tok, prompt, 1)
-    logits = prefill(model, torch.tensor([s.ids[s.cache.pos:]]), s.cache)[0]
+    logits = step(model, torch.tensor([s.ids[s.cache.pos:]]), s.cache)[0]
     with torch.no_grad():
         torch.testing.assert_close(logits, model(torch.tensor([s.ids]))[0, -1], atol=1e-5, rtol=1e-5)
 
@@ -369,11 +371,12 @@ def test_eval_task_chat_from_the_cli(tmp_path, tok, capsys):
 
 
 def test_a_decode_that_would_overflow_a_given_cache_is_refused(tok):
-    from gptforge.infer.sample import SamplingError, new_kv_cache, stream
+    from gptforge.infer.engine import new_kv_cache, stream
+    from gptforge.infer.sampling import SamplingError
 
     model = tiny_model(tok, block_size=16)
     cache = new_kv_cache(model, 1, torch.device("cpu"))
-    prefill(model, torch.tensor([[1] * 10]), cache)
+    step(model, torch.tensor([[1] * 10]), cache)
     with pytest.raises(SamplingError, match="do not fit"):
         next(stream(model, torch.tensor([[2, 3]]), 6, 0.0, kv_cache=cache))  # 10 + 2 + 6 - 1 > 16
     assert cache.pos == 10  # nothing was written past what it held

@@ -249,7 +249,7 @@ def test_training_attention_runs_on_the_flash_kernel(device):
 def test_kv_cache_decode_equals_full_forward(device, variant, dtype):
     """A prompt prefilled into the cache and then one token at a time: at every position the logits the
     full forward pass gives for the whole sequence."""
-    from gptforge.infer.sample import new_kv_cache
+    from gptforge.infer.engine import new_kv_cache
 
     model, _ = twin_models(device, **VARIANTS[variant])
     model.eval()

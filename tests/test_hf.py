@@ -15,7 +15,7 @@ from gptforge.modelio.load import load_checkpoint  # noqa: E402
 from gptforge.config import GPTConfig, RunConfig  # noqa: E402
 from gptforge.errors import UserError  # noqa: E402
 from gptforge.model import GPT  # noqa: E402
-from gptforge.infer.sample import generate  # noqa: E402
+from gptforge.infer.engine import generate  # noqa: E402
 from gptforge.tokenizer import GPT2Tokenizer, train_tokenizer  # noqa: E402
 
 TEXT = "Hello world! Ünïcödé, numbers 12345 and   spaces\n\ttabs <|endoftext|> don't stop. 日本語"

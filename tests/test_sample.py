@@ -5,16 +5,9 @@ import torch
 
 from gptforge.config import GPTConfig
 from gptforge.model import GPT
-from gptforge.infer.sample import (
-    KVCache,
-    SamplingError,
-    TextStreamer,
-    generate,
-    sample_next,
-    stream,
-    top_k_filter,
-    top_p_filter,
-)
+from gptforge.infer.engine import KVCache, generate, stream
+from gptforge.infer.sampling import SamplingError, sample_next, top_k_filter, top_p_filter
+from gptforge.infer.text import TextStreamer
 
 NEG_INF = float("-inf")
 
@@ -457,7 +450,7 @@ def test_few_row_decode_steps_run_single_threaded_and_restore_the_thread_count(B
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_identical_prompts_are_prefilled_once_and_sample_exactly_as_a_batched_prefill(variant):
-    from gptforge.infer.sample import new_kv_cache
+    from gptforge.infer.engine import new_kv_cache
 
     model = tiny_model(**VARIANTS[variant])
     idx = prompt(1, 6).repeat(5, 1)  # `gptforge sample --num-samples 5`

@@ -21,9 +21,12 @@ import test_chat
 from gptforge.chat_template import add_chat_template, render_conversation
 from gptforge.modelio.checkpoint import model_state, write_checkpoint
 from gptforge.config import RunConfig
-from gptforge.infer.sample import generate, sample_checkpoint
+from gptforge.infer.engine import generate
+from gptforge.infer.sample import sample_checkpoint
 from gptforge.errors import UserError
-from gptforge.serve.batcher import BatchKVCache, Engine, Event, Request, Sequence
+from gptforge.infer.engine import KVCache
+from gptforge.serve.batcher import Batcher, Event, Sequence
+from test_serve_sampling import request
 from gptforge.tokenizer import CharTokenizer
 
 fastapi = pytest.importorskip("fastapi")
@@ -62,7 +65,7 @@ def run_engine(engine, reqs, timeout=60):
 
     total = sum(kw.get("n", 1) for _, kw in reqs)
     for r, (prompt, kw) in enumerate(reqs):
-        engine.submit(Request(prompt, emit=emitter(r), **kw))
+        engine.submit(request(prompt, emit=emitter(r), **kw))
     assert done.wait(timeout)
     return out
 
@@ -74,7 +77,7 @@ def test_rows_of_different_lengths_decode_as_each_would_alone(pos):
     tok = CharTokenizer(CHARS, eot=False)  # no end-of-text: every row runs to its own length
     kw = {} if pos == "learned" else dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False)
     model = tiny_model(tok, 3, **kw)
-    engine = Engine(model, tok, torch.device("cpu"), torch.float32, max_seqs=4, prefill_chunk=8).start()
+    engine = Batcher(model, tok, torch.device("cpu"), torch.float32, max_seqs=4, prefill_chunk=8).start()
     try:
         prompts = [tok.encode(t) for t in ("abc", "hello there", "a much longer prompt than the others")]
         out = run_engine(engine, [(p, dict(max_tokens=20 + 5 * i, temperature=0.0)) for i, p in enumerate(prompts)])
@@ -90,10 +93,10 @@ def test_rows_of_different_lengths_decode_as_each_would_alone(pos):
 
 def test_a_cancelled_request_leaves_the_batch_at_the_next_step():
     tok = CharTokenizer(CHARS, eot=False)
-    engine = Engine(tiny_model(tok), tok, torch.device("cpu"), torch.float32, max_seqs=4).start()
+    engine = Batcher(tiny_model(tok), tok, torch.device("cpu"), torch.float32, max_seqs=4).start()
     try:
         got = []
-        req = Request(tok.encode("abc"), max_tokens=90, emit=got.append, temperature=1.0, seed=1)
+        req = request(tok.encode("abc"), max_tokens=90, emit=got.append, temperature=1.0, seed=1)
         engine.submit(req)
         deadline = time.time() + 10
         while engine.active == 0 and time.time() < deadline:
@@ -113,13 +116,13 @@ def test_a_batch_that_cannot_fit_is_refused_before_it_is_allocated(monkeypatch):
 
     tok = CharTokenizer(CHARS, eot=False)
     model = tiny_model(tok)
-    engine = Engine(model, tok, torch.device("cpu"), torch.float32, max_seqs=3)
+    engine = Batcher(model, tok, torch.device("cpu"), torch.float32, max_seqs=3)
     cache = engine._cache
-    assert cache.k.nbytes + cache.v.nbytes == BatchKVCache.nbytes(3, model.config, cache.k.element_size())
+    assert cache.k.nbytes + cache.v.nbytes == KVCache.nbytes(3, model.config, cache.k.element_size())
     monkeypatch.setattr(gptforge.device, "available_memory", lambda device: 1 << 20)
     with pytest.raises(UserError, match=r"a batch of 64 sequences \(--max-seqs\) needs about .*lower --max-seqs"):
-        Engine(model, tok, torch.device("cpu"), torch.float32, max_seqs=64)
-    Engine(model, tok, torch.device("cpu"), torch.float32, max_seqs=1)  # one row fits in 1 MiB
+        Batcher(model, tok, torch.device("cpu"), torch.float32, max_seqs=64)
+    Batcher(model, tok, torch.device("cpu"), torch.float32, max_seqs=1)  # one row fits in 1 MiB
 
 
 def test_serve_limits_are_bounded_in_one_line(runs, capsys):
@@ -144,7 +147,7 @@ def poison(where, engine, tok, monkeypatch):
     if where == "sequence":  # building its choices (seeding their generators)
         class Failing(engine_module.Sequence):
             def __init__(self, req, *args, **kw):
-                if req.seed == POISON:
+                if req.params.seed == POISON:
                     raise RuntimeError("boom")
                 super().__init__(req, *args, **kw)
         monkeypatch.setattr(engine_module, "Sequence", Failing)
@@ -159,10 +162,10 @@ def poison(where, engine, tok, monkeypatch):
     else:  # drawing its rows' tokens in a decode step, a few tokens in, from a batch shared with the others
         real_rows = engine_module.sample_rows
 
-        def sample_rows(logits, seqs, vocab_size):
-            if any(s.req.seed == POISON and len(s.ids) >= 3 for s in seqs):
+        def sample_rows(logits, params, generators, vocab_size):
+            if any(s.req.params.seed == POISON and len(s.ids) >= 3 for s in engine._rows if s.generator in generators):
                 raise RuntimeError("boom")
-            return real_rows(logits, seqs, vocab_size)
+            return real_rows(logits, params, generators, vocab_size)
         monkeypatch.setattr(engine_module, "sample_rows", sample_rows)
 
 
@@ -171,7 +174,7 @@ def test_a_request_that_fails_in_the_engine_fails_alone(where, monkeypatch):
     """One request raising while it starts or while its rows are drawn ends with an error on each of its choices;
     the request decoding beside it runs to the end with the text it gets alone, and the engine serves on."""
     tok = CharTokenizer(CHARS, eot=False)
-    engine = Engine(tiny_model(tok), tok, torch.device("cpu"), torch.float32, max_seqs=4).start()
+    engine = Batcher(tiny_model(tok), tok, torch.device("cpu"), torch.float32, max_seqs=4).start()
     good = (tok.encode("abc"), dict(max_tokens=60, temperature=1.0, seed=1))
     try:
         alone = run_engine(engine, [good], timeout=20)[(0, 0)][0]
@@ -188,7 +191,7 @@ def test_a_request_that_fails_in_the_engine_fails_alone(where, monkeypatch):
 def byte_sequence(stop=(), max_tokens=100):
     """A Sequence over a byte-level 'tokenizer' (one token per UTF-8 byte), as GPT-2's BPE can split characters."""
     events = []
-    req = Request([0], max_tokens=max_tokens, emit=events.append, stop=tuple(stop), stop_ids=frozenset({0}))
+    req = request([0], max_tokens=max_tokens, emit=events.append, stop=tuple(stop), stop_ids=frozenset({0}))
     decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")  # noqa: E731
     return Sequence(req, 0, decode, 256, torch.device("cpu")), events
 

@@ -394,12 +394,12 @@ def real_server():
     import uvicorn
 
     from gptforge.serve.app import Limits, create_app
-    from gptforge.serve.batcher import Engine
+    from gptforge.serve.batcher import Batcher
     from test_chat import CHARS, nonempty_seed, tiny_model
 
     tok = add_chat_template(CharTokenizer(CHARS, eot=True))
     model = tiny_model(tok, nonempty_seed(tok))
-    engine = Engine(model, tok, torch.device("cpu"), torch.float32).start()
+    engine = Batcher(model, tok, torch.device("cpu"), torch.float32).start()
     app = create_app(engine, tok, "tiny-chat", Limits(context_length=model.config.block_size), api_key=API_KEY)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

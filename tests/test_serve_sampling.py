@@ -9,11 +9,18 @@ import torch
 
 from gptforge.config import GPTConfig
 from gptforge.model import GPT
-from gptforge.infer.sample import sample_next
-from gptforge.serve.batcher import Engine, Event, Request, Sequence, sample_rows
+from gptforge.infer.sampling import SamplingParams, sample_next, sample_rows
+from gptforge.serve.batcher import Batcher, Event, Request, Sequence
 from gptforge.tokenizer import CharTokenizer
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"
+
+
+def request(prompt, max_tokens, emit, n=1, stop_ids=frozenset(), **sampling) -> Request:
+    """A batcher Request with the sampling settings given as keywords (temperature=..., seed=..., stop=...)."""
+    return Request(prompt, max_tokens, emit, n=n, params=SamplingParams(**sampling), stop_ids=stop_ids)
+
+
 SETTINGS = [dict(temperature=0.0), dict(temperature=0.8, top_k=5, seed=1), dict(temperature=0.8, top_k=5, seed=2),
             dict(temperature=1.0, top_p=0.9, seed=3), dict(temperature=0.0), dict(temperature=1.3, seed=4),
             dict(temperature=0.8, top_k=5, top_p=0.7, seed=5)]
@@ -25,10 +32,10 @@ def test_sample_rows_is_sample_next_row_by_row():
     logits = torch.randn(len(SETTINGS), V) * 3
     logits[:, vocab:] = 100.0  # the padding would win every draw if it were not dropped
     noop = lambda _: ""  # noqa: E731
-    seqs, alone = ([Sequence(Request([0], 10, noop, **kw), 0, noop, vocab, "cpu") for kw in SETTINGS] for _ in "ab")
+    seqs, alone = ([Sequence(request([0], 10, noop, **kw), 0, noop, vocab, "cpu") for kw in SETTINGS] for _ in "ab")
     for _ in range(20):  # the generators advance step after step as they do alone
-        got = sample_rows(logits, seqs, vocab)
-        want = [int(sample_next(logits[b:b + 1], s.req.temperature, s.req.top_k, s.req.top_p, s.generator, vocab)[0])
+        got = sample_rows(logits, [s.req.params for s in seqs], [s.generator for s in seqs], vocab)
+        want = [int(sample_next(logits[b:b + 1], *s.req.params.filters, s.generator, vocab)[0])
                 for b, s in enumerate(alone)]
         assert got == want and max(got) < vocab
         logits = logits.roll(1, dims=1)
@@ -50,7 +57,7 @@ def run_engine(engine, reqs, timeout=60):
         return emit
 
     for r, (prompt, kw) in enumerate(reqs):
-        engine.submit(Request(prompt, emit=emitter(r), **kw))
+        engine.submit(request(prompt, emit=emitter(r), **kw))
     assert done.wait(timeout)
     return [out[r] for r in range(len(reqs))]
 
@@ -64,7 +71,7 @@ def test_mixed_settings_decoded_together_give_what_each_gives_alone(pos):
                           **kw)).eval()
     prompts = [tok.encode(t) for t in ("ab", "hello there", "abc", "the cat", "a much longer prompt", "x", "zz")]
     reqs = [(p, dict(max_tokens=15 + 3 * i, **s)) for i, (p, s) in enumerate(zip(prompts, SETTINGS))]
-    engine = Engine(model, tok, torch.device("cpu"), torch.float32, max_seqs=8, prefill_chunk=4).start()
+    engine = Batcher(model, tok, torch.device("cpu"), torch.float32, max_seqs=8, prefill_chunk=4).start()
     try:
         together = run_engine(engine, reqs)
         alone = [run_engine(engine, [r])[0] for r in reqs]

@@ -3,7 +3,7 @@
 A `ChatSession` keeps the conversation as token ids in the chat template's layout (gptforge.chat_template)
 and the keys and values of those ids in one KV cache, so each turn runs the model only on what is new: the
 user's message and, from the turn before, the assistant's closing <|end|>. Replies are decoded by
-`gptforge.infer.sample.stream` on that cache and printed through `TextStreamer` (never half a UTF-8 character).
+`gptforge.infer.engine.stream` on that cache and printed through `TextStreamer` (never half a UTF-8 character).
 When the conversation no longer fits the model's context, the oldest exchanges are dropped (the system
 prompt is kept) and the cache is rebuilt once for the shorter history.
 
@@ -18,9 +18,12 @@ from typing import Callable, Optional
 
 import torch
 
-from gptforge.device import autocast, check_seed
+from gptforge.device import autocast, pick_device, pick_dtype
 from gptforge.errors import UserError, one_line
-from gptforge.infer.sample import TextStreamer, new_kv_cache, sample_next, stream
+from gptforge.infer.engine import new_kv_cache, stream
+from gptforge.infer.sampling import SamplingParams
+from gptforge.infer.text import TextStreamer
+from gptforge.modelio.load import load
 
 HELP = "commands: /clear (forget the conversation), /system TEXT (new system prompt; /system alone removes it), /quit"
 
@@ -37,23 +40,19 @@ class ChatSession:
     """
 
     def __init__(self, model: torch.nn.Module, tok, *, system: Optional[str] = None, max_new_tokens: int = 256,
-                 temperature: float = 0.8, top_k: Optional[int] = 200, top_p: Optional[float] = None,
-                 seed: int = 1337, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                 params: SamplingParams = SamplingParams(0.8, 200, None, 1337),
+                 device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
                  note: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)):
         if tok.chat is None:
             raise ChatError("this tokenizer has no chat template")
         if max_new_tokens < 1:
             raise ChatError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-        sample_next(torch.zeros(1, 2), temperature, top_k, top_p)  # bad settings fail before the first turn
-        check_seed(seed)
+        self.params = params.validate(seed_name="--seed")  # bad settings fail before the first turn
         self.model, self.tok, self.template = model, tok, tok.chat
         self.block_size = model.config.block_size
-        self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
-        self.device, self.dtype, self.note = device, dtype, note
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        # ids that end a reply: its <|end|>, and any other marker or end-of-text (a model that starts a user
-        # turn of its own has finished its answer)
-        self.stop_ids = set(self.template.ids.values()) | ({tok.eot_id} if tok.eot_id is not None else set())
+        self.max_new_tokens, self.device, self.dtype, self.note = max_new_tokens, device, dtype, note
+        self.generator = params.generator(device)
+        self.stop_ids = self.template.stop_ids(tok.eot_id)
         with torch.inference_mode(), autocast(device, dtype):  # the keys' dtype; written only in inference mode
             self.cache = new_kv_cache(model, 1, device)
         self.exchanges: list[list[int]] = []
@@ -69,9 +68,8 @@ class ChatSession:
 
     def set_system(self, text: Optional[str]) -> None:
         """Start the history with this system prompt (None or blank: none); the exchanges are kept."""
-        t = self.template
-        # the template's layout (chat_template.render_conversation), built piecewise so replies stay as generated
-        head = [t.bos_id] + ([t.system_id, *self.encode(text), t.end_id] if text and text.strip() else [])
+        # the template's turns, kept as ids so that replies stay exactly as generated
+        head = self.template.head(self.encode(text) if text and text.strip() else None)
         if len(head) + 4 >= self.block_size:  # 4: the least a user turn and one reply token take
             raise ChatError(f"the system prompt is {len(head) - 3} tokens; the model's whole context is "
                             f"{self.block_size}; give a shorter one")
@@ -85,8 +83,7 @@ class ChatSession:
 
     def user_turn(self, text: str) -> list[int]:
         """<|user|> text <|end|> <|assistant|>: what a message adds to the history before the reply."""
-        t = self.template
-        return [t.user_id, *self.encode(text), t.end_id, t.assistant_id]
+        return self.template.user_turn(self.encode(text))
 
     def encode(self, text: str) -> list[int]:
         """The ids of a message; text the tokenizer cannot read (a character outside a char model's
@@ -134,9 +131,8 @@ class ChatSession:
         streamer = TextStreamer(self.tok.decode)
         try:
             with autocast(self.device, self.dtype):
-                for row in stream(self.model, new, n, self.temperature, self.top_k, self.top_p,
-                                  eot_id=self.template.end_id, vocab_size=self.tok.vocab_size,
-                                  generator=self.generator, kv_cache=self.cache):
+                for row in stream(self.model, new, n, *self.params.filters, eot_id=self.template.end_id,
+                                  vocab_size=self.tok.vocab_size, generator=self.generator, kv_cache=self.cache):
                     token = int(row[0])
                     if token in self.stop_ids:
                         break
@@ -213,25 +209,20 @@ def chat_checkpoint(run, *, prompt: Optional[str] = None, system: Optional[str] 
                     seed: int = 1337, which: str = "latest", device: str = "auto", out=None,
                     read: Callable[[str], str] = input) -> int:
     """`gptforge chat`: answer `prompt` and return, or talk in the terminal; the exit status."""
-    from gptforge.device import pick_device, pick_dtype
-    from gptforge.modelio.load import load
-
     out = out or sys.stdout
     if prompt is not None and not prompt.strip():
         raise ChatError("-p needs a message")
     if max_new_tokens < 1:
         raise ChatError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    sample_next(torch.zeros(1, 2), temperature, top_k, top_p)  # bad settings fail before the model loads
-    check_seed(seed)
+    params = SamplingParams(temperature, top_k, top_p, seed).validate(seed_name="--seed")  # before the model loads
     dev = pick_device(device)
     ck = load(run, dev, which)
     if getattr(ck.tokenizer, "chat", None) is None:
         raise ChatError(f"{run} has no chat template (it was not fine-tuned on conversations): use "
                         f"`gptforge sample {run}` for plain text, or fine-tune it on data from "
                         "`gptforge prepare FILE --chat`")
-    session = ChatSession(ck.model, ck.tokenizer, system=system, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, device=dev,
-                          dtype=pick_dtype(ck.config.train.dtype, dev))
+    session = ChatSession(ck.model, ck.tokenizer, system=system, max_new_tokens=max_new_tokens, params=params,
+                          device=dev, dtype=pick_dtype(ck.config.train.dtype, dev))
     if prompt is not None:
         session.reply(prompt, lambda text: (out.write(text), out.flush()))
         out.write("\n")

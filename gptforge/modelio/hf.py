@@ -53,7 +53,7 @@ _MAPPED = {"block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 
 
-def _transformers():
+def require_transformers():
     try:
         import transformers
     except ImportError:
@@ -107,7 +107,7 @@ def resolve_hf_source(name_or_dir: str | Path) -> Path:
         raise UserError(f"{name_or_dir} is neither a local directory nor a model name "
                         f"({', '.join(GPT2_HUB_IDS)}, or OWNER/NAME on the Hugging Face hub)")
     if importlib.util.find_spec("transformers") is None:  # the hint, without the second an import costs
-        _transformers()
+        require_transformers()
     where = "" if str(name_or_dir) in GPT2_HUB_IDS else f"{name_or_dir} is not a local directory, and "
     return _hub_snapshot(repo, where)
 
@@ -283,7 +283,7 @@ def _config_from_hf(c: Any) -> tuple[GPTConfig, str]:
 
 
 def _hf_config(cfg: GPTConfig, arch: str, eot_id: Optional[int]):
-    tf = _transformers()
+    tf = require_transformers()
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eot_id,
                   eos_token_id=eot_id, pad_token_id=None)
     if arch == "gpt2":
@@ -436,7 +436,7 @@ def _tokenizer_from_hf(src: Path, cfg: GPTConfig, arch: str) -> Tokenizer:
 
 def _read_hf(name_or_dir: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer, Path]:
     src = resolve_hf_source(name_or_dir)
-    tf = _transformers()
+    tf = require_transformers()
     try:
         hf_cfg = tf.AutoConfig.from_pretrained(src)
     except Exception as e:
@@ -512,7 +512,7 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
     from safetensors.torch import save_file
 
 
-    _transformers()
+    require_transformers()
     out = Path(out_dir)
     check_output_dir(out, overwrite, (Path(run_or_checkpoint), resolve_checkpoint(run_or_checkpoint, which)))
     ck = open_checkpoint(run_or_checkpoint, which)
@@ -541,7 +541,7 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
     def write(tmp: Path) -> None:
         hf_config.save_pretrained(tmp)
         stop = tok.eot_id if tok.chat is None else [tok.chat.end_id, tok.eot_id]  # a chat reply ends at <|end|>
-        _transformers().GenerationConfig(bos_token_id=tok.eot_id, eos_token_id=stop,
+        require_transformers().GenerationConfig(bos_token_id=tok.eot_id, eos_token_id=stop,
                                          suppress_tokens=padded or None).save_pretrained(tmp)
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         umask_mode(tmp / "model.safetensors")
@@ -572,7 +572,7 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
 def to_hf_model(model: torch.nn.Module, eot_id: Optional[int] = None):
     """Our GPT as an in-memory `transformers` model with the same weights (float32, eval mode, on the
     CPU): the conversion `export_hf` writes to disk, for side-by-side runs that need no files."""
-    tf = _transformers()
+    tf = require_transformers()
     cfg = model.config
     arch = hf_architecture(cfg)
     weights = _to_hf(cfg, arch, {k: v.float() for k, v in model_state(model).items()})

@@ -1,8 +1,8 @@
 """`gptforge serve`: an OpenAI-compatible HTTP server with continuous batching, and a web chat page.
 
-`app` holds the routes (FastAPI), `engine` the decode loop that batches every request onto one model,
+`app` holds the routes (FastAPI), `batcher` the decode loop that batches every request onto one model,
 `protocol` the request bodies, `connection` what a client connection may cost (read timeouts, a cap on open
-connections); `static/` the page served at /. This module is the verb: load a checkpoint, start the engine,
+connections); `static/` the page served at /. This module is the verb: load a checkpoint, start the batcher,
 bind the socket, run uvicorn. FastAPI and uvicorn are imported only here and below, so
 the rest of gptforge works without the `serve` extra.
 """
@@ -73,12 +73,12 @@ def build_server(run, *, device: str = "auto", which: str = "latest", api_key: O
                  cors: Optional[list[str]] = None, context_length: Optional[int] = None, max_tokens: int = 1024,
                  max_seqs: int = 16, max_queue: int = 64, max_request_bytes: int = 1 << 20,
                  prefill_chunk: int = 256):
-    """(app, engine) for a checkpoint: the engine's thread is started; close it with engine.close()."""
+    """(app, batcher) for a checkpoint: the batcher's thread is started; close it with batcher.close()."""
     _require_libraries()
     from gptforge.device import pick_device, pick_dtype
     from gptforge.modelio.load import load
     from gptforge.serve.app import Limits, create_app
-    from gptforge.serve.batcher import Engine
+    from gptforge.serve.batcher import Batcher
 
     _check_limits(max_tokens=max_tokens, max_seqs=max_seqs, max_queue=max_queue,
                   max_request_bytes=max_request_bytes, prefill_chunk=prefill_chunk)
@@ -87,13 +87,13 @@ def build_server(run, *, device: str = "auto", which: str = "latest", api_key: O
     block = ck.model.config.block_size
     if context_length is not None and not 2 <= context_length <= block:
         raise UserError(f"--context-length must be in [2, {block}] (the model's block_size), got {context_length}")
-    ck.model.eval()  # grad mode is per thread: the engine's own thread turns it off for itself
-    engine = Engine(ck.model, ck.tokenizer, dev, pick_dtype(ck.config.train.dtype, dev), max_seqs=max_seqs,
+    ck.model.eval()  # grad mode is per thread: the batcher's own thread turns it off for itself
+    batcher = Batcher(ck.model, ck.tokenizer, dev, pick_dtype(ck.config.train.dtype, dev), max_seqs=max_seqs,
                     max_queue=max_queue, prefill_chunk=prefill_chunk).start()
     limits = Limits(context_length or block, max_tokens, max_request_bytes)
     name = str(run) if not Path(str(run)).exists() else Path(str(run)).resolve().name
-    app = create_app(engine, ck.tokenizer, name, limits, api_key=api_key, cors=cors)
-    return app, engine
+    app = create_app(batcher, ck.tokenizer, name, limits, api_key=api_key, cors=cors)
+    return app, batcher
 
 
 def serve_checkpoint(run, *, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
@@ -111,7 +111,7 @@ def serve_checkpoint(run, *, host: str = "127.0.0.1", port: int = 8000, api_key:
     _check_limits(timeout_keep_alive=timeout_keep_alive, read_timeout=read_timeout, max_connections=max_connections)
     sock = _bind(host, port)  # before loading the model: a busy port fails in a second, not after the load
     try:
-        app, engine = build_server(run, api_key=api_key, cors=cors, **server_kw)
+        app, batcher = build_server(run, api_key=api_key, cors=cors, **server_kw)
     except BaseException:
         sock.close()
         raise
@@ -127,6 +127,6 @@ def serve_checkpoint(run, *, host: str = "127.0.0.1", port: int = 8000, api_key:
     try:
         server.run(sockets=[sock])
     finally:
-        engine.close()
+        batcher.close()
         sock.close()
     return 0

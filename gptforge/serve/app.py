@@ -1,6 +1,6 @@
 """The HTTP routes of `gptforge serve`: OpenAI's chat completions, completions and models, /health, the web page.
 
-The routes only parse, check limits, tokenize and format: generation happens on the engine's thread
+The routes only parse, check limits, tokenize and format: generation happens on the batcher's thread
 (gptforge.serve.batcher), which sends each choice's text back through an asyncio queue, so the event loop never
 waits on the model and /health answers at once during generation. Every error a client can cause is a JSON
 `{"error": {...}}` in OpenAI's shape with a 4xx status (validation errors are 400, not FastAPI's 422); an
@@ -26,8 +26,8 @@ from starlette.exceptions import HTTPException
 
 from gptforge.chat_template import render_conversation
 from gptforge.errors import UserError, one_line
-from gptforge.serve.batcher import Engine, EngineFull, Event
-from gptforge.serve.batcher import Request as EngineRequest
+from gptforge.serve.batcher import Batcher, Event, QueueFull
+from gptforge.serve.batcher import Request as BatchRequest
 from gptforge.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
 
 STATIC = Path(str(resources.files("gptforge") / "serve" / "static"))
@@ -53,7 +53,7 @@ class ApiError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# Building engine requests from HTTP ones
+# Building batcher requests from HTTP ones
 
 
 def _max_tokens(asked: Optional[int], prompt_len: int, limits: Limits, prompt_param: str) -> int:
@@ -74,25 +74,28 @@ def _max_tokens(asked: Optional[int], prompt_len: int, limits: Limits, prompt_pa
     return asked
 
 
-def _engine_request(body: SamplingFields, prompt: list[int], max_tokens: Optional[int], stop_ids: frozenset,
-                    limits: Limits, engine: Engine) -> tuple[EngineRequest, "asyncio.Queue[Event]"]:
-    if body.n > engine.max_seqs:
-        raise ApiError(400, f"n is {body.n}; this server decodes at most {engine.max_seqs} sequences at once", "n")
+def _batch_request(body: SamplingFields, prompt: list[int], max_tokens: Optional[int], stop_ids: frozenset,
+                    limits: Limits, batcher: Batcher) -> tuple[BatchRequest, "asyncio.Queue[Event]"]:
+    if body.n > batcher.max_seqs:
+        raise ApiError(400, f"n is {body.n}; this server decodes at most {batcher.max_seqs} sequences at once", "n")
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
-    def emit(ev: Event) -> None:  # runs on the engine's thread
+    def emit(ev: Event) -> None:  # runs on the batcher's thread
         try:
             loop.call_soon_threadsafe(events.put_nowait, ev)
         except RuntimeError:  # the event loop has closed: the server is shutting down
             pass
 
     param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-    req = EngineRequest(prompt, _max_tokens(max_tokens, len(prompt), limits, param), emit, n=body.n,
-                        temperature=body.temperature, top_k=body.top_k, top_p=None if body.top_p >= 1 else body.top_p,
-                        seed=body.seed, stop_ids=stop_ids, stop=tuple(body.stop or ()))
     try:
-        engine.submit(req)
-    except EngineFull as e:
+        params = body.sampling_params()
+    except UserError as e:  # the fields' own validators have already said most of it
+        raise ApiError(400, one_line(e), code="invalid_value") from None
+    req = BatchRequest(prompt, _max_tokens(max_tokens, len(prompt), limits, param), emit, n=body.n, params=params,
+                       stop_ids=stop_ids)
+    try:
+        batcher.submit(req)
+    except QueueFull as e:
         raise ApiError(429, str(e), code="server_busy") from None
     return req, events
 
@@ -150,7 +153,7 @@ def _usage(prompt_len: int, tokens: list[int]) -> dict[str, int]:
     return {"prompt_tokens": prompt_len, "completion_tokens": sum(tokens), "total_tokens": prompt_len + sum(tokens)}
 
 
-async def _collect(req: EngineRequest, events: "asyncio.Queue[Event]", http: Request) -> tuple[list, list, list]:
+async def _collect(req: BatchRequest, events: "asyncio.Queue[Event]", http: Request) -> tuple[list, list, list]:
     """Every choice's text, finish reason and token count; cancels the request if the client goes away."""
     n = req.n
     texts, reasons, tokens = [""] * n, [None] * n, [0] * n
@@ -177,11 +180,11 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _stream(req: EngineRequest, events: "asyncio.Queue[Event]", prompt_len: int, include_usage: bool,
+async def _stream(req: BatchRequest, events: "asyncio.Queue[Event]", prompt_len: int, include_usage: bool,
                   head: dict, choice, first: Optional[list[dict]]) -> AsyncIterator[str]:
     """Server-sent events: `first` chunks (the role, or an echoed prompt), text chunks, a finish chunk per
     choice, the usage chunk if asked, then [DONE]. A client that disconnects closes this generator, which
-    cancels the request: the engine frees its rows at its next step."""
+    cancels the request: the batcher frees its rows at its next step."""
     extra = {"usage": None} if include_usage else {}
     left, tokens = req.n, [0] * req.n
     try:
@@ -216,7 +219,7 @@ def _streaming(gen: AsyncIterator[str]) -> StreamingResponse:
 # The app
 
 
-def create_app(engine: Engine, tokenizer, model_name: str, limits: Limits, *, api_key: Optional[str] = None,
+def create_app(batcher: Batcher, tokenizer, model_name: str, limits: Limits, *, api_key: Optional[str] = None,
                cors: Optional[list[str]] = None) -> FastAPI:
     app = FastAPI(title="gptforge", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
@@ -240,7 +243,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, limits: Limits, *, ap
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: the same headers, no body (uvicorn drops it)
     async def health():
-        return {"status": "ok", "model": model_name, "running": engine.active}
+        return {"status": "ok", "model": model_name, "running": batcher.active}
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"], dependencies=auth)
     async def models():
@@ -250,10 +253,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, limits: Limits, *, ap
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, http: Request):
         prompt = _chat_prompt(tokenizer, body)
-        chat = tokenizer.chat
-        stop_ids = frozenset(chat.ids.values()) | ({tokenizer.eot_id} if tokenizer.eot_id is not None else set())
-        req, events = _engine_request(body, prompt, body.max_completion_tokens or body.max_tokens, stop_ids,
-                                      limits, engine)
+        stop_ids = tokenizer.chat.stop_ids(tokenizer.eot_id)
+        req, events = _batch_request(body, prompt, body.max_completion_tokens or body.max_tokens, stop_ids,
+                                     limits, batcher)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if body.stream:
             def choice(i, text, reason):
@@ -272,7 +274,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, limits: Limits, *, ap
     async def completions(body: CompletionRequest, http: Request):
         prompt, prompt_text = _completion_prompt(tokenizer, body)
         stop_ids = frozenset({tokenizer.eot_id} if tokenizer.eot_id is not None else ())
-        req, events = _engine_request(body, prompt, body.max_tokens, stop_ids, limits, engine)
+        req, events = _batch_request(body, prompt, body.max_tokens, stop_ids, limits, batcher)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
         echo = prompt_text if body.echo else ""

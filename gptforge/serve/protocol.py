@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from gptforge.device import check_seed
 from gptforge.errors import UserError
+from gptforge.infer.sampling import SamplingParams
 
 MAX_STOP = 16  # stop strings per request: each is searched for at every token
 # JSON's "\ud800" escapes give Python strings that are not text: no tokenizer or UTF-8 reply can carry them
@@ -79,6 +80,11 @@ class SamplingFields(BaseModel):
             return check_seed(v, "seed", count=info.data.get("n", 1), each="choice")
         except UserError as e:
             raise ValueError(str(e)) from None
+
+    def sampling_params(self) -> SamplingParams:
+        """The request's settings in the engine's form (top_p 1 is no filter); choice i draws from seed + i."""
+        return SamplingParams(self.temperature, self.top_k, None if self.top_p >= 1 else self.top_p, self.seed,
+                              tuple(self.stop or ())).validate(seeds=self.n, each="choice")
 
     @property
     def include_usage(self) -> bool:
