@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 SNAPSHOT = Path(__file__).with_name("cli_surface.json")
 
 
@@ -80,9 +82,16 @@ def current() -> dict[str, Any]:
 def test_the_flag_surface_is_the_snapshot():
     frozen = json.loads(SNAPSHOT.read_text())
     now = current()
-    for verb in sorted(set(frozen) | set(now)):
-        assert now.get(verb) == frozen.get(verb), (
-            f"`gptforge {verb}`'s flags changed; if on purpose: python tests/test_cli_surface.py --update")
+    assert list(now) == list(frozen), "the verbs changed"
+    for verb in frozen:
+        was, new = frozen[verb], now[verb]
+        if verb != "gptforge" and was != new:
+            flags = set(was["flags"]) | set(new["flags"])
+            changed = sorted(f for f in flags if was["flags"].get(f) != new["flags"].get(f))
+            changed += ["positionals"] if was["positionals"] != new["positionals"] else []
+            pytest.fail(f"`gptforge {verb}` changed: {', '.join(changed)}; if on purpose: "
+                        "python tests/test_cli_surface.py --update")
+        assert new == was, f"`gptforge {verb}` changed"
 
 
 if __name__ == "__main__":
