@@ -282,3 +282,184 @@ def test_the_command_ends_bad_input_in_one_line(tmp_path, tiny_run, args, messag
     assert r.stderr.startswith("gptforge: error: ") and message in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "r").exists()  # refused before a run directory was made
+
+
+# ---------------------------------------------------------------------------------------------- the flags
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], 'expected "verb" to be one of {prepare,train,eval,'),
+    (["bogus"], "argument verb: invalid choice: 'bogus' (choose from 'prepare', 'train',"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["prepare"], "the following arguments are required: prepare.source, prepare.out"),
+    (["prepare", "x"], "the following arguments are required: prepare.out"),
+    (["prepare", "x", "--out", "d", "--tokenizer", "nope"],
+     "argument --tokenizer: invalid choice: 'nope' (choose from 'char', 'gpt2', 'bpe')"),
+    (["prepare", "x", "--out", "d", "--chat", "nope"], "argument --chat: invalid choice: 'nope'"),
+    (["prepare", "x", "--out", "d", "--vocab-size", "abc"], "--vocab-size expects int or null, got 'abc'"),
+    (["prepare", "x", "--out", "d", "--shard-tokens", "1.5"], "--shard-tokens expects int, got '1.5'"),
+    (["prepare", "x", "--out"], "argument --out: expected one argument"),
+    (["prepare", "x", "y", "--out", "d"], "unrecognized arguments: y"),
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", "extra"], "unrecognized arguments: extra"),
+    (["train", "--dist", "nope"], "argument --dist: invalid choice: 'nope' (choose from 'ddp', 'fsdp')"),
+    (["train", "--model.bias", "maybe"], "--model.bias expects bool, got 'maybe'"),
+    (["train", "--optim.fused", "x"], "--optim.fused expects bool or null, got 'x'"),
+    (["train", "--train.max_iters", "1.5"], "--train.max_iters expects int, got '1.5'"),
+    (["train", "--out", "r", "--resume", "r2"], "r2 is not a run directory (no config.json)"),
+    (["train", "--data", "d"], "pass --out RUN_DIR for a new run, or --resume RUN_DIR"),
+    (["eval"], "the following arguments are required: eval.run"),
+    (["eval", "r", "s"], "unrecognized arguments: s"),
+    (["eval", "r", "--task", "nope"],
+     "argument --task: invalid choice: 'nope' (choose from 'loss', 'hellaswag', 'chat')"),
+    (["eval", "r", "--batch-size", "abc"], "--batch-size expects int, got 'abc'"),
+    (["eval", "r", "--limit", "x"], "--limit expects int or null, got 'x'"),
+    (["eval", "r", "--file", "f"], "--file and --limit apply to --task hellaswag and --task chat"),
+    (["eval", "r", "--task", "chat"], "--task chat needs --file CONVS.jsonl"),
+    (["report"], "the following arguments are required: report.run"),
+    (["report", "r", "--bogus"], "unrecognized arguments: --bogus"),
+    (["report", "a", "b"], "unrecognized arguments: b"),
+    (["sample"], "the following arguments are required: sample.run"),
+    (["sample", "r", "--num-samples", "abc"], "--num-samples expects int, got 'abc'"),
+    (["sample", "r", "--top-k", "abc"], "--top-k expects int or null, got 'abc'"),
+    (["sample", "r", "--temperature", "hot"], "--temperature expects float, got 'hot'"),
+    (["sample", "r", "--max_new_tokens", "5"], "unrecognized arguments: --max_new_tokens 5"),  # dashes only
+    (["sample", "r", "-p", "x"], "unrecognized arguments: -p x"),  # -p is chat's
+    (["chat"], "the following arguments are required: chat.run"),
+    (["chat", "r", "--max-new-tokens", "x"], "--max-new-tokens expects int, got 'x'"),
+    (["chat", "r", "--top-p", "x"], "--top-p expects float or null, got 'x'"),
+    (["chat", "r", "-p"], "argument -p/--prompt: expected one argument"),
+    (["chat", "r", "--json"], "unrecognized arguments: --json"),
+    (["serve"], "the following arguments are required: serve.run"),
+    (["serve", "r", "--port", "abc"], "--port expects int, got 'abc'"),
+    (["serve", "r", "--read-timeout", "x"], "--read-timeout expects float, got 'x'"),
+    (["serve", "r", "--context-length", "x"], "--context-length expects int or null, got 'x'"),
+    (["serve", "r", "--cors"], "argument --cors: expected one argument"),
+    (["serve", "r", "--api_key", "k"], "unrecognized arguments: --api_key k"),
+    (["export"], "the following arguments are required: export.run, export.out"),
+    (["export", "r"], "the following arguments are required: export.out"),
+    (["export", "r", "o", "--to", "gguf"], "argument --to: invalid choice: 'gguf' (choose from 'hf')"),
+    (["export", "r", "o", "p"], "unrecognized arguments: p"),
+    (["import"], "the following arguments are required: import.source, import.out"),
+    (["import", "s"], "the following arguments are required: import.out"),
+    (["import", "s", "--out", "o", "--bogus"], "unrecognized arguments: --bogus"),
+    (["quickstart", "--time-budget", "x"], "--time-budget expects float or null, got 'x'"),
+    (["quickstart", "--max-iters", "x"], "--max-iters expects int or null, got 'x'"),
+    (["quickstart", "pos"], "unrecognized arguments: pos"),
+    (["quickstart", "--time-budget", "3", "--max-iters", "3", "--out", "qs"],
+     "give --time-budget or --max-iters, not both"),
+    (["bench", "--steps", "x"], "--steps expects int or null, got 'x'"),
+    (["bench", "--min-time", "x"], "--min-time expects float, got 'x'"),
+    (["bench", "--resume", "r"], "unrecognized arguments: --resume r"),
+    (["bench", "--dist", "ddp"], "unrecognized arguments: --dist ddp"),
+    (["bench", "--model.n_layer", "x"], "--model.n_layer expects int, got 'x'"),
+    (["bench", "--generate", "--steps", "3"], "--steps applies to the training benchmark (without --generate)"),
+    (["bench", "--batch-sizes", "1"], "--batch-sizes applies to --generate"),
+    (["presets", "x"], "unrecognized arguments: x"),
+    (["presets", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_every_verb_says_a_flag_mistake_in_one_line(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("gptforge: error: ") and message in captured.err, captured.err
+    assert captured.err.count("\n") == 1 and captured.out == ""
+    assert not (tmp_path / "qs").exists()
+
+
+def test_help_and_version_for_every_verb(capsys):
+    from gptforge.cli import VERBS
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("gptforge ")
+    for verb in VERBS:
+        assert main([verb, "--help"]) == 0 and main([verb, "-h"]) == 0, verb
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: gptforge [options] {verb}"), out
+    assert main(["sample", "--help"]) == 0
+    out = capsys.readouterr().out
+    for spelling in ("--max-new-tokens MAX_NEW_TOKENS", "--top-k TOP_K", "--num-samples", "--no-kv-cache", "run "):
+        assert spelling in out
+    assert "_new_tokens " not in out and "--no_kv" not in out  # the dashed spelling only
+    assert main(["chat", "--help"]) == 0 and "-p PROMPT, --prompt PROMPT" in capsys.readouterr().out
+    assert main(["serve", "--help"]) == 0 and "--cors ORIGIN" in capsys.readouterr().out
+
+
+def parse(argv):
+    return build_parser(train_defaults(argv) if argv[0] in ("train", "bench") else None).parse_args(argv)[argv[0]]
+
+
+def test_flags_parse_as_spelled():
+    s = parse(["sample", "r", "--top-k", "null", "--num-samples", "2", "--max-new-tokens", "9", "--no-kv-cache",
+               "--greedy", "--top-p", "0.5", "--prompt", "null"])
+    assert (s.run, s.top_k, s.num_samples, s.max_new_tokens, s.no_kv_cache, s.greedy, s.top_p, s.best) == \
+        ("r", None, 2, 9, True, True, 0.5, False)
+    assert s.prompt == "null"  # text flags take text as typed
+    assert parse(["chat", "r", "-p", "hi"]).prompt == "hi"
+    e = parse(["export", "--best", "r", "o"])  # a switch takes no value, even before the positionals
+    assert (e.run, e.out, e.best, e.to) == ("r", "o", True, "hf")
+    sv = parse(["serve", "r", "--cors", "http://a", "--cors", "http://b", "--api-key", "k", "--max-seqs", "4"])
+    assert (sv.cors, sv.api_key, sv.max_seqs, sv.max_request_bytes) == (["http://a", "http://b"], "k", 4, 1 << 20)
+    t = parse(["train", "-v", "-q", "--init-from", "gpt2", "--dist", "ddp", "--model.n_layer", "3"])
+    assert (t.verbose, t.quiet, t.init_from, t.dist, t.model.n_layer) == (True, True, "gpt2", "ddp", 3)
+    b = parse(["bench", "--generate", "--batch-sizes", "1,2", "--prompt-len", "8", "--compare-hf", "--threads", "1"])
+    assert (b.generate, b.batch_sizes, b.prompt_len, b.compare_hf, b.threads, b.repeats) == (True, "1,2", 8, True, 1, 3)
+    p = parse(["prepare", "x", "--out", "d", "--chat", "auto", "--val-fraction", "0.2", "--text-field", "body"])
+    assert (p.source, p.out, p.chat, p.val_fraction, p.text_field, p.tokenizer) == \
+        ("x", "d", "auto", 0.2, "body", "char")
+
+
+def test_the_verbs_call_the_library_with_the_flags(monkeypatch, capsys):
+    """Each verb hands its flags to the library function it wraps (`--best` is which="best", ...)."""
+    import gptforge.infer.chat
+    import gptforge.infer.sample
+    import gptforge.modelio.hf
+    import gptforge.serve
+
+    calls = {}
+
+    def record(name, result):
+        def fn(*args, **kwargs):
+            calls[name] = (args, kwargs)
+            return result
+        return fn
+
+    monkeypatch.setattr(gptforge.infer.sample, "sample_checkpoint", record("sample", ["ab"]))
+    monkeypatch.setattr(gptforge.infer.chat, "chat_checkpoint", record("chat", 0))
+    monkeypatch.setattr(gptforge.serve, "serve_checkpoint", record("serve", 0))
+    monkeypatch.setattr(gptforge.modelio.hf, "export_hf", record("export", {"path": "o", "architecture": "A",
+                                                                             "vocab_size": 65, "tokenizer": None}))
+    assert main(["sample", "r", "--prompt", "a", "--greedy", "--no-kv-cache", "--best", "--json", "--seed", "3"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"prompt": "a", "samples": ["ab"]}
+    args, kw = calls["sample"]
+    assert args == ("r", "a") and kw["temperature"] == 0.0 and kw["use_kv_cache"] is False
+    assert (kw["which"], kw["seed"], kw["top_k"], kw["out"]) == ("best", 3, 200, None)
+    assert main(["chat", "r", "-p", "hi", "--system", "be brief", "--top-k", "null"]) == 0
+    assert calls["chat"] == (("r",), {"prompt": "hi", "system": "be brief", "max_new_tokens": 256, "temperature": 0.8,
+                                      "top_k": None, "top_p": None, "seed": 1337, "which": "latest", "device": "auto"})
+    assert main(["serve", "r", "--port", "0", "--cors", "http://x", "--max-queue", "5", "--best"]) == 0
+    kw = calls["serve"][1]
+    assert (kw["port"], kw["cors"], kw["max_queue"], kw["which"], kw["api_key"]) == (0, ["http://x"], 5, "best", None)
+    assert main(["export", "r", "o"]) == 0
+    assert capsys.readouterr().out == "wrote o: A, vocab 65, tokenizer none (see README.md there)\n"
+    assert calls["export"] == (("r", "o"), {"which": "latest", "overwrite": False})
+
+
+def test_the_verbs_are_python_functions(tmp_path, capsys):
+    from gptforge import verbs
+    from gptforge.errors import UserError
+
+    assert verbs.presets() == 0 and "shakespeare-char-cpu" in capsys.readouterr().out
+    with pytest.raises(UserError, match="unknown field"):  # a section's fields go over the preset's
+        verbs.train(data="d", out=str(tmp_path / "r"), preset="shakespeare-char-cpu", model={"n_layers": 3})
+    with pytest.raises(UserError, match="no data"):
+        verbs.train(out=str(tmp_path / "r"), preset="shakespeare-char-cpu", train={"max_iters": 3})
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.integration
+def test_help_and_flag_mistakes_do_not_load_torch():
+    script = ("import sys\nfrom gptforge.cli import main\n"
+              "codes = [main(['--help']), main(['sample', 'r', '--top-k', 'x']), main(['train', '--bogus'])]\n"
+              "print(*codes, 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split()[-4:] == ["0", "2", "2", "False"], r.stdout + r.stderr
