@@ -4,7 +4,7 @@ The loop asks its task for `batches(seed, rank, world_size, accum)` (a source wh
 every checkpoint), `loss(model, x, y)` and `eval_loss(model, split, ...)`, and nothing else. `LMTask` is
 next-token prediction on token streams (pretraining). `ChatTask` is fine-tuning on conversations, the loss on
 the assistant's tokens only: it supplies targets of -1 where nothing is learned, which the model's loss
-ignores, through the same methods, so the loop has no branch for it.
+ignores, through the same methods, so the loop has no branch for it; both take the training loss from `Task`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gptforge.data.chat_loader import ChatBatches, batch_of, pack
 from gptforge.data.loader import RandomBatches, SlotLoader
+from gptforge.device import autocast
+from gptforge.dist import all_reduce_sum
 from gptforge.errors import UserError
 from gptforge.evaluate import EVAL_SEED, EvalResult, estimate_loss, evaluate_tokens
+from gptforge.progress import eval_bar
 
 
 class BatchSource(Protocol):
@@ -31,7 +35,19 @@ class BatchSource(Protocol):
     def load_states(self, all_states: list[dict[str, Any]]) -> bool: ...
 
 
-class LMTask:
+class Task:
+    """What every task shares: `splits` (name -> token stream), the batch and block size, and the training loss,
+    the model's own (targets of -1 count for nothing). A task adds `batches`, `eval_loss` and `full_val`."""
+
+    splits: dict[str, Any]
+    batch_size: int
+    block_size: int
+
+    def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model(x, y)
+
+
+class LMTask(Task):
     """Next-token prediction on the train and val token streams of a data directory."""
 
     def __init__(self, train_tokens, val_tokens, *, sampling: str, batch_size: int, block_size: int):
@@ -42,9 +58,6 @@ class LMTask:
     def batches(self, seed: int, rank: int, world_size: int, accum: int) -> BatchSource:
         return SlotLoader(self.splits["train"], self.sampling, self.batch_size, self.block_size, seed, rank,
                           world_size, accum)
-
-    def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return model(x, y)
 
     def eval_loss(self, model: torch.nn.Module, split: str, *, batches: int, device: torch.device,
                   dtype: torch.dtype, rank: int = 0, world_size: int = 1, progress: bool = False) -> float:
@@ -62,18 +75,16 @@ class LMTask:
                                progress=progress)
 
 
-class ChatTask:
+class ChatTask(Task):
     """Supervised fine-tuning on conversations: the loss (train and val) counts only the assistant's tokens.
 
     The splits' conversations are packed whole into rows of block_size + 1 tokens (gptforge.data.chat_loader:
     none is cut where it fits; a longer one is truncated to the context, and counted); targets are -1 where
-    the loss mask is 0, which the model's loss ignores, so `loss` is LMTask's."""
+    the loss mask is 0, which the model's loss ignores, so `loss` is every task's."""
 
     def __init__(self, splits: dict[str, tuple[Any, Any]], *, bos_id: int, sampling: str, batch_size: int,
                  block_size: int, log=None):
         """`splits`: name -> (tokens, mask) for "train" and "val"; `log` is told about truncated conversations."""
-        from gptforge.data.chat_loader import pack
-
         self.splits = {name: tokens for name, (tokens, _) in splits.items()}  # as LMTask's: the token streams
         self.masks = {name: mask for name, (_, mask) in splits.items()}
         self.sampling, self.batch_size, self.block_size = sampling, batch_size, block_size
@@ -89,25 +100,15 @@ class ChatTask:
                     "the assistant says fits)")
 
     def batches(self, seed: int, rank: int, world_size: int, accum: int) -> BatchSource:
-        from gptforge.data.chat_loader import ChatBatches
-
         tokens, mask = self.splits["train"], self.masks["train"]
         return ChatBatches(tokens, mask, self.packed["train"].rows, window=self.window, batch_size=self.batch_size,
                            sampling=self.sampling, seed=seed, rank=rank, world_size=world_size, accum=accum)
-
-    def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return model(x, y)
 
     @torch.no_grad()
     def _masked_loss(self, model: torch.nn.Module, split: str, rows: list, *, device: torch.device,
                      dtype: torch.dtype, rank: int, world_size: int, progress: bool, desc: str) -> tuple[float, int]:
         """(mean loss over the learned targets of `rows`, their number); rows dealt round-robin over ranks in
         batches, every rank running the same number of forwards, the sums reduced."""
-        from gptforge.data.chat_loader import batch_of
-        from gptforge.device import autocast
-        from gptforge.dist import all_reduce_sum
-        from gptforge.progress import eval_bar
-
         tokens, mask = self.splits[split], self.masks[split]
         groups = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
         per_rank = -(-len(groups) // world_size)
