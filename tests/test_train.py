@@ -88,8 +88,9 @@ def test_gradient_accumulation_averages_micro_batches(tmp_path, data_dir):
     assert grad_accum_steps(cfg, 1) == 2
     train(cfg, tmp_path / "acc", log=quiet)
 
+    cfg = RunConfig.from_dict(json.loads((tmp_path / "acc" / "config.json").read_text()))  # train leaves cfg as it was
     torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model)
+    model = GPT(cfg.model)  # the run's model: with the vocabulary train resolved from the data
     opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
     loader = SlotLoader(open_data(data_dir).tokens("train"), "random", 4, 16, cfg.train.seed, 0, 1, 2)
     for step in range(3):
@@ -131,6 +132,19 @@ def test_metrics_rows_and_run_directory(tmp_path, data_dir):
     best = load_checkpoint(run, which="best")
     assert best.state["val_loss"] == pytest.approx(min(r["val_loss"] for r in eval_rows[1:]))
     assert result.best_val_loss == min(r["val_loss"] for r in eval_rows)
+
+
+def test_train_leaves_the_callers_config_as_it_was(tmp_path, data_dir):
+    """The vocabulary and --init-from's shape are resolved into a new config (config.json has it), not into cfg."""
+    cfg = tiny_config(data_dir, max_iters=2)
+    before = cfg.to_dict()
+    train(cfg, tmp_path / "run", log=quiet)
+    assert cfg.to_dict() == before and cfg.model.vocab_size is None
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["vocab_size"] is not None
+    ft = tiny_config(data_dir, max_iters=1, init_from=str(tmp_path / "run"))
+    ft.model.n_layer = 5  # the shape comes from the run, into the new run's config only
+    train(ft, tmp_path / "ft", log=quiet)
+    assert ft.model.n_layer == 5 and load_checkpoint(tmp_path / "ft").config.model.n_layer == 2
 
 
 def test_loss_falls(tmp_path, data_dir):

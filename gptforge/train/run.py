@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from contextlib import ExitStack
 from pathlib import Path
@@ -30,7 +31,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     called after every optimizer step; a truthy return value stops the run as a signal would (a
     checkpoint is written), which is how tests interrupt a run at an exact step. `verbosity` 0 logs only
     notes and the end, 1 a start-up summary, the time estimate and a line every train.log_interval steps,
-    2 also the whole config and every step. `progress` draws a live line on a terminal (stderr).
+    2 also the whole config and every step. `progress` draws a live line on a terminal (stderr). `cfg` itself
+    is left as it is; config.json and the checkpoints hold the resolved config (vocabulary, --init-from's shape).
     """
     from gptforge.optim import eager_optimizers
 
@@ -67,11 +69,14 @@ def build_trainer(cfg: RunConfig, rd: RunDir, world: dist.DistInfo, device, log:
 
     data = open_data_dir(cfg)
     tokenizer = data.tokenizer()
-    pretrained = load_init(cfg, tokenizer) if cfg.train.init_from and rd.resume_from is None else None
-    set_vocab(cfg, data.vocab_size)
+    pretrained = None
+    if cfg.train.init_from and rd.resume_from is None:
+        pretrained, model_cfg = load_init(cfg, tokenizer)
+        cfg = dataclasses.replace(cfg, model=model_cfg)
+    cfg = set_vocab(cfg, data.vocab_size)
     dtype = pick_dtype(cfg.train.dtype, device)
     check_memory_fits(cfg, device, dtype, world.world_size)  # before a window or a weight is allocated
-    task = make_task(cfg, data, tokenizer)  # after load_init: the windows are the pretrained model's block size
+    task = make_task(cfg, data, tokenizer, world)  # after load_init: windows of the pretrained model's block size
     if rd.resume_from is not None:
         check_resumable(cfg, rd.resume_from, tokenizer)
     accum = grad_accum_steps(cfg, world.world_size)

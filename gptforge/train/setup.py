@@ -1,6 +1,9 @@
 """Setting a run up, in the order it happens: the run directory, the data, the model, and the restore of a
 checkpoint. Each is a function of its own, so each can be read and tested alone; `run.train` calls them in turn.
 
+None of them changes the config it is given: `set_vocab` returns a new one, `load_init` the model config of
+the weights it loads (the caller puts it in with `dataclasses.replace`).
+
 Nothing already on disk is removed until every check has passed: a previous run that `--overwrite` (or a
 restart of a run that never wrote a checkpoint) replaces is moved aside by `RunDir.start`, and deleted only
 once the new run's config.json is written.
@@ -20,14 +23,18 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from gptforge.modelio import checkpoint as ckpt_io
 from gptforge import dist
-from gptforge.config import ConfigError, RunConfig, save_json
+from gptforge.chat_template import add_chat_template
+from gptforge.config import ConfigError, GPTConfig, RunConfig, save_json
+from gptforge.data.loader import open_data
+from gptforge.device import check_memory, format_bytes, seed_everything
 from gptforge.errors import UserError, one_line
 from gptforge.files import atomic_write, check_apart, temp_sibling
 from gptforge.model import GPT
+from gptforge.modelio import checkpoint as ckpt_io
+from gptforge.tokenizer import load_tokenizer
 from gptforge.train.state import TrainState
-from gptforge.train.task import BatchSource, ChatTask, LMTask
+from gptforge.train.task import BatchSource, ChatTask, LMTask, Task
 
 CHECKPOINTS = ("latest", "best", ".latest.old", ".best.old")
 RUN_FILES = ("config.json", "metrics.jsonl", "tensorboard", *CHECKPOINTS)
@@ -146,18 +153,16 @@ def trim_metrics(path: Path, after_step: int) -> None:
 
 def open_data_dir(cfg: RunConfig):
     """The data directory, checked (see gptforge.data.loader.open_data)."""
-    from gptforge.data.loader import open_data
-
     if not cfg.data.dir:
         raise UserError("no data: pass --data DATA_DIR (a directory written by `gptforge prepare`)")
     return open_data(cfg.data.dir)
 
 
-def make_task(cfg: RunConfig, data, tokenizer):
+def make_task(cfg: RunConfig, data, tokenizer, world: dist.DistInfo) -> Task:
     """The task on the data's train and val splits, in the final model's block size (after --init-from): a
     ChatTask (SFT, the loss on the assistant's tokens) for chat data, else an LMTask."""
     if getattr(data, "kind", "tokens") == "chat":
-        say = print if os.environ.get("RANK", "0") == "0" else None  # once, not once per process
+        say = print if world.is_main else None  # once, not once per process
         return ChatTask({s: (data.tokens(s), data.mask(s)) for s in ("train", "val")},
                         bos_id=tokenizer.chat.bos_id, sampling=cfg.train.sampling,
                         batch_size=cfg.train.batch_size, block_size=cfg.model.block_size, log=say)
@@ -165,12 +170,15 @@ def make_task(cfg: RunConfig, data, tokenizer):
                   batch_size=cfg.train.batch_size, block_size=cfg.model.block_size)
 
 
-def set_vocab(cfg: RunConfig, data_vocab: int) -> None:
+def set_vocab(cfg: RunConfig, data_vocab: int) -> RunConfig:
+    """`cfg` with a model vocabulary for the data's `data_vocab` tokens: padded (see pad_vocab) when unset,
+    checked when given."""
     if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = pad_vocab(data_vocab)
-    elif cfg.model.vocab_size < data_vocab:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=pad_vocab(data_vocab)))
+    if cfg.model.vocab_size < data_vocab:
         raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the data's vocabulary "
                           f"({data_vocab} tokens)")
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,8 +209,6 @@ def memory_needed(cfg: RunConfig, dtype: torch.dtype, world_size: int = 1) -> di
 def check_memory_fits(cfg: RunConfig, device: torch.device, dtype: torch.dtype, world_size: int) -> None:
     """Refuse, before the model is built, a run whose floor (`memory_needed`) exceeds the device's free memory;
     on a CPU every process of this machine shares it."""
-    from gptforge.device import check_memory, format_bytes
-
     parts = memory_needed(cfg, dtype, world_size)
     per_host = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
     need = sum(parts.values()) * per_host
@@ -214,10 +220,10 @@ def check_memory_fits(cfg: RunConfig, device: torch.device, dtype: torch.dtype, 
                  "accumulation steps grow to keep the total)")
 
 
-def load_init(cfg: RunConfig, tokenizer) -> torch.nn.Module:
-    """The weights of --train.init_from: GPT-2 / a Hugging Face directory, a nanoGPT ckpt.pt, or a gptforge run
-    or checkpoint. Sets cfg.model to their shape, keeping this run's dropout and attention (and, for Hugging
-    Face sources, a shorter block_size: learned positions are cropped)."""
+def load_init(cfg: RunConfig, tokenizer) -> tuple[torch.nn.Module, GPTConfig]:
+    """The weights of --train.init_from (GPT-2 / a Hugging Face directory, a nanoGPT ckpt.pt, or a gptforge run
+    or checkpoint) and the model config of their shape, with this run's dropout and attention (and, for Hugging
+    Face sources, a shorter block_size: learned positions are cropped); `cfg` is left as it was."""
     from gptforge.modelio import load
 
     source = cfg.train.init_from
@@ -227,15 +233,12 @@ def load_init(cfg: RunConfig, tokenizer) -> torch.nn.Module:
         raise UserError(f"--init-from {source} uses its own {init_tok.kind} tokenizer ({init_tok.vocab_size} tokens), "
                         f"not the one the data in {cfg.data.dir} was prepared with; prepare the data with the same "
                         "tokenizer (for GPT-2: gptforge prepare SOURCE --tokenizer gpt2)")
-    cfg.model = model_cfg
-    return model
+    return model, model_cfg
 
 
 def _adds_chat_markers(init_tok, tokenizer) -> bool:
     """The data's tokenizer is the init model's plus the chat markers (SFT of a base model): the markers take
     ids the model already has rows for (GPT-2's padded slots; see gptforge.chat_template)."""
-    from gptforge.chat_template import add_chat_template
-
     if tokenizer.chat is None or init_tok.chat is not None:
         return False
     return add_chat_template(init_tok).fingerprint() == tokenizer.fingerprint()
@@ -243,8 +246,6 @@ def _adds_chat_markers(init_tok, tokenizer) -> bool:
 
 def check_resumable(cfg: RunConfig, ckpt: Path, tokenizer) -> None:
     """The run being resumed must be the one in the checkpoint: same model, same tokenizer."""
-    from gptforge.tokenizer import load_tokenizer
-
     if ckpt_io.read_config(ckpt).model != cfg.model:
         raise UserError(f"the model config differs from the checkpoint's in {ckpt}; model fields cannot change on resume")
     if load_tokenizer(ckpt).fingerprint() != tokenizer.fingerprint():
@@ -254,8 +255,6 @@ def check_resumable(cfg: RunConfig, ckpt: Path, tokenizer) -> None:
 def build_model(cfg: RunConfig, pretrained: Optional[torch.nn.Module], resume_from: Optional[Path],
                 device: torch.device, world: dist.DistInfo) -> torch.nn.Module:
     """The plain (unwrapped) model on its device: fresh, pretrained, or with the weights being resumed."""
-    from gptforge.device import seed_everything
-
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     if resume_from is not None:  # shapes checked against the file before anything is allocated
         raw = ckpt_io.load_model(resume_from, cfg.model)  # before wrapping: FSDP then shards what was loaded
