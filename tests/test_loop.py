@@ -11,7 +11,7 @@ from gptforge.errors import UserError
 from gptforge.model import GPT
 from gptforge.optim import build_optimizer, describe_schedule, lr_at
 from gptforge.progress import StepProgress
-from gptforge.train import LMTask, Trainer, TrainState
+from gptforge.train import Compute, LMTask, ModelParts, RunLog, Trainer, TrainState
 
 
 def make_trainer(max_iters=8, task=None, **train_kw) -> Trainer:
@@ -26,8 +26,8 @@ def make_trainer(max_iters=8, task=None, **train_kw) -> Trainer:
     tokens = (np.arange(2000) % 29).astype(np.uint16)  # a periodic stream: easy to learn
     task = task or LMTask(tokens[:1600], tokens[1600:], sampling="random", batch_size=4, block_size=8)
     opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
-    return Trainer(cfg, model=model, raw=model, optimizer=opt, task=task, device=torch.device("cpu"),
-                   dtype=torch.float32, log=lambda m: None)
+    return Trainer(cfg, ModelParts(model, opt), task, Compute(torch.device("cpu"), torch.float32),
+                   log=RunLog(cfg.train, say=lambda m: None))
 
 
 def test_train_step_advances_state_and_follows_the_schedule():
@@ -65,6 +65,40 @@ def test_stop_decision_on_step_callback_and_stop_after():
     tr3 = make_trainer(max_iters=6, stop_after=6)
     result = tr3.fit()
     assert result.interrupted is None and tr3.state.last_eval_step == 6
+
+
+class RecordingCheckpointer:
+    """Stands in for the Checkpointer: records what `fit` asks it to keep, and when."""
+
+    run_dir, enabled = None, True
+
+    def __init__(self):
+        self.calls = []
+
+    def save(self, raw, optimizer, batches, train_state):
+        self.calls.append(("latest", train_state()["step"]))
+
+    def mark_best(self, val_loss, step):
+        self.calls.append(("best", step))
+
+
+def test_fit_saves_after_each_evaluation_but_the_first_and_marks_each_new_best():
+    tr = make_trainer(max_iters=8)
+    tr.checkpointer = RecordingCheckpointer()
+    tr.fit()
+    latest = [step for kind, step in tr.checkpointer.calls if kind == "latest"]
+    best = [step for kind, step in tr.checkpointer.calls if kind == "best"]
+    assert latest == [4, 8]  # eval_interval 4; the evaluation at step 0 has nothing to keep
+    assert best == [4, 8]  # a periodic stream: the val loss falls at every evaluation
+    assert tr.checkpointer.calls.index(("latest", 4)) < tr.checkpointer.calls.index(("best", 4))
+
+
+def test_a_stop_saves_latest_without_an_evaluation():
+    tr = make_trainer(max_iters=50)
+    tr.checkpointer = RecordingCheckpointer()
+    tr.on_step = lambda step, row: step == 6
+    assert tr.fit().interrupted == "STOP"
+    assert tr.checkpointer.calls == [("latest", 4), ("best", 4), ("latest", 6)]
 
 
 def test_eval_at_start_false_spends_step_zero_training():
@@ -123,17 +157,17 @@ def test_mfu_never_exceeds_one(monkeypatch):
     import gptforge.device as device
 
     tr = make_trainer()
-    tr.peak = 1.0  # a peak far too low, as when the machine was busy at start-up
+    tr.log.peak = 1.0  # a peak far too low, as when the machine was busy at start-up
     monkeypatch.setattr(device, "measure_peak_flops", lambda d, t: 2.0)
     row = tr.train_step()
-    assert row["mfu"] is None and tr.peak == 2.0  # measured again, and still not believable: left out
+    assert row["mfu"] is None and tr.log.peak == 2.0  # measured again, and still not believable: left out
 
 
 def test_time_estimate_names_a_gpu_for_hours_on_a_cpu():
     tr = make_trainer(max_iters=100_000)
-    tr._step_times = [9.0, 10.0, 10.0]
+    tr.log.step_times = [9.0, 10.0, 10.0]
     tr.state.step = 3
-    line = tr.time_estimate()
+    line = tr.log.time_estimate(tr.state.step, tr.elapsed)
     assert "10 s/step" in line and "GPU" in line and "h" in line
 
 

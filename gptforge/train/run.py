@@ -1,11 +1,16 @@
 """`train(cfg, run_dir)`: the whole of `gptforge train`, as set-up steps and then the loop.
 
-    open_run_dir -> open_data_dir -> load_init -> make_task -> build_model -> wrap + optimizer -> restore -> RunDir.start -> Trainer.fit
+    open_run_dir -> open_data_dir -> load_init -> set_vocab -> make_task -> build_model -> wrap + optimizer
+    -> restore -> RunDir.start -> Trainer(parts, compute, RunLog, Validator, Checkpointer).fit
+
+The config a caller passes is never changed: the set-up steps return the resolved one, which the run directory,
+the checkpoints and the Trainer get.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from contextlib import ExitStack
 from pathlib import Path
@@ -13,12 +18,19 @@ from typing import Any, Callable, Optional
 
 from gptforge import dist
 from gptforge.config import RunConfig
+from gptforge.device import peak_flops, pick_dtype, setup_backends
+from gptforge.hellaswag import load_for_training
+from gptforge.loggers import make_logger
+from gptforge.optim import build_optimizer, describe_schedule, eager_optimizers
 from gptforge.progress import StepProgress, is_terminal
-from gptforge.train.loop import Trainer
+from gptforge.train.checkpointer import Checkpointer
+from gptforge.train.loop import Compute, ModelParts, Trainer
+from gptforge.train.metrics import RunLog
 from gptforge.train.setup import (RunDir, build_model, check_inputs_apart, check_memory_fits, check_resumable,
                                   grad_accum_steps, load_init, make_task, open_data_dir, open_run_dir, restore,
                                   set_vocab, trim_metrics)
 from gptforge.train.state import TrainResult
+from gptforge.train.validate import Validator
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -34,8 +46,6 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     2 also the whole config and every step. `progress` draws a live line on a terminal (stderr). `cfg` itself
     is left as it is; config.json and the checkpoints hold the resolved config (vocabulary, --init-from's shape).
     """
-    from gptforge.optim import eager_optimizers
-
     run_dir = Path(run_dir)
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before anything is started: bad values fail fast
     world, device = dist.init(cfg.train.device)
@@ -63,10 +73,6 @@ def _silent(msg: str) -> None:
 def build_trainer(cfg: RunConfig, rd: RunDir, world: dist.DistInfo, device, log: Callable[[str], None],
                   on_step, *, verbosity: int = 1, progress: bool = False) -> Trainer:
     """Every set-up step, in order; the run directory is touched only at the end, by `rd.start`."""
-    from gptforge.device import peak_flops, pick_dtype, setup_backends
-    from gptforge.loggers import make_logger
-    from gptforge.optim import build_optimizer
-
     data = open_data_dir(cfg)
     tokenizer = data.tokenizer()
     pretrained = None
@@ -93,52 +99,50 @@ def build_trainer(cfg: RunConfig, rd: RunDir, world: dist.DistInfo, device, log:
             trim_metrics(rd.path / "metrics.jsonl", state.step)
     hs_examples = None
     if cfg.eval.hellaswag_every:
-        from gptforge.hellaswag import load_for_training
-
         hs_examples = load_for_training(tokenizer, cfg.eval.hellaswag_file, cfg.eval.hellaswag_limit)
     # Only rank 0 reports to a tracker; a missing package or a failed `wandb login` fails here, before the
     # previous run (with --overwrite) is gone: RunDir.start puts it back.
     tracker = rd.start(cfg, lambda: make_logger(cfg.train.logger if world.is_main else "none", rd.path, cfg.to_dict(),
                                                 project=cfg.train.wandb_project, run_name=cfg.train.run_name))
-    trainer = Trainer(cfg, model=model, raw=raw, optimizer=optimizer, task=task, device=device, dtype=dtype,
-                      world=world, accum=accum, state=state, batches=batches,
-                      eval_model=dist.eval_module(model, raw, mode), tokenizer=tokenizer, run_dir=rd.path,
-                      tracker=tracker, hellaswag_examples=hs_examples, peak_flops=peak_flops(device, dtype), log=log,
-                      on_step=on_step, verbosity=verbosity)
-    _log_start(trainer, rd)
+    run_log = RunLog(cfg.train, say=log, verbosity=verbosity, tracker=tracker,
+                     metrics_path=rd.path / "metrics.jsonl" if world.is_main else None)
+    eval_model = dist.eval_module(model, raw, mode)
+    validator = Validator(task, eval_model, device, dtype, world, eval_iters=cfg.train.eval_iters, tokenizer=tokenizer,
+                          hellaswag_examples=hs_examples, hellaswag_batch_size=cfg.eval.hellaswag_batch_size)
+    trainer = Trainer(cfg, ModelParts(model, optimizer, raw=raw), task,
+                      Compute(device, dtype, world, accum, peak_flops=peak_flops(device, dtype)),
+                      state=state, batches=batches, log=run_log, validator=validator,
+                      checkpointer=Checkpointer(rd.path, cfg, tokenizer, world), on_step=on_step)
+    _log_start(trainer, rd, tokenizer)
     if progress:  # after the summary, so the live line stays below it
-        trainer.progress = StepProgress(max_iters=cfg.train.max_iters, time_budget=cfg.train.time_budget,
+        run_log.progress = StepProgress(max_iters=cfg.train.max_iters, time_budget=cfg.train.time_budget,
                                         initial_step=trainer.state.step, initial_elapsed=trainer.state.elapsed_s)
     return trainer
 
 
-def _log_start(trainer: Trainer, rd: RunDir) -> None:
+def _log_start(trainer: Trainer, rd: RunDir, tokenizer) -> None:
     """A few lines a person reads at start-up (the whole config is in RUN_DIR/config.json; -v prints it)."""
-    import json
-
-    from gptforge.optim import describe_schedule
-
-    cfg, raw, world, t, m = trainer.cfg, trainer.raw, trainer.world, trainer.cfg.train, trainer.cfg.model
+    cfg, c, say, t, m = trainer.cfg, trainer.compute, trainer.log.say, trainer.cfg.train, trainer.cfg.model
     schedule, warning = describe_schedule(cfg.optim, t.max_iters, t.time_budget)
     if warning:
-        trainer.log(f"note: {warning}")
-    if trainer.verbosity < 1:
+        say(f"note: {warning}")
+    if trainer.log.verbosity < 1:
         return
-    if trainer.verbosity >= 2:
-        trainer.log(json.dumps(cfg.to_dict(), indent=2))
-    parallel = f" ({t.dist})" if world.is_distributed else ""
+    if trainer.log.verbosity >= 2:
+        say(json.dumps(cfg.to_dict(), indent=2))
+    parallel = f" ({t.dist})" if c.world.is_distributed else ""
     splits = ", ".join(f"{s} {len(trainer.task.splits[s]):,}" for s in ("train", "val"))
     length = f"{t.max_iters:,} step{'s' * (t.max_iters != 1)}" if t.time_budget is None else f"{t.time_budget:g} s (at most {t.max_iters:,} steps)"
-    peak = (f" | mfu against {trainer.peak / 1e9:,.0f} GFLOP/s ({'a matmul measured here' if trainer.device.type == 'cpu' else 'the data sheet'})"
-            if trainer.peak else "")
+    peak = (f" | mfu against {c.peak_flops / 1e9:,.0f} GFLOP/s ({'a matmul measured here' if c.device.type == 'cpu' else 'the data sheet'})"
+            if c.peak_flops else "")
     lines = [
         f"run: {rd.path} (config in {rd.path / 'config.json'})" + (f", resuming from {rd.resume_from} at step {trainer.state.step}" if rd.resume_from else ""),
-        f"model: {raw.num_params() / 1e6:.2f}M parameters | {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
+        f"model: {trainer.raw.num_params() / 1e6:.2f}M parameters | {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
         f"block {m.block_size} | {m.pos}/{m.norm}/{m.mlp} | vocab {m.vocab_size:,}",
-        f"data: {cfg.data.dir} | {trainer.tokenizer.kind} tokenizer | tokens {splits}",
-        f"batch: {trainer.tokens_per_step:,} tokens/step = {t.batch_size} seqs x {m.block_size} tokens x {trainer.accum} accum "
-        f"x {world.world_size} procs{parallel} | device {trainer.device} | {str(trainer.dtype).split('.')[-1]}{peak}",
+        f"data: {cfg.data.dir} | {tokenizer.kind} tokenizer | tokens {splits}",
+        f"batch: {trainer.tokens_per_step:,} tokens/step = {t.batch_size} seqs x {m.block_size} tokens x {c.accum} accum "
+        f"x {c.world.world_size} procs{parallel} | device {c.device} | {str(c.dtype).split('.')[-1]}{peak}",
         f"schedule: {length} | {schedule}",
     ]
     for line in lines:
-        trainer.log(line)
+        say(line)
