@@ -57,6 +57,14 @@ def estimate_loss(model: torch.nn.Module, tokens, *, batches: int, batch_size: i
     return loss_sum / count
 
 
+def target_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    """The cross-entropy of `logits` (B, T, V), in fp32, summed over the `targets` (B, T) that are not -1, and
+    how many those are: what every loss over a split adds up batch by batch before dividing."""
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
+                           reduction="sum")
+    return loss.item(), int((targets != -1).sum())
+
+
 @dataclass
 class EvalResult:
     loss: float
@@ -99,7 +107,7 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, *, block_size: i
                 y = to_device(torch.from_numpy(w[:, 1:].copy()), device)
                 with autocast(device, dtype):
                     logits = model(x)
-                loss_sum += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum").item()
+                loss_sum += target_loss_sum(logits, y)[0]  # no target is -1 here: their count adds up to n
                 if token_bytes is not None:
                     byte_sum += int(token_bytes[w[:, 1:]].sum())
             bar.update()
@@ -163,10 +171,8 @@ def chat_loss(model: torch.nn.Module, rows: list[tuple[list[int], list[int]]], *
             y[b, :len(ids) - 1] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
         with autocast(device, dtype):
             logits = model(x.to(device))
-        y = y.to(device)
-        loss_sum += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
-                                    reduction="sum").item()
-        count += int((y != -1).sum())
+        batch_sum, batch_count = target_loss_sum(logits, y.to(device))
+        loss_sum, count = loss_sum + batch_sum, count + batch_count
     return loss_sum / max(count, 1), count
 
 

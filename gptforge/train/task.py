@@ -14,14 +14,13 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gptforge.data.chat_loader import ChatBatches, batch_of, pack
 from gptforge.data.loader import RandomBatches, SlotLoader
 from gptforge.device import autocast
 from gptforge.dist import all_reduce_sum
 from gptforge.errors import UserError
-from gptforge.evaluate import EVAL_SEED, EvalResult, estimate_loss, evaluate_tokens
+from gptforge.evaluate import EVAL_SEED, EvalResult, estimate_loss, evaluate_tokens, target_loss_sum
 from gptforge.progress import eval_bar
 
 
@@ -121,9 +120,8 @@ class ChatTask(Task):
                 with autocast(device, dtype):
                     logits = model(x)
                 if g < len(groups):  # a surplus forward (uneven split over ranks) is weighted 0
-                    loss_sum += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
-                                                ignore_index=-1, reduction="sum").item()
-                    count += int((y != -1).sum())
+                    batch_sum, batch_count = target_loss_sum(logits, y)
+                    loss_sum, count = loss_sum + batch_sum, count + batch_count
                 bar.update()
         model.train(was_training)
         if world_size > 1:
