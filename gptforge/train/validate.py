@@ -16,9 +16,9 @@ from gptforge.train.task import Task
 
 
 class Validator:
-    """Evaluations through `model` (under FSDP the wrapped one: every rank takes part) on `task`'s splits, on
-    `device` in `dtype`, shared among the ranks of `world`; HellaSwag over `hellaswag_examples` (loaded once at
-    start-up, encoded with `tokenizer`) when there are any."""
+    """Evaluations through `model` (the plain model, or under FSDP the wrapper, which alone has the weights: see
+    dist.eval_module) on `task`'s splits, on `device` in `dtype`, shared among the ranks of `world`; HellaSwag
+    over `hellaswag_examples` (loaded once at start-up, encoded with `tokenizer`) when there are any."""
 
     def __init__(self, task: Task, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
                  world: Optional[dist.DistInfo] = None, *, eval_iters: int, tokenizer=None,
