@@ -106,8 +106,8 @@ class RowInput(Input):
     @abstractmethod
     def rows(self, tally: Tally, columns: list[str] | None = None) -> Rows:
         """(where, record or Bad) for each record in order, `where` naming it for messages ("FILE:LINE");
-        returns the manifest record. `columns`: the fields the caller needs (the others may be left unread;
-        a missing one fails, naming the fields there are)."""
+        returns the manifest record. `columns`: the fields the caller needs; a reader of columns (parquet,
+        hf:) reads only those and fails on a missing one, naming the columns there are."""
 
     def text_of(self, where: str, row: Any, text_field: str) -> str:
         """The document in `row` (its `text_field`), or a one-line error naming `where`."""
