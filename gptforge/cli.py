@@ -105,8 +105,9 @@ def _verb_parser(verb: str, defaults: dict[str, Any]) -> ArgumentParser:
     description = " ".join(filter(None, (doc.short_description, doc.long_description)))
     p = _VerbParser(exit_on_error=False, description=" ".join(description.split()))
     p.verb = verb
-    p.hints = {k: v for k, v in typing.get_type_hints(fn).items() if k not in sections and k != "return"}
-    p.add_function_arguments(fn, as_positional=True, as_group=False, skip=set(sections))
+    skip = {*sections, "base"} if sections else set()  # base: the layered defaults, handed over by main
+    p.hints = {k: v for k, v in typing.get_type_hints(fn).items() if k not in skip and k != "return"}
+    p.add_function_arguments(fn, as_positional=True, as_group=False, skip=skip)
     for key in sections:
         p.add_class_arguments(SECTIONS[key], key)
     p.set_defaults({f"{key}.{k}": v for key in sections for k, v in defaults[key].items()})
@@ -145,10 +146,13 @@ def train_defaults(argv: list[str]) -> dict[str, Any]:
     return layered_defaults(_flag_value(argv, "--preset"), _flag_value(argv, "--config"), _flag_value(argv, "--resume"))
 
 
-def _arguments(verb: str, ns, argv: list[str]) -> dict[str, Any]:
-    """The verb function's keyword arguments. `bench` measures the model the command line names (a preset,
-    a config file or --model flags), else its default shapes: without --model flags it gets no model."""
+def _arguments(verb: str, ns, argv: list[str], defaults: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The verb function's keyword arguments: its flags, and for `train` and `bench` the layered defaults
+    (read once). `bench` measures the model the command line names (a preset, a config file or --model
+    flags), else its default shapes: without --model flags it gets no model."""
     kwargs = ns.get(verb).as_dict()
+    if verb in CONFIG_FLAGS:
+        kwargs["base"] = defaults
     if verb == "bench" and not any(x.startswith("--model") for x in argv):
         kwargs["model"] = None
     return kwargs
@@ -184,7 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif argv[:1] == ["bench"]:  # the same layering; bench has no --resume, so the parser refuses one
             defaults = train_defaults([x for x in argv if not x.startswith("--resume")])
         args = build_parser(defaults).parse_args(argv)
-        return VERBS[args.verb][0](**_arguments(args.verb, args, argv))
+        return VERBS[args.verb][0](**_arguments(args.verb, args, argv, defaults))
     except UserError as e:
         print(f"gptforge: error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ this module, so that `gptforge --help` and a mistyped flag answer at once.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from json import dumps
@@ -78,11 +79,12 @@ def prepare(source: str, *, out: str, tokenizer: Literal["char", "gpt2", "bpe"] 
     return 0
 
 
-def _sections(preset: Optional[str], config: Optional[str], resume: Optional[str] = None,
+def _sections(base: Optional[dict], preset: Optional[str], config: Optional[str], resume: Optional[str] = None,
               **given: Optional[dict]) -> dict[str, dict]:
-    """The config sections: `given` fields over the layered defaults (`config.layered_defaults`). The command
-    passes every field, already layered (its flags' defaults); a Python caller may pass a few."""
-    return merge_sections(layered_defaults(preset, config, resume), {k: v for k, v in given.items() if v})
+    """The config sections: the `given` fields over `base`, or over `config.layered_defaults` when there is
+    none. The command passes its flags' defaults as `base`, so a config file is read (and noted) once."""
+    base = copy.deepcopy(base) if base is not None else layered_defaults(preset, config, resume)
+    return merge_sections(base, {k: v for k, v in given.items() if v})
 
 
 @_fill(presets=", ".join(PRESETS))
@@ -91,7 +93,7 @@ def train(data: Optional[str] = None, out: Optional[str] = None, preset: Optiona
           device: Optional[str] = None, dist: Optional[Literal["ddp", "fsdp"]] = None,
           init_from: Optional[str] = None, json: bool = False, verbose: bool = False, quiet: bool = False,
           model: Optional[dict] = None, optim: Optional[dict] = None, train: Optional[dict] = None,
-          eval: Optional[dict] = None) -> int:
+          eval: Optional[dict] = None, *, base: Optional[dict] = None) -> int:
     """Train a GPT on a prepared data directory. Every config field is a flag: --model.n_layer 4,
     --optim.lr 3e-4, --train.max_iters 2000 ...
 
@@ -114,8 +116,10 @@ def train(data: Optional[str] = None, out: Optional[str] = None, preset: Optiona
         optim: OptimConfig fields (--optim.*), the same way
         train: TrainConfig fields (--train.*), the same way
         eval: EvalConfig fields (--eval.*), the same way
+        base: the layered config the sections go over, if the caller has it (not a flag: the command passes
+            its flags' defaults); else config.layered_defaults(preset, config, resume)
     """
-    sections = _sections(preset, config, resume, model=model, optim=optim, train=train, eval=eval)
+    sections = _sections(base, preset, config, resume, model=model, optim=optim, train=train, eval=eval)
     shortcuts = {"device": device, "dist": dist, "init_from": init_from}
     sections["train"].update({k: v for k, v in shortcuts.items() if v})
     sections["data"] = {"dir": (sections["data"]["dir"] if data is None else data) or ""}
@@ -410,7 +414,7 @@ def bench(preset: Optional[str] = None, config: Optional[str] = None, device: Op
           batch_sizes: Optional[str] = None, prompt_len: Optional[int] = None, new_tokens: Optional[int] = None,
           compare_hf: bool = False, repeats: int = 3, min_time: float = 1.0, threads: Optional[int] = None,
           json: bool = False, model: Optional[dict] = None, optim: Optional[dict] = None,
-          train: Optional[dict] = None) -> int:
+          train: Optional[dict] = None, *, base: Optional[dict] = None) -> int:
     """Measure this machine on random tokens and random weights (no data needed). By default the training
     step: ms/step, tokens/s, MFU against a matmul timed here, peak memory. With --generate: greedy decoding
     with the KV cache, prefill and decode tokens/s, memory bandwidth and the decode speed it bounds;
@@ -438,6 +442,7 @@ def bench(preset: Optional[str] = None, config: Optional[str] = None, device: Op
             with --generate and no --preset or --config, the two default shapes
         optim: OptimConfig fields (--optim.*), the same way
         train: TrainConfig fields (--train.*), the same way
+        base: the layered config the sections go over, as for train
     """
     import torch
 
@@ -454,7 +459,7 @@ def bench(preset: Optional[str] = None, config: Optional[str] = None, device: Op
     if misplaced:
         where = "the training benchmark (without --generate)" if generate else "--generate"
         raise UserError(f"{misplaced[0]} applies to {where}")
-    sections = _sections(preset, config, model=model, optim=optim, train=train)
+    sections = _sections(base, preset, config, model=model, optim=optim, train=train)
     cfg = RunConfig.from_dict({k: sections[k] for k in ("model", "optim", "train")})
     if device:
         cfg.train.device = device

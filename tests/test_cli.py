@@ -456,6 +456,16 @@ def test_the_verbs_are_python_functions(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_config_file_is_read_once(tmp_path, monkeypatch, capsys):
+    """The layering the flags' defaults came from is the one the verb uses: a file's notes are said once."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train_x.py").write_text("n_layer = 2\nfoo_bar = 1\n")  # a nanoGPT config with a stray name
+    assert main(["train", "--config", "train_x.py", "--out", "r"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("foo_bar") == 1 and err.endswith("no data: pass --data DATA_DIR (a directory written by "
+                                                      "`gptforge prepare`)\n"), err
+
+
 @pytest.mark.integration
 def test_help_and_flag_mistakes_do_not_load_torch():
     script = ("import sys\nfrom gptforge.cli import main\n"
