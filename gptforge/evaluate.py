@@ -238,7 +238,7 @@ def evaluate_chat_checkpoint(run: str, file: str, *, limit: Optional[int] = None
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
-    from gptforge.data.chat_prepare import read_conversations
+    from gptforge.data.conversations import read_conversations
 
     # any format `prepare --chat` reads (messages, ShareGPT, Alpaca; files, folders, parquet, hf:)
     conversations, bad, _ = read_conversations(str(file), "auto")
