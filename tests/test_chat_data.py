@@ -137,6 +137,25 @@ def test_overwrite_keeps_the_users_files_and_an_input_inside_out_is_refused(tmp_
     assert "test.mask.bin" in after and sorted(p.name for p in tmp_path.iterdir()) == ["D2", "good.jsonl"]
 
 
+def test_a_too_deep_row_is_a_bad_row_whatever_the_recursion_limit():
+    """torch.compile raises Python's recursion limit to 2000 (and a caller may raise it further): the depth a row
+    may nest is gptforge's own bound, so a deep row is skipped, never parsed until the C stack runs out."""
+    import sys
+
+    from gptforge.data.text_files import MAX_JSON_DEPTH, json_record
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(200_000)
+    try:
+        for depth in (MAX_JSON_DEPTH + 1, 1500, 150_000):
+            bad = json_record(b"[" * depth + b"]" * depth)
+            assert str(bad) == "invalid JSON (nested too deeply)"
+        assert isinstance(json_record(b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH), list)  # deep, within the bound
+        assert json_record(b'{"content": "' + b"[" * 5000 + b'"}') == {"content": "[" * 5000}  # brackets in text
+    finally:
+        sys.setrecursionlimit(limit)
+
+
 def test_lone_surrogates_are_replaced_and_too_deep_or_too_long_rows_are_bad_rows(tmp_path, capsys, monkeypatch):
     from gptforge.data import chunks
 

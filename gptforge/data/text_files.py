@@ -224,12 +224,30 @@ def json_array(stream: Any, display: str) -> list[Any]:
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# Rows nest a few levels (a list of messages, each an object). json.loads recurses once per level, so the depth it
+# may reach is ours to bound, not the recursion limit's: torch.compile raises that limit to 2000, and a row nested
+# past what the C stack holds would end the process instead of being skipped.
+MAX_JSON_DEPTH = 200
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub(b"", raw)):
+        depth += 1 if m.group() in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def json_value(raw: bytes) -> Any:
     """One JSON text (a line) -> its value. ValueError if it is not JSON: UnicodeDecodeError (a subclass) when
-    it is not UTF-8, "nested too deeply" past Python's recursion limit. A lone UTF-16 surrogate, which JSON
+    it is not UTF-8, "nested too deeply" past MAX_JSON_DEPTH levels. A lone UTF-16 surrogate, which JSON
     can spell ("\\ud800") but no UTF-8 text holds, becomes U+FFFD, as tiktoken makes it."""
+    # only a text with that many brackets can nest that deep: the scan is skipped for every ordinary row
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH:
+        raise ValueError("nested too deeply")
     try:
         value = json.loads(raw.decode("utf-8"))
     except RecursionError:
