@@ -29,6 +29,12 @@ from gptforge.config import ConfigError, GPTConfig, RunConfig, preset
 from gptforge.device import (autocast, measure_matmul_flops, peak_flops, pick_device, pick_dtype, seed_everything,
                              setup_backends, synchronize)
 from gptforge.errors import UserError
+from gptforge.infer.engine import decode_threads, generate, stream
+from gptforge.model import GPT
+from gptforge.modelio.hf import hf_architecture, require_transformers, to_hf_model
+from gptforge.modelio.load import use_decode_layout
+from gptforge.optim import build_optimizer
+from gptforge.train import apply_gradients
 
 GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 64, as `gptforge train` pads them
 # Presets without a vocabulary of their own get the one they are trained with: the char presets their
@@ -112,9 +118,6 @@ def bench_train(cfg: RunConfig, *, steps: int = 10, warmup: int = 2, vocab_note:
     """Time `steps` training steps after `warmup` untimed ones: one micro-batch of random tokens
     (train.batch_size x model.block_size), forward, backward, clipping and the optimizer step, as
     the training loop does them. Gradient accumulation is not run: it repeats the same forward and backward."""
-    from gptforge.model import GPT
-    from gptforge.optim import build_optimizer
-    from gptforge.train import apply_gradients
 
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
@@ -241,7 +244,6 @@ def _timed_runs(run: Callable[[], Any], repeats: int, min_time: float) -> list[A
 def _decode_once(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one greedy generation: the first token needs the prompt's
     forward, each further one a single-token step."""
-    from gptforge.infer.engine import stream
 
     synchronize(device)
     t0 = time.perf_counter()
@@ -285,7 +287,6 @@ def gemv_timer(model: torch.nn.Module, device: torch.device) -> Callable[[], flo
     """A function that times a batch-1 decode step's matrix products alone, in seconds: one row through each
     of `decode_matmuls`, with the model's own weights in their layout and the threads a decode step runs
     with. What a step would cost with no attention, norms, Python or sampling around them."""
-    from gptforge.infer.engine import decode_threads
 
     layers = decode_matmuls(model)
     rows = [torch.randn(1, 1, m.in_features, device=device, dtype=m.weight.dtype) for m in layers]
@@ -357,7 +358,6 @@ def _decode_plans(shapes: dict[str, GPTConfig], batch_sizes: Sequence[int], prom
             raise UserError(f"model {name}: block_size {cfg.block_size} leaves no room to decode after a "
                             f"{p}-token prompt; lower --prompt-len")
         if compare_hf:
-            from gptforge.modelio.hf import hf_architecture, require_transformers
 
             require_transformers()
             hf_architecture(cfg)  # refuses shapes transformers cannot compute, before any timing
@@ -370,7 +370,6 @@ def _bench_batch(model, prompt: torch.Tensor, N: int, dev: torch.device, repeats
     """Prefill and decode speed of greedy generation from `prompt` (B, P), N new tokens (inside the autocast to
     measure in); at batch 1 also the GEMV ceiling, timed between the decode runs so that a change in the
     machine's load hits both."""
-    from gptforge.infer.engine import generate
 
     B, P = prompt.shape
     generate(model, prompt, min(N, 4), temperature=0.0)  # warm-up: allocator, kernels, caches
@@ -416,8 +415,6 @@ def bench_generate(shapes: dict[str, GPTConfig], *, batch_sizes: Sequence[int] =
     Hugging Face `generate` on the same weights (compare_hf, batch 1, float32), and the bound that
     memory bandwidth puts on batch-1 decoding. prompt_len and new_tokens default, per shape, to
     min(64, block_size / 4) and the rest of the context up to 64 tokens."""
-    from gptforge.model import GPT
-    from gptforge.modelio.load import use_decode_layout
 
     plans = _decode_plans(shapes, batch_sizes, prompt_len, new_tokens, compare_hf, repeats)
     dev = pick_device(device)
@@ -456,9 +453,6 @@ def _compare_hf(model, cfg: GPTConfig, P: int, N: int, dev: torch.device, g, rep
     """Hugging Face `generate` and ours at batch 1 in float32 on the same weights, prompt and number of
     greedy tokens, runs interleaved so that a change in the machine's load hits both; the tokens must agree."""
     import logging
-
-    from gptforge.modelio.hf import to_hf_model
-    from gptforge.infer.engine import generate
 
     logging.getLogger("transformers").setLevel(logging.ERROR)  # generation-flag notices are not results
     hf = to_hf_model(model).to(dev)

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from gptforge.errors import UserError
+from gptforge.downloads import cache_dir
+from gptforge.files import atomic_write
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -176,8 +178,6 @@ def _cached_peaks() -> dict:
     """The cache of measured CPU peaks ({key: FLOP/s}); empty when it is missing or unreadable (then we measure)."""
     import json
 
-    from gptforge.downloads import cache_dir
-
     try:
         peaks = json.loads((cache_dir() / PEAK_CACHE_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -188,9 +188,6 @@ def _cached_peaks() -> dict:
 def _store_peak(key: str, flops: float) -> None:
     """Keep the best peak measured for `key`; a cache that cannot be written only means measuring next time."""
     import json
-
-    from gptforge.downloads import cache_dir
-    from gptforge.files import atomic_write
 
     peaks = _cached_peaks()
     if peaks.get(key, 0) >= flops:

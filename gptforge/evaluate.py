@@ -18,6 +18,13 @@ from gptforge.data.loader import RandomBatches, to_device
 from gptforge.device import autocast
 from gptforge.errors import UserError
 from gptforge.progress import eval_bar, is_terminal
+from gptforge.chat_template import chat_of, render_conversation
+from gptforge.data.conversations import read_conversations
+from gptforge.data.loader import open_data
+from gptforge.device import pick_device, pick_dtype
+from gptforge.dist import all_reduce_sum
+from gptforge.infer.engine import stream
+from gptforge.modelio.load import load
 
 EVAL_SEED = 0xE7A1  # the periodic evaluation reads the same batches every time, so evals compare
 
@@ -33,7 +40,6 @@ def estimate_loss(model: torch.nn.Module, tokens, *, batches: int, batch_size: i
     the single-process one; every rank runs the same number of forwards (FSDP needs that), the surplus
     ones weighted 0.
     """
-    from gptforge.dist import all_reduce_sum
 
     was_training = model.training
     model.eval()
@@ -124,9 +130,6 @@ def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "v
                         batch_size: int = 8, which: str = "latest", device: str = "auto",
                         progress: bool = False) -> dict:
     """`gptforge eval`: loss, perplexity and bits per byte of a checkpoint on a split of its (or another) data dir."""
-    from gptforge.data.loader import open_data
-    from gptforge.device import pick_device, pick_dtype
-    from gptforge.modelio.load import load
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -180,7 +183,6 @@ def greedy_answers(model: torch.nn.Module, tok, prompts: list[list[int]], max_ne
                    batch_size: int, device: torch.device, dtype: torch.dtype) -> list[str]:
     """The greedy answer to each prompt (which ends with <|assistant|>): the text before the first
     <|end|>, other marker or end-of-text. Prompts of equal length decode together."""
-    from gptforge.infer.engine import stream
 
     stops = tok.chat.stop_ids(tok.eot_id)
     answers: list[Optional[str]] = [None] * len(prompts)
@@ -208,7 +210,6 @@ def evaluate_chat(model: torch.nn.Module, tok, conversations: list[list[dict]], 
                   device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> dict:
     """Loss on the assistant's tokens of whole conversations, and the exact-match rate of greedy answers to
     each conversation's last user turn against its last assistant turn (surrounding whitespace ignored)."""
-    from gptforge.chat_template import chat_of, render_conversation
 
     chat_of(tok)  # a tokenizer without a template: one line saying so
     rows = [render_conversation(tok, c) for c in conversations]
@@ -231,14 +232,11 @@ def evaluate_chat_checkpoint(run: str, file: str, *, limit: Optional[int] = None
                              which: str = "latest", device: str = "auto") -> dict:
     """`gptforge eval RUN --task chat --file CONVS.jsonl`: `evaluate_chat` on the file's conversations (the
     first `limit`), with the checkpoint and the number of unusable rows skipped."""
-    from gptforge.device import pick_device, pick_dtype
-    from gptforge.modelio.load import load
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
-    from gptforge.data.conversations import read_conversations
 
     # any format `prepare --chat` reads (messages, ShareGPT, Alpaca; files, folders, parquet, hf:)
     conversations, bad, _ = read_conversations(str(file), "auto")

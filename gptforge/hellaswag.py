@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from gptforge.downloads import cache_dir, download, write_cached  # cache_dir: $GPTFORGE_CACHE or ~/.cache/gptforge
 from gptforge.device import autocast
 from gptforge.errors import UserError, one_line
+from gptforge.device import pick_device, pick_dtype
+from gptforge.dist import all_reduce_sum
+from gptforge.modelio.load import load
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 CACHE_NAME = "hellaswag_val.jsonl"
@@ -252,7 +255,6 @@ def hellaswag_during_training(model: torch.nn.Module, tokenizer, examples: Seque
     counted. Pass the evaluation model (the plain one, or the FSDP module), not a DDP wrapper; a model
     whose blocks are compiled recompiles once or twice for the varying lengths. Train/eval mode is restored.
     """
-    from gptforge.dist import all_reduce_sum
 
     if not examples:
         raise UserError("no HellaSwag examples to evaluate")
@@ -272,8 +274,6 @@ def evaluate_hellaswag_checkpoint(run: str, *, file: Optional[str] = None, limit
                                   progress: bool = True) -> dict[str, Any]:
     """`gptforge eval RUN --task hellaswag`: accuracy on HellaSwag val (or `file`) of a run or checkpoint
     directory, or, as for the loss evaluation, of GPT-2 (gpt2 ... gpt2-xl) or a Hugging Face model directory."""
-    from gptforge.device import pick_device, pick_dtype
-    from gptforge.modelio.load import load
 
     examples = load_examples(file, limit)  # first: a missing file should not wait for the model to load
     dev = pick_device(device)

@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from gptforge.config import RunConfig, preset
+from gptforge.config import QUICKSTART_TIME_BUDGET_S, RunConfig, preset
 from gptforge.errors import UserError
+from gptforge.data.prepare import prepare
+from gptforge.infer.sample import sample_checkpoint
+from gptforge.progress import is_terminal
+from gptforge.train import train
 
-# Seconds of training (periodic evaluations included). The rest of the command (imports, prepare, the
-# final whole-split val loss, two samples) took 10 s on a 2-core machine that others were not saturating,
-# so the whole command stays within ~100 s there; README.md gives the measured figures.
-DEFAULT_TIME_BUDGET_S = 75.0
 RECIPE = "speedrun-cpu"
 
 
@@ -25,9 +25,6 @@ def quickstart(out: str | Path = "gptforge-quickstart", *, time_budget: Optional
                max_iters: Optional[int] = None, device: str = "auto", overwrite: bool = False,
                log: Callable[[str], None] = print) -> Path:
     """Prepare, train for `time_budget` seconds (or exactly `max_iters` steps instead), sample; returns the run dir."""
-    from gptforge.data.prepare import prepare
-    from gptforge.progress import is_terminal
-    from gptforge.train import train
 
     out = Path(out)
     data_dir, run_dir = out / "data", out / "run"
@@ -57,7 +54,7 @@ def _config(data_dir: Path, time_budget: Optional[float], max_iters: Optional[in
     if max_iters is not None and max_iters < 1:
         raise UserError(f"--max-iters must be at least 1, got {max_iters}")
     if time_budget is None and max_iters is None:
-        time_budget = DEFAULT_TIME_BUDGET_S
+        time_budget = QUICKSTART_TIME_BUDGET_S
     if time_budget is not None and not time_budget > 0:
         raise UserError(f"--time-budget must be a number of seconds above 0, got {time_budget:g}")
 
@@ -76,7 +73,6 @@ def _config(data_dir: Path, time_budget: Optional[float], max_iters: Optional[in
 
 def _finish(run_dir: Path, data_dir: Path, result, device: str, log: Callable[[str], None]) -> None:
     """Two samples, the val loss, and what to run next."""
-    from gptforge.infer.sample import sample_checkpoint
 
     log("[3/3] two samples from the trained model:\n")
     sample_checkpoint(run_dir, "\n", num_samples=2, max_new_tokens=200, temperature=0.8, top_k=200,

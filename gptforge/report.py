@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from gptforge.config import GPTConfig, RunConfig
 from gptforge.errors import UserError, one_line
 from gptforge.files import atomic_path, atomic_write
 
@@ -91,9 +92,9 @@ def read_config(run_dir: Path) -> Optional[dict[str, Any]]:
 def count_params(model_cfg: dict[str, Any]) -> Optional[dict[str, int]]:
     """Parameter counts of the model a config describes, built on the meta device (no memory, no init cost)."""
     try:
+        # here: a report reads JSON, and only this count needs torch (seconds of start-up)
         import torch
 
-        from gptforge.config import GPTConfig
         from gptforge.model import GPT
 
         with torch.device("meta"):
@@ -164,8 +165,7 @@ def summarize(metrics: Metrics, cfg: Optional[dict[str, Any]]) -> dict[str, Any]
 
 def _schedule(cfg: dict) -> str:
     """The schedule the run really followed (decay_iters left unset follows max_iters), and its warning if any."""
-    from gptforge.config import RunConfig
-    from gptforge.optim import describe_schedule
+    from gptforge.optim import describe_schedule  # here: gptforge.optim imports torch, which a report needs not
 
     try:
         c = RunConfig.from_dict(cfg)

@@ -34,6 +34,7 @@ import numpy as np
 
 from gptforge.errors import UserError, one_line
 from gptforge.files import atomic_write
+from gptforge import network
 
 EOT_TEXT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -207,10 +208,8 @@ def _tiktoken_failure(e: Exception) -> str:
 def _encoding_from_tiktoken() -> Any:
     import tiktoken
 
-    from gptforge.network import reachable
-
     # Ask first only when a download is needed: offline, tiktoken would wait on DNS for many seconds.
-    if not _tiktoken_gpt2_cached() and not reachable(TIKTOKEN_HOST):
+    if not _tiktoken_gpt2_cached() and not network.reachable(TIKTOKEN_HOST):
         cache = _tiktoken_cache() or "switched off: TIKTOKEN_CACHE_DIR is empty"
         raise UserError(f"cannot load the gpt2 tokenizer: GPT-2's BPE files are not in tiktoken's cache ({cache}) "
                         f"and {TIKTOKEN_HOST} cannot be reached (offline?); {_TIKTOKEN_FIX}")

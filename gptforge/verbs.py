@@ -19,9 +19,8 @@ from json import dumps
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from gptforge.config import PRESETS, GPTConfig, RunConfig, layered_defaults, merge_sections
+from gptforge.config import PRESETS, QUICKSTART_TIME_BUDGET_S, GPTConfig, RunConfig, layered_defaults, merge_sections
 from gptforge.errors import UserError
-from gptforge.quickstart import DEFAULT_TIME_BUDGET_S  # light: config and errors only
 
 
 def _fill(**values: Any):
@@ -376,7 +375,7 @@ def import_(source: str, *, data: Optional[str] = None, out: str, overwrite: boo
     return 0
 
 
-@_fill(budget=f"{DEFAULT_TIME_BUDGET_S:g}")
+@_fill(budget=f"{QUICKSTART_TIME_BUDGET_S:g}")
 def quickstart(out: str = "gptforge-quickstart", time_budget: Optional[float] = None,
                max_iters: Optional[int] = None, device: str = "auto", overwrite: bool = False) -> int:
     """Prepare CPython's bundled documentation at character level, train the speedrun-cpu recipe on it for a

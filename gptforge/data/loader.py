@@ -28,6 +28,7 @@ import torch
 
 from gptforge.errors import UserError, one_line
 from gptforge.files import path_problem
+from gptforge.nanogpt.data import nanogpt_manifest
 from gptforge.tokenizer import TOKENIZER_FILE, load_tokenizer
 
 MANIFEST = "manifest.json"
@@ -236,10 +237,7 @@ def open_data(path: str | Path) -> TokenData:
         fix = f"; create it with `gptforge prepare SOURCE --out {path}`" if problem == "does not exist" else ""
         raise UserError(f"data directory {path} {problem}{fix}")
     if not manifest_file.is_file() and (path / "train.bin").is_file():
-        # nanoGPT's data/NAME/: train.bin, val.bin (+ meta.pkl). Imported here: gptforge.nanogpt's package
-        # __init__ loads its checkpoint reader (the model, the config), which only this case needs.
-        from gptforge.nanogpt.data import nanogpt_manifest
-
+        # nanoGPT's data/NAME/: train.bin, val.bin (+ meta.pkl)
         return TokenData(path, *nanogpt_manifest(path))
     if not manifest_file.is_file():
         raise UserError(f"{path} is not a prepared data directory (no {MANIFEST}); run `gptforge prepare` first")

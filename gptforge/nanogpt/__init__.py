@@ -14,14 +14,6 @@ causal-mask buffers it registers as `attn.bias` when flash attention is unavaila
 
 The package: `data` (meta.pkl and data/NAME/ directories), `checkpoint` (ckpt.pt: read, import, --init-from)
 and `config_file` (config/*.py). `data` and `config_file` import neither the model nor the config, so the
-data loader and the config layering call them without an import cycle.
+data loader and the config layering import them without an import cycle; this file imports none of them,
+so importing one never loads the others.
 """
-
-from gptforge.nanogpt.checkpoint import (NanoCheckpoint, import_checkpoint, load_init, load_nanogpt_checkpoint,
-                                         read_checkpoint)
-from gptforge.nanogpt.config_file import load_config_py, map_names, read_config
-from gptforge.nanogpt.data import GPT2_VOCAB, META, data_tokenizer, nanogpt_manifest, read_meta
-
-__all__ = ["NanoCheckpoint", "import_checkpoint", "load_init", "load_nanogpt_checkpoint", "read_checkpoint",
-           "load_config_py", "map_names", "read_config", "GPT2_VOCAB", "META", "data_tokenizer",
-           "nanogpt_manifest", "read_meta"]

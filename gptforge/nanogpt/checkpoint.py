@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 import torch
 
 from gptforge.config import ConfigError, GPTConfig, RunConfig
+from gptforge.data.loader import open_data
 from gptforge.errors import UserError, one_line
 from gptforge.files import check_output_dir, path_problem
 from gptforge.model import GPT, meta_model, stored_layers
@@ -129,8 +130,6 @@ def _tokenizer_for(ck: NanoCheckpoint, data: Union[None, str, Path, Tokenizer], 
     if isinstance(data, Tokenizer):
         tok = data
     elif data is not None:  # a nanoGPT data directory or a prepared one
-        from gptforge.data.loader import open_data
-
         tok = open_data(data).tokenizer()
     else:
         dataset = ck.train_config.get("dataset")

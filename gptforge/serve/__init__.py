@@ -17,7 +17,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from gptforge.device import pick_device, pick_dtype
 from gptforge.errors import UserError
+from gptforge.modelio.load import load
+from gptforge.serve.batcher import Batcher
 
 API_KEY_ENV = "GPTFORGE_API_KEY"
 # (least, most) of each server limit; a most is where a value can only be a typo (memory is checked apart)
@@ -75,10 +78,7 @@ def build_server(run, *, device: str = "auto", which: str = "latest", api_key: O
                  prefill_chunk: int = 256):
     """(app, batcher) for a checkpoint: the batcher's thread is started; close it with batcher.close()."""
     _require_libraries()
-    from gptforge.device import pick_device, pick_dtype
-    from gptforge.modelio.load import load
-    from gptforge.serve.app import Limits, create_app
-    from gptforge.serve.batcher import Batcher
+    from gptforge.serve.app import Limits, create_app  # FastAPI: the serve extra, checked just above
 
     _check_limits(max_tokens=max_tokens, max_seqs=max_seqs, max_queue=max_queue,
                   max_request_bytes=max_request_bytes, prefill_chunk=prefill_chunk)
@@ -101,9 +101,9 @@ def serve_checkpoint(run, *, host: str = "127.0.0.1", port: int = 8000, api_key:
                      read_timeout: float = 20.0, max_connections: int = 256, **server_kw) -> int:
     """`gptforge serve`: serve `run` until interrupted; the exit status."""
     _require_libraries()
-    import uvicorn
+    import uvicorn  # the serve extra, checked just above
 
-    from gptforge.serve.connection import server_config
+    from gptforge.serve.connection import server_config  # uvicorn's protocol
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if not 0 <= port <= 65535:

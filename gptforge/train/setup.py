@@ -35,6 +35,7 @@ from gptforge.modelio import checkpoint as ckpt_io
 from gptforge.tokenizer import load_tokenizer
 from gptforge.train.state import TrainState
 from gptforge.train.task import BatchSource, ChatTask, LMTask, Task
+from gptforge.modelio import load
 
 CHECKPOINTS = ("latest", "best", ".latest.old", ".best.old")
 RUN_FILES = ("config.json", "metrics.jsonl", "tensorboard", *CHECKPOINTS)
@@ -224,7 +225,6 @@ def load_init(cfg: RunConfig, tokenizer) -> tuple[torch.nn.Module, GPTConfig]:
     """The weights of --train.init_from (GPT-2 / a Hugging Face directory, a nanoGPT ckpt.pt, or a gptforge run
     or checkpoint) and the model config of their shape, with this run's dropout and attention (and, for Hugging
     Face sources, a shorter block_size: learned positions are cropped); `cfg` is left as it was."""
-    from gptforge.modelio import load
 
     source = cfg.train.init_from
     model, model_cfg, init_tok = load.load_init(source, tokenizer, block_size=cfg.model.block_size,

@@ -20,24 +20,14 @@ from gptforge.model import GPT
 from gptforge.infer.engine import generate, step
 from gptforge.infer.sampling import SamplingParams
 from gptforge.tokenizer import CharTokenizer
+from tiny import CHARS, fresh_greedy, nonempty_seed
+from tiny import tiny_chat_model as tiny_model
 
-CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"
 
 
 @pytest.fixture
 def tok():
     return add_chat_template(CharTokenizer(CHARS, eot=True))
-
-
-def tiny_model(tok, seed=0, block_size=64, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=tok.vocab_size,
-                          dropout=0.0, **overrides))
-    with torch.no_grad():  # logits far apart: greedy ids do not hinge on rounding
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3)
-    return model.eval()
 
 
 def session(model, tok, temperature=0.0, seed=1337, **kw) -> ChatSession:
@@ -46,27 +36,6 @@ def session(model, tok, temperature=0.0, seed=1337, **kw) -> ChatSession:
     s = ChatSession(model, tok, **{"params": params, "max_new_tokens": 8, "note": notes.append, **kw})
     s.notes = notes
     return s
-
-
-def fresh_greedy(model, tok, prompt, n):
-    """The reply a model gives to the whole prompt from scratch (no reused cache), cut at the first marker."""
-    out = generate(model, torch.tensor([prompt]), n, 0.0, eot_id=tok.chat.end_id, vocab_size=tok.vocab_size)
-    answer = []
-    for t in out[0, len(prompt):].tolist():
-        if t in tok.chat.ids.values() or t == tok.eot_id:
-            break
-        answer.append(t)
-    return answer
-
-
-def nonempty_seed(tok, text="hello there", **kw) -> int:
-    """A model seed whose first greedy reply to `text` is not empty (a random model may end at once)."""
-    for seed in range(20):
-        model = tiny_model(tok, seed, **kw)
-        if fresh_greedy(model, tok, render_conversation(tok, [{"role": "user", "content": text}],
-                                                        for_generation=True)[0], 8):
-            return seed
-    raise AssertionError("no seed gives a non-empty reply")
 
 
 # ----------------------------------------------------------------------------------------------

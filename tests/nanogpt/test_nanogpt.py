@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptforge import nanogpt
+from gptforge.nanogpt import checkpoint as nano_ckpt, config_file as nano_config, data as nano_data
 from gptforge.errors import UserError
 from gptforge.modelio.load import use_decode_layout
 from gptforge.tokenizer import CharTokenizer
@@ -146,7 +146,7 @@ def hf_logits(sd: dict, vocab: int, bias: bool, idx: torch.Tensor) -> torch.Tens
 @pytest.mark.parametrize("bias", [False, True])
 def test_checkpoint_logits_equal_hf_gpt2(tmp_path, compiled, bias):
     sd = write_ckpt(tmp_path / "ckpt.pt", vocab=65, bias=bias, compiled=compiled, seed=3)
-    model, cfg, tok = nanogpt.load_init(tmp_path / "ckpt.pt", CharTokenizer(sorted(set(TEXT)), eot=False))
+    model, cfg, tok = nano_ckpt.load_init(tmp_path / "ckpt.pt", CharTokenizer(sorted(set(TEXT)), eot=False))
     assert (cfg.pos, cfg.norm, cfg.mlp, cfg.bias, cfg.tie_embeddings) == ("learned", "layernorm", "gelu", bias, True)
     assert (cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd) == (65, 32, 2, 16)
     idx = torch.randint(0, 65, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -159,7 +159,7 @@ def test_checkpoint_logits_equal_hf_gpt2(tmp_path, compiled, bias):
 def test_compiled_prefix_and_mask_buffers_make_no_difference(tmp_path):
     write_ckpt(tmp_path / "a.pt", vocab=65, compiled=False, seed=1)
     write_ckpt(tmp_path / "b.pt", vocab=65, compiled=True, seed=1)
-    a, b = nanogpt.read_checkpoint(tmp_path / "a.pt"), nanogpt.read_checkpoint(tmp_path / "b.pt")
+    a, b = nano_ckpt.read_checkpoint(tmp_path / "a.pt"), nano_ckpt.read_checkpoint(tmp_path / "b.pt")
     assert a.weights.keys() == b.weights.keys()
     assert not any(k.endswith("attn.bias") or k.startswith("_orig_mod.") for k in a.weights)
     assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
@@ -173,7 +173,7 @@ def test_import_writes_a_gptforge_checkpoint(tmp_path):
     data = tmp_path / "shakespeare_char"
     stoi = write_char_data(data)
     write_ckpt(tmp_path / "ckpt.pt", vocab=len(stoi), compiled=True, seed=2)
-    out = nanogpt.import_checkpoint(tmp_path / "ckpt.pt", tmp_path / "imported", data=data)
+    out = nano_ckpt.import_checkpoint(tmp_path / "ckpt.pt", tmp_path / "imported", data=data)
     assert (out["tokenizer"], out["vocab_size"], out["step"]) == ("char", len(stoi), 250)
     ck = load_checkpoint(tmp_path / "imported")
     assert ck.state["step"] == 250 and abs(ck.state["best_val_loss"] - 1.4697) < 1e-4
@@ -182,13 +182,13 @@ def test_import_writes_a_gptforge_checkpoint(tmp_path):
     assert (ck.config.train.total_batch_size, ck.config.train.eval_iters) == (64 * 32, 200)
     assert (ck.config.train.device, ck.config.train.compile, ck.config.data.dir) == ("auto", False, str(data))
     assert ck.tokenizer.encode("Speak, speak.") == [stoi[c] for c in "Speak, speak."]
-    ref, _, _ = nanogpt.load_init(tmp_path / "ckpt.pt", data)
+    ref, _, _ = nano_ckpt.load_init(tmp_path / "ckpt.pt", data)
     use_decode_layout(ref)  # as load_checkpoint stores CPU weights: the same layout sums in the same order
     idx = torch.tensor([[stoi[c] for c in "All:\nSpeak"]])
     with torch.no_grad():
         torch.testing.assert_close(ck.model(idx), ref(idx), rtol=0, atol=0)
     with pytest.raises(UserError, match="not empty"):  # nothing written is overwritten unless asked
-        nanogpt.import_checkpoint(tmp_path / "ckpt.pt", tmp_path / "imported", data=data)
+        nano_ckpt.import_checkpoint(tmp_path / "ckpt.pt", tmp_path / "imported", data=data)
 
 
 def test_hostile_checkpoint_is_refused_and_nothing_runs(tmp_path):
@@ -198,7 +198,7 @@ def test_hostile_checkpoint_is_refused_and_nothing_runs(tmp_path):
     assert marker.exists()
     marker.unlink()
     with pytest.raises(UserError) as e:
-        nanogpt.read_checkpoint(tmp_path / "ckpt.pt")
+        nano_ckpt.read_checkpoint(tmp_path / "ckpt.pt")
     assert not marker.exists()
     msg = single_line(e.value)
     assert "refusing" in msg and "weights_only" in msg and "not loaded any other way" in msg
@@ -217,14 +217,14 @@ def test_checkpoint_that_does_not_fit_is_refused(tmp_path, problem, expected):
     problem(ck)
     torch.save(ck, tmp_path / "bad.pt")
     with pytest.raises(UserError, match=expected) as e:
-        nanogpt.read_checkpoint(tmp_path / "bad.pt")
+        nano_ckpt.read_checkpoint(tmp_path / "bad.pt")
     single_line(e.value)
 
 
 def test_garbage_file_is_refused(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError, match="refusing") as e:
-        nanogpt.read_checkpoint(tmp_path / "ckpt.pt")
+        nano_ckpt.read_checkpoint(tmp_path / "ckpt.pt")
     single_line(e.value)
 
 
@@ -237,7 +237,7 @@ def test_a_plain_pickle_is_refused_in_one_line_without_torchs_warning(tmp_path):
         pickle.dump({"model": {}, "model_args": {}}, f, protocol=4)
     with warnings.catch_warnings(record=True) as caught, pytest.raises(UserError) as e:
         warnings.simplefilter("always")
-        nanogpt.read_checkpoint(tmp_path / "ckpt.pt")
+        nano_ckpt.read_checkpoint(tmp_path / "ckpt.pt")
     assert not caught, [str(w.message) for w in caught]
     single_line(e.value)
     assert "it is not an archive torch.save writes: Unsupported operand" in str(e.value)
@@ -248,16 +248,16 @@ def test_tokenizer_must_come_from_data_for_a_small_vocabulary(tmp_path, monkeypa
     write_ckpt(tmp_path / "ckpt.pt", vocab=65)
     monkeypatch.chdir(tmp_path)  # nanoGPT's sample.py looks for data/<dataset>/meta.pkl from here
     with pytest.raises(UserError, match="--data NANOGPT_DATA_DIR") as e:
-        nanogpt.load_init(tmp_path / "ckpt.pt")
+        nano_ckpt.load_init(tmp_path / "ckpt.pt")
     single_line(e.value)
     stoi = write_char_data(tmp_path / "data" / "shakespeare_char")  # the config's dataset
-    _, _, tok = nanogpt.load_init(tmp_path / "ckpt.pt")
+    _, _, tok = nano_ckpt.load_init(tmp_path / "ckpt.pt")
     assert tok.encode("All:") == [stoi[c] for c in "All:"]
 
 
 def test_gpt2_vocabulary_gets_gpt2_bpe(tmp_path, tiktoken_cache):
     write_ckpt(tmp_path / "ckpt.pt", vocab=50304)
-    model, cfg, tok = nanogpt.load_init(tmp_path / "ckpt.pt", block_size=16, dropout=0.1)
+    model, cfg, tok = nano_ckpt.load_init(tmp_path / "ckpt.pt", block_size=16, dropout=0.1)
     assert (tok.kind, tok.vocab_size, cfg.block_size, cfg.dropout) == ("gpt2", 50257, 16, 0.1)
     assert model.transformer.wpe.weight.shape == (16, 16)
 
@@ -268,7 +268,7 @@ def test_gpt2_vocabulary_gets_gpt2_bpe(tmp_path, tiktoken_cache):
 
 def test_meta_gives_nanogpts_ids(tmp_path):
     stoi = write_char_data(tmp_path)
-    tok = nanogpt.read_meta(tmp_path / "meta.pkl")
+    tok = nano_data.read_meta(tmp_path / "meta.pkl")
     assert tok.vocab_size == len(stoi) and tok.eot_id is None
     ids = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)[:200].tolist()
     assert tok.encode(TEXT[:200]) == ids and tok.decode(ids) == TEXT[:200]
@@ -282,7 +282,7 @@ def test_hostile_meta_is_refused_and_nothing_runs(tmp_path):
     marker.unlink()
     (tmp_path / "meta.pkl").write_bytes(payload)
     with pytest.raises(UserError, match="refusing") as e:
-        nanogpt.read_meta(tmp_path / "meta.pkl")
+        nano_data.read_meta(tmp_path / "meta.pkl")
     assert not marker.exists()
     assert "io.open" in single_line(e.value)
 
@@ -296,7 +296,7 @@ def test_hostile_meta_is_refused_and_nothing_runs(tmp_path):
 def test_inconsistent_meta_is_refused(tmp_path, meta, expected):
     (tmp_path / "meta.pkl").write_bytes(pickle.dumps(meta))
     with pytest.raises(UserError, match=expected) as e:
-        nanogpt.read_meta(tmp_path / "meta.pkl")
+        nano_data.read_meta(tmp_path / "meta.pkl")
     single_line(e.value)
 
 
@@ -371,7 +371,7 @@ warmup_iters = 100 # not super necessary potentially
 
 def test_read_config_maps_a_nanogpt_recipe(tmp_path):
     (tmp_path / "train_shakespeare_char.py").write_text(SHAKESPEARE_CHAR_CONFIG)
-    config, unmapped, refused = nanogpt.read_config(tmp_path / "train_shakespeare_char.py")
+    config, unmapped, refused = nano_config.read_config(tmp_path / "train_shakespeare_char.py")
     assert config["model"] == {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "dropout": 0.2}
     assert config["optim"] == {"lr": 1e-3, "min_lr": 1e-4, "decay_iters": 5000, "beta2": 0.99, "warmup_iters": 100}
     assert config["train"] == {"eval_interval": 250, "eval_iters": 200, "log_interval": 10, "wandb_project":
@@ -389,7 +389,7 @@ def test_decay_lr_false_is_a_constant_rate(tmp_path):
     from gptforge.optim import lr_at_progress
 
     (tmp_path / "c.py").write_text("decay_lr = False\nwarmup_iters = 100\nlearning_rate = 3e-4\nmin_lr = 0.0\n")
-    config, _, _ = nanogpt.read_config(tmp_path / "c.py")
+    config, _, _ = nano_config.read_config(tmp_path / "c.py")
     opt = OptimConfig(**config["optim"])
     assert {lr_at_progress(s, s / 1000, opt) for s in (0, 50, 500, 999)} == {3e-4}  # nanoGPT: learning_rate throughout
 
@@ -404,23 +404,23 @@ def test_decay_lr_false_is_a_constant_rate(tmp_path):
 def test_config_statements_that_are_not_literals_are_reported_not_run(tmp_path, source):
     marker = tmp_path / "pwned"
     (tmp_path / "c.py").write_text(source.format(marker=marker))
-    config, unmapped, refused = nanogpt.read_config(tmp_path / "c.py")
+    config, unmapped, refused = nano_config.read_config(tmp_path / "c.py")
     assert not marker.exists()
     assert config == {"model": {"n_layer": 2}} and unmapped == [] and len(refused) == 1
     assert refused[0].startswith("line ")
     lines = []
-    nanogpt.load_config_py(tmp_path / "c.py", log=lines.append)
+    nano_config.load_config_py(tmp_path / "c.py", log=lines.append)
     assert len(lines) == 1 and "\n" not in lines[0] and "not run" in lines[0] and refused[0] in lines[0]
 
 
 def test_config_value_of_the_wrong_type_is_refused(tmp_path):
     (tmp_path / "c.py").write_text("n_layer = '6'\n")
     with pytest.raises(UserError, match="n_layer must be an int") as e:
-        nanogpt.read_config(tmp_path / "c.py")
+        nano_config.read_config(tmp_path / "c.py")
     single_line(e.value)
     (tmp_path / "c.py").write_text("n_layer = (\n")
     with pytest.raises(UserError, match="cannot parse") as e:
-        nanogpt.read_config(tmp_path / "c.py")
+        nano_config.read_config(tmp_path / "c.py")
     single_line(e.value)
 
 
@@ -442,7 +442,7 @@ def test_load_gives_a_ckpt_pt_the_decode_layout_as_load_checkpoint_does(tmp_path
 
 
 def gptforge(*args, cwd=None):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     return subprocess.run([sys.executable, "-m", "gptforge", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300)
 

@@ -17,7 +17,6 @@ import time
 import pytest
 import torch
 
-import test_chat
 from gptforge.chat_template import add_chat_template, render_conversation
 from gptforge.modelio.checkpoint import model_state, write_checkpoint
 from gptforge.config import RunConfig
@@ -26,7 +25,7 @@ from gptforge.infer.sample import sample_checkpoint
 from gptforge.errors import UserError
 from gptforge.infer.engine import KVCache
 from gptforge.serve.batcher import Batcher, Event, Sequence
-from test_serve_sampling import request
+from tiny import request, tiny_chat_model
 from gptforge.tokenizer import CharTokenizer
 
 fastapi = pytest.importorskip("fastapi")
@@ -36,8 +35,8 @@ httpx = pytest.importorskip("httpx")
 CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"
 
 
-# test_chat's tiny chat model, with room for the server tests' longer prompts
-tiny_model = functools.partial(test_chat.tiny_model, block_size=96)
+# the tiny chat model (tests/tiny.py), with room for the server tests' longer prompts
+tiny_model = functools.partial(tiny_chat_model, block_size=96)
 
 
 def save_run(path, model, tok):

@@ -1,6 +1,5 @@
-"""The engine's batched sampling: `sample_rows` gives each row the id `sample_next` gives it alone (the filters and
-the softmax are shared by rows with the same settings, the draw is per row from its own generator), and a batch
-of requests with mixed settings and seeds decodes to what each request gives when it is decoded alone."""
+"""The batcher's sampling: a batch of requests with mixed settings and seeds decodes to what each request gives
+when it is decoded alone (rows share their filters, each draws from its own generator)."""
 
 import threading
 
@@ -12,34 +11,14 @@ from gptforge.model import GPT
 from gptforge.infer.sampling import SamplingParams, sample_next, sample_rows
 from gptforge.serve.batcher import Batcher, Event, Request, Sequence
 from gptforge.tokenizer import CharTokenizer
+from tiny import request
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"
-
-
-def request(prompt, max_tokens, emit, n=1, stop_ids=frozenset(), **sampling) -> Request:
-    """A batcher Request with the sampling settings given as keywords (temperature=..., seed=..., stop=...)."""
-    return Request(prompt, max_tokens, emit, n=n, params=SamplingParams(**sampling), stop_ids=stop_ids)
 
 
 SETTINGS = [dict(temperature=0.0), dict(temperature=0.8, top_k=5, seed=1), dict(temperature=0.8, top_k=5, seed=2),
             dict(temperature=1.0, top_p=0.9, seed=3), dict(temperature=0.0), dict(temperature=1.3, seed=4),
             dict(temperature=0.8, top_k=5, top_p=0.7, seed=5)]
-
-
-def test_sample_rows_is_sample_next_row_by_row():
-    torch.manual_seed(0)
-    V, vocab = 64, 50  # padded logits: ids >= vocab are never chosen
-    logits = torch.randn(len(SETTINGS), V) * 3
-    logits[:, vocab:] = 100.0  # the padding would win every draw if it were not dropped
-    noop = lambda _: ""  # noqa: E731
-    seqs, alone = ([Sequence(request([0], 10, noop, **kw), 0, noop, vocab, "cpu") for kw in SETTINGS] for _ in "ab")
-    for _ in range(20):  # the generators advance step after step as they do alone
-        got = sample_rows(logits, [s.req.params for s in seqs], [s.generator for s in seqs], vocab)
-        want = [int(sample_next(logits[b:b + 1], *s.req.params.filters, s.generator, vocab)[0])
-                for b, s in enumerate(alone)]
-        assert got == want and max(got) < vocab
-        logits = logits.roll(1, dims=1)
-    assert len(set(got)) > 1  # the rows really differ: the test compares distinct draws
 
 
 def run_engine(engine, reqs, timeout=60):

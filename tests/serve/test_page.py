@@ -395,7 +395,8 @@ def real_server():
 
     from gptforge.serve.app import Limits, create_app
     from gptforge.serve.batcher import Batcher
-    from test_chat import CHARS, nonempty_seed, tiny_model
+    from tiny import CHARS, nonempty_seed
+    from tiny import tiny_chat_model as tiny_model
 
     tok = add_chat_template(CharTokenizer(CHARS, eot=True))
     model = tiny_model(tok, nonempty_seed(tok))
@@ -446,7 +447,7 @@ def test_max_tokens_fits_a_small_context(browser, real_server):
 
 @pytest.mark.integration
 def test_the_page_chats_with_the_real_server(browser, real_server):
-    from test_chat import fresh_greedy
+    from tiny import fresh_greedy
 
     url, model, tok = real_server
     browser.get(url + "/")

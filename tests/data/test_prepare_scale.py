@@ -23,7 +23,7 @@ from gptforge.tokenizer import EOT_TEXT, load_tokenizer
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(path: Path, data: str | bytes) -> Path:

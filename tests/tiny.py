@@ -1,0 +1,84 @@
+"""Tiny models and helpers that tests in several folders share (tests/ is on sys.path through conftest.py)."""
+
+import torch
+
+from gptforge.chat_template import render_conversation
+from gptforge.config import GPTConfig
+from gptforge.infer.engine import generate
+from gptforge.infer.sampling import SamplingParams
+from gptforge.model import GPT
+from gptforge.serve.batcher import Request
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"  # the alphabet of the tiny char models
+
+
+def tiny_gpt(seed: int = 0, **overrides) -> GPT:
+    cfg = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=64, dropout=0.0)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**cfg))
+    # A wider spread of weights than GPT-2's init gives logits far apart, so greedy ids do not
+    # hinge on rounding; any disagreement between the paths is then a real bug.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def reference_greedy(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """The plainest decode there is: full forward on the last block_size tokens, argmax."""
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(idx[:, -model.config.block_size:])[:, -1]
+            idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def prompt(B: int, T: int, seed: int = 1, vocab: int = 64) -> torch.Tensor:
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+VARIANTS = {
+    "learned": {},
+    "rope-gqa-qknorm": dict(pos="rope", n_kv_head=2, qk_norm=True, norm="rmsnorm", mlp="swiglu", bias=False,
+                            tie_embeddings=False),
+    "learned-mqa-manual": dict(n_kv_head=1, attention="manual"),
+}
+
+
+def tiny_chat_model(tok, seed=0, block_size=64, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=tok.vocab_size,
+                          dropout=0.0, **overrides))
+    with torch.no_grad():  # logits far apart: greedy ids do not hinge on rounding
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def fresh_greedy(model, tok, prompt, n):
+    """The reply a model gives to the whole prompt from scratch (no reused cache), cut at the first marker."""
+    out = generate(model, torch.tensor([prompt]), n, 0.0, eot_id=tok.chat.end_id, vocab_size=tok.vocab_size)
+    answer = []
+    for t in out[0, len(prompt):].tolist():
+        if t in tok.chat.ids.values() or t == tok.eot_id:
+            break
+        answer.append(t)
+    return answer
+
+
+def nonempty_seed(tok, text="hello there", **kw) -> int:
+    """A model seed whose first greedy reply to `text` is not empty (a random model may end at once)."""
+    for seed in range(20):
+        model = tiny_chat_model(tok, seed, **kw)
+        if fresh_greedy(model, tok, render_conversation(tok, [{"role": "user", "content": text}],
+                                                        for_generation=True)[0], 8):
+            return seed
+    raise AssertionError("no seed gives a non-empty reply")
+
+
+def request(prompt, max_tokens, emit, n=1, stop_ids=frozenset(), **sampling) -> Request:
+    """A batcher Request with the sampling settings given as keywords (temperature=..., seed=..., stop=...)."""
+    return Request(prompt, max_tokens, emit, n=n, params=SamplingParams(**sampling), stop_ids=stop_ids)
