@@ -303,7 +303,7 @@ def test_time_budget_ends_with_eval_checkpoint_and_whole_val(tmp_path, data_dir)
     result = train(cfg, tmp_path / "run", log=quiet)
     assert result.interrupted is None and 2 <= result.step < 10**6
     train_rows = rows(tmp_path / "run", "loss")
-    assert train_rows[-2]["time_s"] < 2.0  # the last step began within the budget
+    assert train_rows[-2]["time_s"] <= 2.0  # the last step began within the budget (times are rounded to ms)
     lrs = [r["lr"] for r in train_rows]  # cosine over the time: decaying from the first step on
     assert lrs[0] == pytest.approx(cfg.optim.lr, rel=0.1) and lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]
     assert rows(tmp_path / "run", "val_loss")[-1]["step"] == result.step
