@@ -6,14 +6,22 @@ it finds most likely as a continuation of the context:
 
 - each ending is prefixed by a single space and encoded on its own: tokens = encode(ctx) + encode(" " + ending);
 - `acc` picks the ending with the highest SUM of log-likelihood over the ending's tokens;
-- `acc_norm` picks the ending with the highest MEAN log-likelihood per ending token (the convention of
-  build-nanogpt and llm.c; lm-eval-harness normalises by bytes instead, so its acc_norm differs a little).
+- `acc_norm` picks the ending with the highest MEAN log-likelihood per ending TOKEN (the convention of
+  build-nanogpt and llm.c);
+- `acc_norm_char` picks the highest log-likelihood per CHARACTER of the ending, len(ending) without its
+  leading space: what lm-evaluation-harness calls acc_norm (its multiple_choice tasks divide by
+  len(choice) in characters, not bytes; bytes are its separate acc_bytes). With the same log-likelihoods
+  the two agree row for row: `gptforge eval --harness hellaswag_local` (gptforge.harness) runs this prompt
+  through lm-eval, and tests/test_harness.py checks both against lm-eval's `hf` model on an export.
 
-The four endings of an example, and several examples, go through the model as one right-padded batch:
-attention is causal, so padding after a row's last token cannot change that row's log-likelihoods.
-A row longer than the model's block_size keeps its last block_size tokens (the start of the context
-is dropped). Only if an ending alone is longer than block_size - 1 tokens do its first tokens lose all
-context; they are then not scored and the mean is over the tokens that are.
+The four endings of an example, and several examples, go through the model as one right-padded batch
+(`gptforge.infer.scoring.score`, one forward per batch of examples): attention is causal, so padding after
+a row's last token cannot change that row's log-likelihoods. The softmax is over all of the model's
+vocabulary rows, padded ones included, as the training loss and a `transformers` export (which lm-eval's
+`hf` model reads) compute it. A row longer than the model's block_size keeps its last block_size tokens (the
+start of the context is dropped; lm-eval keeps block_size + 1, one more context token, so on such rows the
+figures differ a little). Only if an ending alone is longer than block_size - 1 tokens do its first tokens
+lose all context; they are then not scored and the mean is over the tokens that are.
 """
 
 from __future__ import annotations
@@ -24,13 +32,13 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from gptforge.downloads import cache_dir, download, write_cached  # cache_dir: $GPTFORGE_CACHE or ~/.cache/gptforge
 from gptforge.device import autocast
 from gptforge.errors import UserError, one_line
 from gptforge.device import pick_device, pick_dtype
 from gptforge.dist import all_reduce_sum
+from gptforge.infer.scoring import score
 from gptforge.modelio.load import load
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -156,29 +164,15 @@ def _rows(tokenizer, example: dict[str, Any], block_size: int) -> list[tuple[lis
     return rows
 
 
-@torch.no_grad()
 def _score_rows(model: torch.nn.Module, rows: Sequence[tuple[list[int], int]], device: torch.device,
                 dtype: torch.dtype) -> tuple[list[float], list[int]]:
-    """Summed log-likelihood of the last n_scored tokens of each row, all rows in one padded forward pass."""
-    T = max(len(ids) for ids, _ in rows) - 1  # inputs are all tokens but the last
-    x = torch.zeros(len(rows), T, dtype=torch.long)  # padding id 0: any id works, it is never scored
-    y = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    for i, (ids, n) in enumerate(rows):
-        L = len(ids) - 1
-        x[i, :L] = torch.tensor(ids[:-1])
-        y[i, :L] = torch.tensor(ids[1:])
-        mask[i, L - n:L] = True  # y[i, j] is token j + 1: the ending's tokens are the last n targets
-    x, y, mask = x.to(device), y.to(device), mask.to(device)
+    """Summed log-likelihood of the last n_scored tokens of each row, and n_scored, all rows in one forward."""
     with autocast(device, dtype):
-        logits = model(x)  # (R, T, vocab)
-    # Only the ending positions are scored: taking them out before the float32 log-softmax keeps the
-    # largest temporary at (scored tokens, vocab) instead of (R, T, vocab). float32 as in the training
-    # loss: bf16 would blur endings whose likelihoods are close.
-    picked = -F.cross_entropy(logits[mask].float(), y[mask], reduction="none")  # (n_scored,)
-    logp = torch.zeros(len(rows), T, device=device)
-    logp[mask] = picked
-    return logp.sum(dim=1).tolist(), mask.sum(dim=1).tolist()
+        # One forward per call (max_batch_tokens=None): under FSDP every rank must run as many forwards.
+        # Over all model.config.vocab_size rows: the distribution the training loss and an HF export compute.
+        scored = score(model, [ids for ids, _ in rows], starts=[len(ids) - n for ids, n in rows],
+                       vocab_size=model.config.vocab_size, max_batch_tokens=None)
+    return [sc.total for sc in scored], [len(sc.logprobs) for sc in scored]
 
 
 def _iter_scores(model: torch.nn.Module, tokenizer, examples: Sequence[dict[str, Any]], device: torch.device,
@@ -201,8 +195,10 @@ def _iter_scores(model: torch.nn.Module, tokenizer, examples: Sequence[dict[str,
                 s = sums[N_ENDINGS * k:N_ENDINGS * (k + 1)]
                 n = counts[N_ENDINGS * k:N_ENDINGS * (k + 1)]
                 means = [a / b for a, b in zip(s, n)]
+                per_char = [a / len(e) for a, e in zip(s, ex["endings"])]
                 results.append({"pred": max(range(N_ENDINGS), key=s.__getitem__),  # ties: the first ending
                                 "pred_norm": max(range(N_ENDINGS), key=means.__getitem__),
+                                "pred_norm_char": max(range(N_ENDINGS), key=per_char.__getitem__),
                                 "label": ex["label"], "sum_logprob": s, "mean_logprob": means, "n_tokens": n})
             yield results
     finally:
@@ -218,30 +214,34 @@ def score_examples(model: torch.nn.Module, tokenizer, examples: Sequence[dict[st
 def score_example(model: torch.nn.Module, tokenizer, example: dict[str, Any], device: torch.device,
                   dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Score one example: `pred` (argmax of summed log-likelihood), `pred_norm` (argmax of the per-token
-    mean), `label`, and per ending `sum_logprob`, `mean_logprob` and `n_tokens` (the scored tokens)."""
+    mean), `pred_norm_char` (argmax of the sum per character of the ending), `label`, and per ending
+    `sum_logprob`, `mean_logprob` and `n_tokens` (the scored tokens)."""
     return score_examples(model, tokenizer, [example], device, dtype, batch_size=1)[0]
 
 
 def evaluate_hellaswag(model: torch.nn.Module, tokenizer, examples: Sequence[dict[str, Any]], device: torch.device,
                        dtype: torch.dtype = torch.float32, batch_size: int = 8,
                        progress: bool = False) -> dict[str, Any]:
-    """Accuracy over `examples`: {acc, acc_norm, n, correct, correct_norm}; `progress` draws a progress bar."""
+    """Accuracy over `examples`: {acc, acc_norm, acc_norm_char, n, correct, correct_norm, correct_norm_char};
+    `progress` draws a progress bar."""
     if not examples:
         raise UserError("no HellaSwag examples to evaluate")
     for i, ex in enumerate(examples):  # a tokenizer that cannot encode them (a char run) fails before the bar
         _encode(tokenizer, validate_example(ex, f"example {i}"))
-    correct = correct_norm = done = 0
+    correct = correct_norm = correct_norm_char = done = 0
     from tqdm import tqdm
 
     with tqdm(total=len(examples), desc="hellaswag", unit="ex", disable=not progress) as bar:
         for batch in _iter_scores(model, tokenizer, examples, device, dtype, batch_size):
             correct += sum(r["pred"] == r["label"] for r in batch)
             correct_norm += sum(r["pred_norm"] == r["label"] for r in batch)
+            correct_norm_char += sum(r["pred_norm_char"] == r["label"] for r in batch)
             done += len(batch)
             bar.update(len(batch))
             bar.set_postfix(acc_norm=f"{correct_norm / done:.4f}", refresh=False)
     n = len(examples)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n, "correct": correct, "correct_norm": correct_norm}
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "acc_norm_char": correct_norm_char / n, "n": n,
+            "correct": correct, "correct_norm": correct_norm, "correct_norm_char": correct_norm_char}
 
 
 def hellaswag_during_training(model: torch.nn.Module, tokenizer, examples: Sequence[dict[str, Any]],

@@ -181,7 +181,8 @@ def eval_(run: str, data: Optional[str] = None, split: str = "val",
 
         out = evaluate_hellaswag_checkpoint(run, file=file, limit=limit, batch_size=batch_size, which=_which(best),
                                             device=device, progress=not json)
-        print(dumps(out) if json else f"hellaswag: acc {out['acc']:.4f} | acc_norm {out['acc_norm']:.4f} "
+        print(dumps(out) if json else f"hellaswag: acc {out['acc']:.4f} | acc_norm {out['acc_norm']:.4f} (per token) "
+              f"| acc_norm_char {out['acc_norm_char']:.4f} (per character: lm-eval's acc_norm) "
               f"| {out['n']:,} examples | {out['checkpoint']}")
         return 0
     if task == "chat":
