@@ -21,6 +21,7 @@ restore them from tokenizer.json; that is what makes this module longer than mos
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -81,6 +82,11 @@ class Tokenizer:
 
     def token_bytes(self) -> np.ndarray:
         """int64 array (vocab_size,): UTF-8 byte length of each token, 0 for special tokens (for bits per byte)."""
+        raise NotImplementedError
+
+    def piece(self, i: int) -> bytes:
+        """The bytes token i stands for in decoded text (a special token: its text). A byte-level BPE token can
+        hold part of a character, so a piece alone need not be valid UTF-8; the pieces of a sequence joined are."""
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,6 +163,9 @@ class CharTokenizer(Tokenizer):
     def token_bytes(self) -> np.ndarray:
         sizes = [len(c.encode("utf-8", "surrogatepass")) for c in self.chars]
         return np.array(sizes + [0] * (self.vocab_size - len(self.chars)), dtype=np.int64)
+
+    def piece(self, i: int) -> bytes:
+        return self._itos[i].encode("utf-8")
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": TOKENIZER_FORMAT, "kind": "char", "chars": "".join(self.chars),
@@ -284,6 +293,9 @@ class GPT2Tokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode(np.asarray(ids, dtype=np.int64).tolist())
 
+    def piece(self, i: int) -> bytes:
+        return self._enc.decode_single_token_bytes(i)
+
     def _tokens_by_rank(self) -> list[bytes]:
         # tiktoken keeps ranks private; `_mergeable_ranks`/`_pat_str`/`_special_tokens` are the
         # documented way to extend an Encoding (tiktoken's README), so they are stable enough.
@@ -332,6 +344,7 @@ class BPETokenizer(Tokenizer):
         self._tok.encode_special_tokens = True
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eot_id = self._tok.token_to_id(EOT_TEXT)
+        self._added = frozenset(t["id"] for t in hf_json.get("added_tokens", []))
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -352,8 +365,27 @@ class BPETokenizer(Tokenizer):
                 sizes[i] = len(self._tok.id_to_token(i))
         return sizes
 
+    def piece(self, i: int) -> bytes:
+        token = self._tok.id_to_token(i)
+        if token is None:
+            raise KeyError(f"no token {i}")
+        if i in self._added:  # end-of-text and the markers: their text, not byte-level characters
+            return token.encode("utf-8")
+        return bytes(_byte_level_decoder()[c] for c in token)
+
     def to_dict(self) -> dict[str, Any]:
         return {"format": TOKENIZER_FORMAT, "kind": "bpe", "hf_tokenizer": self._hf_json}
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """Character -> byte of the byte-level pre-tokenizer (GPT-2's table, which HF's ByteLevel uses): the
+    printable bytes stand for themselves, the other 68 for the code points from 256 up, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    shifted = [b for b in range(256) if b not in keep]
+    table = {chr(b): b for b in keep}
+    table.update({chr(256 + k): b for k, b in enumerate(shifted)})
+    return table
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:

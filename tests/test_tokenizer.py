@@ -34,6 +34,9 @@ def roundtrip_checks(tok, text: str) -> None:
     assert tok.decode(ids) == text
     assert int(tok.token_bytes()[ids].sum()) == len(text.encode("utf-8"))
     assert max(ids) < tok.vocab_size
+    pieces = [tok.piece(i) for i in ids]  # each token's bytes (a byte-level token may hold part of a character)
+    assert b"".join(pieces) == text.encode("utf-8")
+    assert [len(p) for p in pieces] == tok.token_bytes()[ids].tolist()
 
 
 # ---------------------------------------------------------------------------------------------- char
@@ -303,3 +306,14 @@ def test_load_errors(tmp_path):
     bad.write_text(json.dumps({"kind": "gpt2", "name": "gpt2"}))
     with pytest.raises(UserError, match="not a valid gptforge tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_special_tokens_pieces_are_their_text(tiktoken_cache, bpe):
+    """End-of-text and the chat markers: piece() gives the text decode() shows for them, for every kind."""
+    from gptforge.tokenizer import GPT2Tokenizer, add_chat_template
+
+    for tok in (add_chat_template(CharTokenizer("abc", eot=True)), add_chat_template(GPT2Tokenizer()),
+                add_chat_template(bpe)):
+        for i in [tok.eot_id, *tok.chat.ids.values()]:
+            assert tok.piece(i) == tok.decode([i]).encode("utf-8") and tok.piece(i).startswith(b"<|")
+

@@ -1,9 +1,13 @@
 """Tiny models and helpers that tests in several folders share (tests/ is on sys.path through conftest.py)."""
 
+import threading
+import time
+
 import torch
 
 from gptforge.chat_template import render_conversation
-from gptforge.config import GPTConfig
+from gptforge.config import GPTConfig, RunConfig
+from gptforge.modelio.checkpoint import model_state, write_checkpoint
 from gptforge.infer.engine import generate
 from gptforge.infer.sampling import SamplingParams
 from gptforge.model import GPT
@@ -82,3 +86,42 @@ def nonempty_seed(tok, text="hello there", **kw) -> int:
 def request(prompt, max_tokens, emit, n=1, stop_ids=frozenset(), **sampling) -> Request:
     """A batcher Request with the sampling settings given as keywords (temperature=..., seed=..., stop=...)."""
     return Request(prompt, max_tokens, emit, n=n, params=SamplingParams(**sampling), stop_ids=stop_ids)
+
+
+def save_run(path, model, tok):
+    """`model` and `tok` written as a checkpoint directory that every verb loads."""
+    write_checkpoint(path, model_state(model), RunConfig(model=model.config), tok, state={"step": 1})
+    return path
+
+
+class LiveServer:
+    """build_server's app under uvicorn as `gptforge serve` configures it (server_kw: server_config's limits)."""
+
+    def __init__(self, run, server_kw=None, **kw):
+        import uvicorn
+
+        from gptforge.serve import _bind, build_server
+        from gptforge.serve.connection import server_config
+
+        self.app, self.engine = build_server(run, device="cpu", **kw)
+        sock = _bind("127.0.0.1", 0)
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(server_config(self.app, log_level="error", **(server_kw or {})))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.01)
+        assert self.server.started
+
+    def client(self, **kw):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0,
+                             timeout=60, **kw)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.engine.close()

@@ -15,7 +15,7 @@ float32 whatever the model's dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -42,6 +42,12 @@ class Scored:
     def total(self) -> float:
         return float(sum(self.logprobs))
 
+    def entries(self) -> list["TokenLogprob"]:
+        """Every token of the sequence with its scores: the tokens before `start` have none (logprob None)."""
+        head = [TokenLogprob(i, None, []) for i in self.ids[:self.start]]
+        tops = self.top or [[] for _ in self.logprobs]
+        return head + [TokenLogprob(i, lp, t) for i, lp, t in zip(self.ids[self.start:], self.logprobs, tops)]
+
 
 def _check(seqs: Sequence[Sequence[int]], starts: Sequence[int], block_size: int, with_next: bool) -> None:
     for i, (ids, s) in enumerate(zip(seqs, starts)):
@@ -66,6 +72,29 @@ def _batches(order: list[int], lengths: list[int], max_tokens: Optional[int]) ->
     return groups
 
 
+class TokenLogprob(NamedTuple):
+    """One token's log-probability where it stands, and the top ids there (most likely first); logprob None
+    for a sequence's first token, which nothing predicts."""
+    id: int
+    logprob: Optional[float]
+    top: list[tuple[int, float]]
+
+
+def rank_tokens(logits: torch.Tensor, targets: Sequence[int], vocab_size: int,
+                top_n: int = 0) -> tuple[list[float], list[bool], list[list[tuple[int, float]]]]:
+    """For raw logits (n, V) and the n ids that followed: each id's log-probability (log_softmax in float32 over
+    the first vocab_size ids), whether it was the most likely id, and the top_n (id, logprob) pairs of each row."""
+    lp = torch.log_softmax(logits[:, :vocab_size].float(), dim=-1)  # (n, V)
+    target = torch.as_tensor(list(targets), device=lp.device)
+    chosen = lp.gather(1, target[:, None])[:, 0].tolist()
+    greedy = (lp.argmax(dim=-1) == target).tolist()
+    top: list[list[tuple[int, float]]] = [[] for _ in chosen]
+    if top_n:
+        vals, idx = lp.topk(min(top_n, vocab_size), dim=-1)
+        top = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+    return chosen, greedy, top
+
+
 @torch.inference_mode()
 def _score_group(model, seqs: list[list[int]], starts: list[int], vocab_size: int, top_n: int,
                  with_next: bool, device: torch.device) -> list[Scored]:
@@ -80,13 +109,7 @@ def _score_group(model, seqs: list[list[int]], starts: list[int], vocab_size: in
         sc = Scored(list(ids), s)
         n = len(ids) - s  # scored positions: targets ids[s:], predicted at inputs s - 1 .. len - 2
         if n:
-            lp = torch.log_softmax(logits[r, s - 1:s - 1 + n, :vocab_size].float(), dim=-1)  # (n, V)
-            target = torch.tensor(ids[s:], device=lp.device)
-            sc.logprobs = lp.gather(1, target[:, None])[:, 0].tolist()
-            sc.greedy = (lp.argmax(dim=-1) == target).tolist()
-            if top_n:
-                vals, idx = lp.topk(min(top_n, vocab_size), dim=-1)
-                sc.top = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+            sc.logprobs, sc.greedy, sc.top = rank_tokens(logits[r, s - 1:s - 1 + n], ids[s:], vocab_size, top_n)
         if with_next:
             sc.next_logits = logits[r, len(ids) - 1].float()
         out.append(sc)

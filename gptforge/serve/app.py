@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
@@ -26,9 +27,12 @@ from starlette.exceptions import HTTPException
 
 from gptforge.chat_template import render_conversation
 from gptforge.errors import UserError, one_line
-from gptforge.serve.batcher import Batcher, Event, QueueFull
+from gptforge.infer.scoring import Scored, TokenLogprob
+from gptforge.serve.batcher import Batcher, Event, QueueFull, ScoreJob
 from gptforge.serve.batcher import Request as BatchRequest
-from gptforge.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
+from gptforge.serve.logprobs import Offsets, chat_logprobs, completion_logprobs
+from gptforge.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
+                                     TokenizeRequest, error_body)
 
 STATIC = Path(str(resources.files("gptforge") / "serve" / "static"))
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -56,6 +60,12 @@ class ApiError(Exception):
 # Building batcher requests from HTTP ones
 
 
+def _fits(prompt_len: int, limits: Limits, prompt_param: str) -> None:
+    if prompt_len > limits.context_length:
+        raise ApiError(400, f"the prompt is {prompt_len} tokens; the model's context is {limits.context_length}: "
+                            "send a shorter prompt", prompt_param, "context_length_exceeded")
+
+
 def _max_tokens(asked: Optional[int], prompt_len: int, limits: Limits, prompt_param: str) -> int:
     room = limits.context_length - prompt_len
     if room < 1:
@@ -74,30 +84,77 @@ def _max_tokens(asked: Optional[int], prompt_len: int, limits: Limits, prompt_pa
     return asked
 
 
-def _batch_request(body: SamplingFields, prompt: list[int], max_tokens: Optional[int], stop_ids: frozenset,
-                    limits: Limits, batcher: Batcher) -> tuple[BatchRequest, "asyncio.Queue[Event]"]:
-    if body.n > batcher.max_seqs:
-        raise ApiError(400, f"n is {body.n}; this server decodes at most {batcher.max_seqs} sequences at once", "n")
-    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+@dataclass
+class Scores:
+    """A scoring job's answer for one prompt (None: scoring failed)."""
+    prompt: int
+    scored: Optional[Scored]
 
-    def emit(ev: Event) -> None:  # runs on the batcher's thread
+
+@dataclass
+class Work:
+    """What one HTTP request asked of the batcher: `n` choices for each of its prompts (choice i * n + j is
+    prompt i's choice j), the scores of `scored` prompts, all answered on one queue."""
+    events: "asyncio.Queue[Event | Scores]"
+    reqs: list[BatchRequest]
+    job: Optional[ScoreJob] = None
+
+    @property
+    def choices(self) -> int:
+        return sum(r.n for r in self.reqs)
+
+    @property
+    def scored(self) -> int:
+        return len(self.job.prompts) if self.job else 0
+
+    def cancel(self) -> None:
+        for r in self.reqs:
+            r.cancel()
+        if self.job:
+            self.job.cancel()
+
+
+def _emitter(events: asyncio.Queue, shift=lambda ev: ev):
+    """A callback for the batcher's thread that puts what it is given, shifted, on `events` in the event loop."""
+    loop = asyncio.get_running_loop()
+
+    def emit(*args) -> None:
         try:
-            loop.call_soon_threadsafe(events.put_nowait, ev)
+            loop.call_soon_threadsafe(events.put_nowait, shift(*args))
         except RuntimeError:  # the event loop has closed: the server is shutting down
             pass
+    return emit
 
+
+def _submit_work(body: SamplingFields, prompts: list[list[int]], max_tokens: Optional[int], stop_ids: frozenset,
+                 limits: Limits, batcher: Batcher, *, logprobs: Optional[int] = None,
+                 score_top: Optional[int] = None) -> Work:
+    """Queue each prompt's generation (none if max_tokens is 0) and, with `score_top` set, a scoring job for
+    the prompts (top `score_top` per token) that answers the generations of max_tokens 1 from its forward."""
+    if body.n > batcher.max_seqs:
+        raise ApiError(400, f"n is {body.n}; this server decodes at most {batcher.max_seqs} sequences at once", "n")
     param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
     try:
         params = body.sampling_params()
     except UserError as e:  # the fields' own validators have already said most of it
         raise ApiError(400, one_line(e), code="invalid_value") from None
-    req = BatchRequest(prompt, _max_tokens(max_tokens, len(prompt), limits, param), emit, n=body.n, params=params,
-                       stop_ids=stop_ids)
+    events: asyncio.Queue = asyncio.Queue()
+    work = Work(events, [])
+    for i, prompt in enumerate(prompts):
+        if max_tokens == 0:
+            _fits(len(prompt), limits, param)
+            continue
+        emit = _emitter(events, lambda ev, k=i * body.n: replace(ev, index=ev.index + k))
+        work.reqs.append(BatchRequest(prompt, _max_tokens(max_tokens, len(prompt), limits, param), emit, n=body.n,
+                                      params=params, stop_ids=stop_ids, logprobs=logprobs))
+    if score_top is not None:
+        work.job = ScoreJob(prompts, score_top, _emitter(events, Scores), then=work.reqs)
     try:
-        batcher.submit(req)
+        if work.job or work.reqs:
+            batcher.submit(*([work.job] if work.job else work.reqs))
     except QueueFull as e:
         raise ApiError(429, str(e), code="server_busy") from None
-    return req, events
+    return work
 
 
 def _chat_prompt(tok, body: ChatCompletionRequest) -> list[int]:
@@ -127,20 +184,27 @@ def _encode(tok, text: str, param: str, where: str = "") -> list[int]:
         raise ApiError(400, where + one_line(e), param, "unknown_character") from None
 
 
-def _completion_prompt(tok, body: CompletionRequest) -> tuple[list[int], str]:
+def _completion_prompts(tok, body: CompletionRequest) -> list[tuple[list[int], str]]:
+    """Each prompt of the request as (token ids, text): a text, a list of texts, one list of ids or several."""
     p = body.prompt
     if isinstance(p, list) and p and all(isinstance(x, int) for x in p):
-        if any(not 0 <= x < tok.vocab_size for x in p):
-            raise ApiError(400, f"prompt token ids must be in [0, {tok.vocab_size})", "prompt")
-        return list(p), tok.decode(p)
+        p = [p]
+    elif not isinstance(p, list) or not p:
+        p = [p or ""]
+    return [_one_prompt(tok, x, f"prompt {i + 1}: " if len(p) > 1 else "") for i, x in enumerate(p)]
+
+
+def _one_prompt(tok, p, where: str) -> tuple[list[int], str]:
     if isinstance(p, list):
-        if len(p) > 1:
-            raise ApiError(400, "send one prompt per request (or use n for several completions of it)", "prompt")
-        p = p[0] if p else ""
-    ids = _encode(tok, p, "prompt")
+        if not p:
+            raise ApiError(400, f"{where}the prompt's token ids are an empty list", "prompt")
+        if any(not 0 <= x < tok.vocab_size for x in p):
+            raise ApiError(400, f"{where}prompt token ids must be in [0, {tok.vocab_size})", "prompt")
+        return list(p), tok.decode(p)
+    ids = _encode(tok, p, "prompt", where)
     if not ids:
         if tok.eot_id is None:
-            raise ApiError(400, "the prompt is empty; give some text to continue", "prompt")
+            raise ApiError(400, f"{where}the prompt is empty; give some text to continue", "prompt")
         ids = [tok.eot_id]  # an empty prompt starts a fresh document, as in `gptforge sample`
     return ids, p
 
@@ -153,61 +217,85 @@ def _usage(prompt_len: int, tokens: list[int]) -> dict[str, int]:
     return {"prompt_tokens": prompt_len, "completion_tokens": sum(tokens), "total_tokens": prompt_len + sum(tokens)}
 
 
-async def _collect(req: BatchRequest, events: "asyncio.Queue[Event]", http: Request) -> tuple[list, list, list]:
-    """Every choice's text, finish reason and token count; cancels the request if the client goes away."""
-    n = req.n
-    texts, reasons, tokens = [""] * n, [None] * n, [0] * n
+@dataclass
+class Collected:
+    """Every choice's text, finish reason, generated tokens and their logprob entries; every prompt's scores."""
+    texts: list[str]
+    reasons: list[Optional[str]]
+    tokens: list[int]
+    logprobs: list[list[TokenLogprob]]
+    scores: dict[int, Scored]
+
+
+def _take(got: Collected, ev: "Event | Scores") -> None:
+    """Account for one answer from the batcher; an ApiError if it reports a failure."""
+    if isinstance(ev, Scores):
+        if ev.scored is None:
+            raise ApiError(500, "the model failed while scoring this prompt", code="engine_error")
+        got.scores[ev.prompt] = ev.scored
+        return
+    if ev.finish_reason == "error":
+        raise ApiError(500, "the model failed while generating this reply", code="engine_error")
+    got.texts[ev.index] += ev.text
+    got.tokens[ev.index] = max(got.tokens[ev.index], ev.completion_tokens)
+    got.logprobs[ev.index] += ev.logprobs
+    got.reasons[ev.index] = ev.finish_reason or got.reasons[ev.index]
+
+
+async def _collect(work: Work, choices: int, http: Request) -> Collected:
+    """Wait for all of `work`; cancels it if the client goes away. Choices with no generation (max_tokens 0)
+    end with "length"."""
+    got = Collected([""] * choices, [None] * work.choices + ["length"] * (choices - work.choices),
+                    [0] * choices, [[] for _ in range(choices)], {})
     try:
-        while any(r is None for r in reasons):
+        while any(r is None for r in got.reasons) or len(got.scores) < work.scored:
             try:
-                ev = await asyncio.wait_for(events.get(), timeout=1.0)
+                ev = await asyncio.wait_for(work.events.get(), timeout=1.0)
             except asyncio.TimeoutError:
                 if await http.is_disconnected():
                     raise asyncio.CancelledError from None
                 continue
-            texts[ev.index] += ev.text
-            tokens[ev.index] = max(tokens[ev.index], ev.completion_tokens)
-            if ev.finish_reason == "error":
-                raise ApiError(500, "the model failed while generating this reply", code="engine_error")
-            reasons[ev.index] = ev.finish_reason or reasons[ev.index]
+            _take(got, ev)
     finally:
-        if any(r is None for r in reasons):
-            req.cancel()
-    return texts, reasons, tokens
+        if any(r is None for r in got.reasons) or len(got.scores) < work.scored:
+            work.cancel()
+    return got
 
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _stream(req: BatchRequest, events: "asyncio.Queue[Event]", prompt_len: int, include_usage: bool,
-                  head: dict, choice, first: Optional[list[dict]]) -> AsyncIterator[str]:
-    """Server-sent events: `first` chunks (the role, or an echoed prompt), text chunks, a finish chunk per
-    choice, the usage chunk if asked, then [DONE]. A client that disconnects closes this generator, which
-    cancels the request: the batcher frees its rows at its next step."""
+async def _stream(work: Work, prompt_len: int, include_usage: bool, head: dict, chunks,
+                  first: Optional[list[dict]]) -> AsyncIterator[str]:
+    """Server-sent events: `first` chunks (the role, or an echoed prompt), then for each answer of the batcher
+    the chunks `chunks(answer)` makes of it, the usage chunk if asked, then [DONE]. A client that disconnects
+    closes this generator, which cancels the work: the batcher frees its rows at its next step."""
     extra = {"usage": None} if include_usage else {}
-    left, tokens = req.n, [0] * req.n
+    left, scores = work.choices, work.scored
+    tokens = [0] * max(work.choices, 1)
     try:
         for c in first or []:
             yield _sse({**head, "choices": [c], **extra})
-        while left:
-            ev = await events.get()
-            tokens[ev.index] = max(tokens[ev.index], ev.completion_tokens)
-            if ev.finish_reason == "error":
-                yield _sse(error_body("the model failed while generating this reply", "server_error",
+        while left or scores:
+            ev = await work.events.get()
+            if isinstance(ev, Scores) and ev.scored is None or isinstance(ev, Event) and ev.finish_reason == "error":
+                yield _sse(error_body("the model failed while answering this request", "server_error",
                                       code="engine_error"))
                 return
-            if ev.text:
-                yield _sse({**head, "choices": [choice(ev.index, ev.text, None)], **extra})
-            if ev.finish_reason:
-                left -= 1
-                yield _sse({**head, "choices": [choice(ev.index, None, ev.finish_reason)], **extra})
+            if isinstance(ev, Scores):
+                scores -= 1
+            else:
+                tokens[ev.index] = max(tokens[ev.index], ev.completion_tokens)
+                left -= bool(ev.finish_reason)
+            for c in chunks(ev):
+                yield _sse({**head, "choices": [c], **extra})
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(prompt_len, tokens)})
         yield "data: [DONE]\n\n"
     finally:
-        if left:
-            req.cancel()
+        if left or scores:
+            work.cancel()
 
 
 def _streaming(gen: AsyncIterator[str]) -> StreamingResponse:
@@ -254,42 +342,133 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, limits: Limits, *, 
     async def chat_completions(body: ChatCompletionRequest, http: Request):
         prompt = _chat_prompt(tokenizer, body)
         stop_ids = tokenizer.chat.stop_ids(tokenizer.eot_id)
-        req, events = _batch_request(body, prompt, body.max_completion_tokens or body.max_tokens, stop_ids,
-                                     limits, batcher)
+        work = _submit_work(body, [prompt], body.max_completion_tokens or body.max_tokens, stop_ids, limits,
+                            batcher, logprobs=body.logprobs_top)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+
+        def logprobs(entries: list[TokenLogprob]) -> Optional[dict]:
+            return chat_logprobs(tokenizer, entries) if body.logprobs else None
+
         if body.stream:
-            def choice(i, text, reason):
-                return {"index": i, "delta": {} if text is None else {"content": text}, "logprobs": None,
-                        "finish_reason": reason}
+            def chunks(ev: Event) -> list[dict]:
+                out = []
+                if ev.text or ev.logprobs:
+                    out.append({"index": ev.index, "delta": {"content": ev.text}, "logprobs": logprobs(ev.logprobs),
+                                "finish_reason": None})
+                if ev.finish_reason:
+                    out.append({"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason})
+                return out
             first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(body.n)]
-            return _streaming(_stream(req, events, len(prompt), body.include_usage,
-                                      {**head, "object": "chat.completion.chunk"}, choice, first))
-        texts, reasons, tokens = await _collect(req, events, http)
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                    "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
-        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(prompt), tokens)}
+            return _streaming(_stream(work, len(prompt), body.include_usage,
+                                      {**head, "object": "chat.completion.chunk"}, chunks, first))
+        got = await _collect(work, body.n, http)
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": logprobs(lp),
+                    "finish_reason": r} for i, (t, r, lp) in enumerate(zip(got.texts, got.reasons, got.logprobs))]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(prompt), got.tokens)}
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, http: Request):
-        prompt, prompt_text = _completion_prompt(tokenizer, body)
+        prompts = _completion_prompts(tokenizer, body)
         stop_ids = frozenset({tokenizer.eot_id} if tokenizer.eot_id is not None else ())
-        req, events = _batch_request(body, prompt, body.max_tokens, stop_ids, limits, batcher)
+        scoring = body.echo and body.logprobs is not None  # the prompt's own logprobs: a scoring job
+        work = _submit_work(body, [ids for ids, _ in prompts], body.max_tokens, stop_ids, limits, batcher,
+                            logprobs=body.logprobs, score_top=body.logprobs if scoring else None)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
-        echo = prompt_text if body.echo else ""
+        shape = _Completions(tokenizer, body, [text for _, text in prompts], scoring)
+        prompt_len = sum(len(ids) for ids, _ in prompts)
         if body.stream:
-            def choice(i, text, reason):
-                return {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
-            first = [choice(i, echo, None) for i in range(body.n)] if echo else None
-            return _streaming(_stream(req, events, len(prompt), body.include_usage, head, choice, first))
-        texts, reasons, tokens = await _collect(req, events, http)
-        choices = [{"index": i, "text": echo + t, "logprobs": None, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
-        return {**head, "choices": choices, "usage": _usage(len(prompt), tokens)}
+            return _streaming(_stream(work, prompt_len, body.include_usage, head, shape.chunks, shape.first()))
+        got = await _collect(work, shape.choices, http)
+        return {**head, "choices": shape.whole(got), "usage": _usage(prompt_len, got.tokens)}
 
+    _add_tokenizer_routes(app, tokenizer, limits, auth)
     _add_page(app)
     return app
+
+
+class _Completions:
+    """The choices of a completions response, whole or as stream chunks: choice c answers prompt c // n,
+    starts with that prompt's text when echoed, and carries logprobs when asked (the prompt's, from its
+    scores, when echoed), their text offsets counted over the choice's text."""
+
+    def __init__(self, tok, body: CompletionRequest, texts: list[str], scoring: bool):
+        self.tok, self.n, self.scoring, self.top = tok, body.n, scoring, body.logprobs
+        self.echo = texts if body.echo else [""] * len(texts)
+        self.score_only = body.max_tokens == 0
+        self.choices = len(texts) * body.n
+        self.offsets = [Offsets() for _ in range(self.choices)]
+
+    def _logprobs(self, c: int, entries: list[TokenLogprob]) -> Optional[dict]:
+        return None if self.top is None else completion_logprobs(self.tok, entries, self.offsets[c])
+
+    def _choice(self, c: int, text: str, logprobs: Optional[dict] = None, reason: Optional[str] = None) -> dict:
+        return {"index": c, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+    def _ends(self, cs) -> list[dict]:
+        return [self._choice(c, "", reason="length") for c in cs] if self.score_only else []
+
+    def whole(self, got: Collected) -> list[dict]:
+        out = []
+        for c in range(self.choices):
+            entries = (got.scores[c // self.n].entries() if self.scoring else []) + got.logprobs[c]
+            out.append(self._choice(c, self.echo[c // self.n] + got.texts[c], self._logprobs(c, entries),
+                                    got.reasons[c]))
+        return out
+
+    def first(self) -> Optional[list[dict]]:
+        """The echoed prompts when there are no scores to wait for (and their ends, when nothing follows)."""
+        if self.scoring or not any(self.echo):
+            return None
+        cs = range(self.choices)
+        return [self._choice(c, self.echo[c // self.n]) for c in cs] + self._ends(cs)
+
+    def chunks(self, ev: "Event | Scores") -> list[dict]:
+        if isinstance(ev, Scores):
+            cs = range(ev.prompt * self.n, (ev.prompt + 1) * self.n)
+            return [self._choice(c, self.echo[ev.prompt], self._logprobs(c, ev.scored.entries()))
+                    for c in cs] + self._ends(cs)
+        out = []
+        if ev.text or ev.logprobs:
+            out.append(self._choice(ev.index, ev.text, self._logprobs(ev.index, ev.logprobs)))
+        if ev.finish_reason:
+            out.append(self._choice(ev.index, "", reason=ev.finish_reason))
+        return out
+
+
+def _add_tokenizer_routes(app: FastAPI, tok, limits: Limits, auth: list) -> None:
+    """vLLM's /tokenizer_info, /tokenize and /detokenize: what lets a client that sends token ids (such as
+    lm-evaluation-harness's local-completions) use the served model's own tokenizer, whatever its kind.
+    /tokenize reads the text of a special token (end-of-text, the chat markers) as that token, as vLLM's
+    (Hugging Face tokenizers') does; the completion routes read every prompt as plain text."""
+    specials = {tok.piece(i).decode("utf-8"): i for i in _special_ids(tok)}
+    split = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")") \
+        if specials else None
+
+    @app.get("/tokenizer_info", dependencies=auth)
+    async def tokenizer_info():
+        eos = tok.piece(tok.eot_id).decode("utf-8") if tok.eot_id is not None else None
+        return {"tokenizer_class": f"gptforge-{tok.kind}", "eos_token": eos, "bos_token": None, "pad_token": None,
+                "chat_template": None, "vocab_size": tok.vocab_size, "model_max_length": limits.context_length}
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(body: TokenizeRequest):
+        parts = split.split(body.prompt) if split else [body.prompt]
+        ids = [i for k, part in enumerate(parts) if part
+               for i in ([specials[part]] if k % 2 else _encode(tok, part, "prompt"))]
+        return {"tokens": ids, "count": len(ids), "max_model_len": limits.context_length}
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(body: DetokenizeRequest):
+        if any(not 0 <= i < tok.vocab_size for i in body.tokens):
+            raise ApiError(400, f"token ids must be in [0, {tok.vocab_size})", "tokens")
+        return {"prompt": tok.decode(body.tokens)}
+
+
+def _special_ids(tok) -> list[int]:
+    chat = getattr(tok, "chat", None)
+    return ([tok.eot_id] if tok.eot_id is not None else []) + (sorted(chat.ids.values()) if chat else [])
 
 
 def _add_page(app: FastAPI) -> None:

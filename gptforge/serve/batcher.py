@@ -31,6 +31,7 @@ import torch
 from gptforge.device import autocast, check_memory, format_bytes
 from gptforge.infer.engine import KVCache, new_kv_cache, step
 from gptforge.infer.sampling import SamplingParams, sample_rows
+from gptforge.infer.scoring import Scored, TokenLogprob, rank_tokens, score
 from gptforge.infer.text import TextStreamer
 
 log = logging.getLogger("gptforge.serve")
@@ -51,6 +52,7 @@ class Event:
     text: str = ""
     finish_reason: Optional[str] = None  # "stop" or "length" on a choice's last event
     completion_tokens: int = 0  # tokens generated so far (the end-of-turn token counts)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens of this event, when asked for
 
 
 @dataclass
@@ -61,10 +63,29 @@ class Request:
     n: int = 1
     params: SamplingParams = SamplingParams()
     stop_ids: frozenset = frozenset()
+    logprobs: Optional[int] = None  # report each generated token's logprob and this many top ones (None: off)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+
+@dataclass
+class ScoreJob:
+    """Prompts to score (a prefill, never a decode loop): each prompt's `Scored` goes to `emit(i, scored)`, or
+    `emit(i, None)` if scoring failed. `then[i]`, if given, is prompt i's generation request: one of
+    max_tokens 1 is answered from the scoring forward's last logits; a longer one is queued after its scores."""
+    prompts: list[list[int]]
+    top_n: int
+    emit: Callable[[int, Optional[Scored]], None]  # called from the batcher's thread
+    then: list[Request] = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    done: int = 0  # prompts scored so far
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        for r in self.then:
+            r.cancel()
 
 
 class Sequence:
@@ -78,14 +99,18 @@ class Sequence:
         self.text, self.sent = "", 0  # text decoded so far; characters of it already emitted
         self.last: Optional[int] = None  # the token to feed at the next decode step
         self.finished = False  # set by the batcher when take() says so: the row leaves the batch
+        self.logprobs: list[TokenLogprob] = []  # of the tokens not yet emitted
 
-    def take(self, token: int) -> bool:
-        """Account for a new token and emit what text is safe to send; True when the choice is finished."""
+    def take(self, token: int, logprob: Optional[TokenLogprob] = None) -> bool:
+        """Account for a new token and emit what text is safe to send; True when the choice is finished.
+        `logprob` (when the request asks for them) goes out with the event that carries its text."""
         self.ids.append(token)
         r, reason = self.req, None
-        if token in r.stop_ids:
+        if token in r.stop_ids:  # not part of the text, so not of the logprobs either
             reason = "stop"
         else:
+            if logprob is not None:
+                self.logprobs.append(logprob)
             self.text += self.streamer(self.ids)
             hit = self._find_stop()
             if hit is not None:
@@ -96,7 +121,8 @@ class Sequence:
         end = len(self.text) if reason else len(self.text) - self._held_back()
         delta, self.sent = self.text[self.sent:end], max(self.sent, end)
         if delta or reason:
-            r.emit(Event(self.index, delta, reason, len(self.ids)))
+            r.emit(Event(self.index, delta, reason, len(self.ids), self.logprobs))
+            self.logprobs = []
         self.last = token
         return reason is not None
 
@@ -133,6 +159,9 @@ class Batcher:
         self._waiting: "queue.Queue[Request]" = queue.Queue()
         self._pending: list[Request] = []  # taken off the queue, not yet prefilled
         self._prefilling: Optional[tuple[Request, int]] = None  # the request whose prompt is going in, tokens done
+        self._scoring: list[ScoreJob] = []  # taken off the queue, prompts still to score
+        # tokens per scoring forward: a prefill chunk, or one whole context (the longest prompt), if larger
+        self.score_tokens = max(prefill_chunk, self.block_size)
         self._rows: list[Sequence] = []  # row b of the batch cache decodes _rows[b]
         self._stop = threading.Event()
         with torch.inference_mode(), autocast(device, dtype):
@@ -143,10 +172,13 @@ class Batcher:
 
     def _check_memory(self, itemsize: int) -> None:
         """Refuse, before allocating, a batch that cannot fit beside the loaded model (already out of the free
-        memory): the batch's KV cache, and a step's float32 logits, probabilities and draws over every row."""
+        memory): the batch's KV cache, and the larger of a step's float32 logits, probabilities and draws over
+        every row and a scoring forward's logits (model dtype) and float32 log-probabilities."""
         cfg = self.model.config
         per_row = KVCache.nbytes(1, cfg, itemsize) + 3 * 4 * cfg.vocab_size
-        check_memory(self.max_seqs * per_row, self.device, f"a batch of {self.max_seqs} sequences (--max-seqs)",
+        scoring = self.score_tokens * cfg.vocab_size * (itemsize + 2 * 4)
+        check_memory(max(self.max_seqs * per_row, self.max_seqs * KVCache.nbytes(1, cfg, itemsize) + scoring),
+                     self.device, f"a batch of {self.max_seqs} sequences (--max-seqs)",
                      f"lower --max-seqs: each sequence takes about {format_bytes(per_row)}")
 
     def start(self) -> "Batcher":
@@ -162,11 +194,12 @@ class Batcher:
     def active(self) -> int:
         return len(self._rows)
 
-    def submit(self, req: Request) -> None:
-        """Queue `req`; raises QueueFull when max_queue requests are already waiting."""
-        if self._waiting.qsize() + len(self._pending) >= self.max_queue:
+    def submit(self, *reqs: "Request | ScoreJob") -> None:
+        """Queue `reqs`, all or none; raises QueueFull when they do not fit beside the max_queue waiting."""
+        if self._waiting.qsize() + len(self._pending) + len(self._scoring) + len(reqs) > self.max_queue:
             raise QueueFull(f"{self.max_queue} requests are already waiting; try again shortly")
-        self._waiting.put(req)
+        for r in reqs:
+            self._waiting.put(r)
 
     # ---- the loop
 
@@ -174,9 +207,10 @@ class Batcher:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
             try:
-                self._take_new(block=not (self._rows or self._pending or self._prefilling))
+                self._take_new(block=not (self._rows or self._pending or self._prefilling or self._scoring))
                 with torch.inference_mode(), autocast(self.device, self.dtype):
                     self._drop_cancelled()
+                    self._score_step()
                     self._prefill_step()
                     if self._rows:
                         self._decode_step()
@@ -188,7 +222,9 @@ class Batcher:
         try:
             req = self._waiting.get(timeout=0.5) if block else self._waiting.get_nowait()
             while True:
-                if req is not None:
+                if isinstance(req, ScoreJob):
+                    self._scoring.append(req)
+                elif req is not None:
                     self._pending.append(req)
                 req = self._waiting.get_nowait()
         except queue.Empty:
@@ -196,6 +232,7 @@ class Batcher:
 
     def _drop_cancelled(self) -> None:
         self._pending = [r for r in self._pending if not r.cancelled.is_set()]
+        self._scoring = [j for j in self._scoring if not j.cancelled.is_set()]
         if self._prefilling and self._prefilling[0].cancelled.is_set():
             self._prefilling = None
         for b in reversed(range(len(self._rows))):
@@ -232,12 +269,56 @@ class Batcher:
 
     def _admit(self, req: Request, logits: torch.Tensor) -> None:
         """Give req's choices their first tokens from the prompt's logits (1, V) and rows of the batch."""
+        seqs = self._first_tokens(req, logits)
+        if seqs:
+            self._cache.add(self._scratch, len(seqs))
+            self._rows += seqs
+
+    def _first_tokens(self, req: Request, logits: torch.Tensor) -> list[Sequence]:
+        """req's choices, each with its first token drawn from the prompt's logits (1, V); those not finished."""
         seqs = [Sequence(req, i, self.tok.decode, self.tok.vocab_size, self.device) for i in range(req.n)]
-        first = self._draw(logits.expand(len(seqs), -1), seqs)  # (1, V) shared by the choices
-        alive = [s for s, t in zip(seqs, first) if not s.take(t)]
-        if alive:
-            self._cache.add(self._scratch, len(alive))
-            self._rows += alive
+        logits = logits.expand(len(seqs), -1)  # shared by the choices
+        first = self._draw(logits, seqs)
+        return [s for s, t, lp in zip(seqs, first, self._logprobs(logits, seqs, first)) if not s.take(t, lp)]
+
+    def _score_step(self) -> None:
+        """Score the next prompts of the first scoring job, as many as fit one forward of score_tokens tokens.
+        A failure ends that job (its scores and its generations) alone."""
+        if not self._scoring:
+            return
+        job = self._scoring[0]
+        take = self._next_prompts(job)
+        try:
+            direct = [i for i in take if i < len(job.then) and job.then[i].max_tokens == 1]
+            # with_next: a one-token prompt has nothing to score but still has logits to draw from
+            scored = score(self.model, [job.prompts[i] for i in take], vocab_size=self.tok.vocab_size,
+                           top_n=job.top_n, with_next=True, max_batch_tokens=None)
+            for i, sc in zip(take, scored):
+                job.emit(i, sc)
+                if i in direct:
+                    self._first_tokens(job.then[i], sc.next_logits[None])
+                elif i < len(job.then):
+                    self._pending.append(job.then[i])
+        except Exception:
+            log.exception("a scoring job failed in the batcher; ending it alone")
+            self._scoring.pop(0)
+            job.cancel()
+            for i in range(job.done, len(job.prompts)):
+                job.emit(i, None)
+            return
+        job.done += len(take)
+        if job.done == len(job.prompts):
+            self._scoring.pop(0)
+
+    def _next_prompts(self, job: ScoreJob) -> list[int]:
+        """The indices of job's next prompts whose rows x longest length fit score_tokens (at least one)."""
+        take, longest = [job.done], len(job.prompts[job.done])
+        for i in range(job.done + 1, len(job.prompts)):
+            longest = max(longest, len(job.prompts[i]))
+            if (len(take) + 1) * longest > self.score_tokens:
+                break
+            take.append(i)
+        return take
 
     def _decode_step(self) -> None:
         idx = torch.tensor([[s.last] for s in self._rows], device=self.device)  # (B, 1)
@@ -248,10 +329,11 @@ class Batcher:
             self._fail_rows()
             return
         tokens = self._sample(logits)
-        for s, t in zip(self._rows, tokens):
+        logprobs = self._logprobs(logits, self._rows, tokens)
+        for s, t, lp in zip(self._rows, tokens, logprobs):
             if t is not None and not s.req.cancelled.is_set():
                 try:
-                    s.finished = s.take(t)
+                    s.finished = s.take(t, lp)
                 except Exception:
                     self._fail(s.req, "while decoding its text")
         # descending, so the last row that _free_row moves into a freed place is never one still to free
@@ -280,6 +362,24 @@ class Batcher:
         """The next token of each of `seqs` from its row of logits (B, V), each from its own generator."""
         return sample_rows(logits, [s.req.params for s in seqs], [s.generator for s in seqs], self.tok.vocab_size)
 
+    def _logprobs(self, logits: torch.Tensor, seqs: list[Sequence],
+                  tokens: list[Optional[int]]) -> list[Optional[TokenLogprob]]:
+        """The logprob entry of each drawn token whose request asks for them (None for the others): one
+        log-softmax over those rows of the raw logits (B, V). If it fails, those requests end, the rest go on."""
+        out: list[Optional[TokenLogprob]] = [None] * len(seqs)
+        rows = [b for b, (s, t) in enumerate(zip(seqs, tokens)) if s.req.logprobs is not None and t is not None]
+        if not rows:
+            return out
+        try:
+            top_n = max(seqs[b].req.logprobs for b in rows)
+            chosen, _, tops = rank_tokens(logits[rows], [tokens[b] for b in rows], self.tok.vocab_size, top_n)
+            for b, lp, top in zip(rows, chosen, tops):
+                out[b] = TokenLogprob(tokens[b], lp, top[:seqs[b].req.logprobs])
+        except Exception:
+            for req in {id(seqs[b].req): seqs[b].req for b in rows}.values():
+                self._fail(req, "while computing its logprobs")
+        return out
+
     @staticmethod
     def _end_with_error(req: Request) -> None:
         """An error event for each of req's choices; cancelled, so its rows leave the batch at the next step."""
@@ -305,7 +405,12 @@ class Batcher:
         reqs.update({id(r): r for r in self._pending})
         if self._prefilling:
             reqs[id(self._prefilling[0])] = self._prefilling[0]
+        jobs, self._scoring = self._scoring, []
         self._rows, self._pending, self._prefilling = [], [], None
         self._cache.clear()
         for r in reqs.values():
             self._end_with_error(r)
+        for job in jobs:
+            job.cancel()
+            for i in range(job.done, len(job.prompts)):
+                job.emit(i, None)

@@ -10,13 +10,16 @@ from __future__ import annotations
 import re
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from gptforge.device import check_seed
 from gptforge.errors import UserError
 from gptforge.infer.sampling import SamplingParams
 
 MAX_STOP = 16  # stop strings per request: each is searched for at every token
+MAX_PROMPTS = 64  # prompts in one completions request (each is a request of the batcher's queue)
+MAX_LOGPROBS = 5  # completions' `logprobs`: OpenAI's limit
+MAX_TOP_LOGPROBS_CHAT = 20  # chat's `top_logprobs`: OpenAI's limit
 # JSON's "\ud800" escapes give Python strings that are not text: no tokenizer or UTF-8 reply can carry them
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -117,20 +120,59 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS_CHAT)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def logprobs_top(self) -> Optional[int]:
+        """How many top tokens to report for each generated one (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], list[int]] = ""
+    # one text, several texts, one prompt's token ids, or several prompts' token ids (OpenAI's four forms)
+    prompt: Union[str, list[str], list[int], list[list[int]]] = ""
     echo: bool = False
-    max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: Optional[int] = Field(16, ge=0)  # OpenAI's default for completions; 0 (with echo): score only
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v):
+        if isinstance(v, list) and len(v) > MAX_PROMPTS and not all(isinstance(x, int) for x in v):
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         for text in [v] if isinstance(v, str) else v:
             if isinstance(text, str):
                 check_text(text)
         return v
+
+    @model_validator(mode="after")
+    def _zero_tokens_needs_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: it needs echo: true (to score the prompt)")
+        return self
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: str
+    add_special_tokens: bool = True  # accepted for vLLM's clients; gptforge's tokenizers add no BOS
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        return check_text(v)
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tokens: list[int]
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None,

@@ -18,14 +18,12 @@ import pytest
 import torch
 
 from gptforge.chat_template import add_chat_template, render_conversation
-from gptforge.modelio.checkpoint import model_state, write_checkpoint
-from gptforge.config import RunConfig
 from gptforge.infer.engine import generate
 from gptforge.infer.sample import sample_checkpoint
 from gptforge.errors import UserError
 from gptforge.infer.engine import KVCache
 from gptforge.serve.batcher import Batcher, Event, Sequence
-from tiny import request, tiny_chat_model
+from tiny import LiveServer, request, save_run, tiny_chat_model
 from gptforge.tokenizer import CharTokenizer
 
 fastapi = pytest.importorskip("fastapi")
@@ -37,11 +35,6 @@ CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"
 
 # the tiny chat model (tests/tiny.py), with room for the server tests' longer prompts
 tiny_model = functools.partial(tiny_chat_model, block_size=96)
-
-
-def save_run(path, model, tok):
-    write_checkpoint(path, model_state(model), RunConfig(model=model.config), tok, state={"step": 1})
-    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,37 +209,6 @@ def test_multibyte_characters_arrive_whole_and_stop_strings_never_appear():
 
 # ----------------------------------------------------------------------------------------------
 # A live server, in this process
-
-
-class LiveServer:
-    """build_server's app under uvicorn as `gptforge serve` configures it (server_kw: server_config's limits)."""
-
-    def __init__(self, run, server_kw=None, **kw):
-        import uvicorn
-
-        from gptforge.serve import _bind, build_server
-        from gptforge.serve.connection import server_config
-
-        self.app, self.engine = build_server(run, device="cpu", **kw)
-        sock = _bind("127.0.0.1", 0)
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(server_config(self.app, log_level="error", **(server_kw or {})))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.01)
-        assert self.server.started
-
-    def client(self, **kw):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0,
-                             timeout=60, **kw)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.engine.close()
 
 
 @pytest.fixture(scope="module")
