@@ -12,6 +12,7 @@ Replies are not timed: once a request is in, a long generation streams for as lo
 from __future__ import annotations
 
 import json
+import socket
 from typing import Optional
 
 import h11
@@ -30,6 +31,16 @@ def _raw_response(status: int, reason: str, message: str, type_: str, code: str)
             "connection: close\r\n\r\n").encode() + body
 
 
+def _no_delay(transport) -> None:
+    """TCP_NODELAY on the connection. The connections uvicorn accepts on our own bound socket come with Nagle's
+    algorithm on, and uvicorn writes a reply's head and body separately: the body then waits for the client's
+    delayed ACK of the head, about 40 ms on every request of a kept-alive connection (24 requests/s where
+    1,000 go through with it off, measured on /health with httpx)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class GuardedH11(H11Protocol):
     """uvicorn's h11 protocol with a deadline for reading each request and a cap on open connections."""
 
@@ -45,6 +56,7 @@ class GuardedH11(H11Protocol):
         if len(self.server_state.connections) >= self.max_connections:
             self._refuse(transport)
             return
+        _no_delay(transport)
         super().connection_made(transport)
         self._arm()
 

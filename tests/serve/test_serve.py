@@ -548,6 +548,15 @@ def trickle_until_closed(c: socket.socket, within: float) -> bytes:
         raise AssertionError(f"the trickling client is still connected after {within} s")
 
 
+def test_connections_send_replies_without_waiting_for_acks(base_server):
+    """Every accepted connection has TCP_NODELAY: without it, each reply on a kept-alive connection waited ~40 ms
+    for the client's delayed ACK of its head (24 requests/s instead of 1,000)."""
+    with httpx.Client() as c:
+        assert c.get(base_server.url + "/health").status_code == 200
+        socks = [p.transport.get_extra_info("socket") for p in base_server.server.server_state.connections]
+        assert socks and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in socks)
+
+
 @pytest.mark.integration
 def test_slow_clients_are_cut_off_but_slow_replies_are_not(runs, monkeypatch):
     """A connection that sends nothing, half a header line, or part of its body is answered 408 and closed after
