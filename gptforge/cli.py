@@ -210,5 +210,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise
 
 
+def lm_eval_main() -> int:
+    """`gptforge-lm-eval`: lm-eval's own command line with the gptforge model registered (gptforge.harness.main).
+    A missing lm-eval, or a user mistake the gptforge model finds, ends in one line, as in `gptforge`."""
+    try:
+        from gptforge import harness
+
+        harness.main()
+    except UserError as e:
+        print(f"gptforge-lm-eval: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())

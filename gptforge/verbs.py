@@ -155,9 +155,11 @@ def train(data: Optional[str] = None, out: Optional[str] = None, preset: Optiona
 def eval_(run: str, data: Optional[str] = None, split: str = "val",
           task: Literal["loss", "hellaswag", "chat"] = "loss", file: Optional[str] = None,
           limit: Optional[int] = None, max_tokens: Optional[int] = None, batch_size: int = 8, best: bool = False,
-          device: str = "auto", json: bool = False) -> int:
+          device: str = "auto", json: bool = False, harness: Optional[str] = None,
+          include_path: Optional[str] = None, num_fewshot: Optional[int] = None) -> int:
     """Loss, perplexity and bits per byte of a checkpoint on a data split (--task loss), its HellaSwag
-    accuracy (--task hellaswag), or a chat model's loss and exact match on conversations (--task chat).
+    accuracy (--task hellaswag), a chat model's loss and exact match on conversations (--task chat), or
+    EleutherAI lm-evaluation-harness tasks (--harness TASKS; needs pip install -e ".[eval]").
 
     Args:
         run: run directory, checkpoint directory, gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a Hugging Face
@@ -167,15 +169,35 @@ def eval_(run: str, data: Optional[str] = None, split: str = "val",
         task: loss: loss, perplexity, bits per byte on --data; hellaswag: accuracy on HellaSwag val (the
             official file, downloaded once into ~/.cache/gptforge, or --file); chat: loss on the assistant's
             tokens and exact match of greedy answers on the conversations of --file
-        file: hellaswag: a local hellaswag_val.jsonl instead of the download; chat: a JSONL file of
-            {"messages": [...]} conversations (the last assistant turn is the reference)
-        limit: hellaswag, chat: only the first N examples
+        file: hellaswag, --harness hellaswag_local: a local hellaswag_val.jsonl instead of the download; chat:
+            a JSONL file of {"messages": [...]} conversations (the last assistant turn is the reference)
+        limit: hellaswag, chat, --harness: only the first N examples (of each task)
         max_tokens: evaluate at most this many tokens
-        batch_size: sequences (loss) or examples (hellaswag, 4 rows each) per forward pass
+        batch_size: sequences (loss), examples (hellaswag, 4 rows each) or lm-eval requests (--harness) per
+            forward pass
         best: use the best-val checkpoint instead of the latest
         device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
         json: print one JSON object
+        harness: lm-eval tasks, comma-separated (lm-eval's names, those of --include-path, or hellaswag_local:
+            HellaSwag from --file with this verb's --task hellaswag prompt), printed as lm-eval's table
+        include_path: --harness: a folder of lm-eval task YAML files
+        num_fewshot: --harness: examples in each prompt (default: each task's own)
     """
+    if harness is not None:
+        from gptforge.harness import evaluate_harness, results_summary, results_table
+
+        if task != "loss" or data is not None or max_tokens is not None:
+            raise UserError("--harness runs lm-eval tasks: leave out --task, --data and --max-tokens")
+        results = evaluate_harness(run, harness, file=file, include_path=include_path, limit=limit,
+                                   num_fewshot=num_fewshot, batch_size=batch_size, which=_which(best),
+                                   device=device, progress=not json)
+        if json:
+            print(dumps(results_summary(results, run)))
+        else:
+            print(results_table(results), end="")  # lm-eval's table ends its own lines
+        return 0
+    if include_path is not None or num_fewshot is not None:
+        raise UserError("--include-path and --num-fewshot apply to --harness")
     if task == "hellaswag":
         from gptforge.hellaswag import evaluate_hellaswag_checkpoint
 
@@ -197,7 +219,7 @@ def eval_(run: str, data: Optional[str] = None, split: str = "val",
               f"| {out['checkpoint']}")
         return 0
     if file or limit is not None:
-        raise UserError("--file and --limit apply to --task hellaswag and --task chat")
+        raise UserError("--file and --limit apply to --task hellaswag and --task chat, and to --harness")
     from gptforge.evaluate import evaluate_checkpoint
 
     out = evaluate_checkpoint(run, data=data, split=split, max_tokens=max_tokens, batch_size=batch_size,
