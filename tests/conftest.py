@@ -37,6 +37,15 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def hellaswag_sample(shared_data) -> Path:
+    """500 real HellaSwag validation rows (hellaswag_val_sample500.jsonl), or skip the test without them."""
+    path = shared_data / "hellaswag_val_sample500.jsonl"
+    if not path.is_file():
+        _skip_no_data(f"{path} not found")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiktoken_cache(shared_data) -> Path:
     """Point tiktoken at the offline GPT-2 BPE files so get_encoding('gpt2') needs no network."""
     cache = shared_data / "tiktoken_cache"

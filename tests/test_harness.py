@@ -25,7 +25,6 @@ from gptforge.model import GPT  # noqa: E402
 from gptforge.modelio.checkpoint import Checkpoint, model_state, write_checkpoint  # noqa: E402
 from gptforge.tokenizer import CharTokenizer, GPT2Tokenizer  # noqa: E402
 
-SAMPLE = "hellaswag_val_sample500.jsonl"
 ROWS = 20
 
 
@@ -47,11 +46,8 @@ def save_run(path, model, tok):
 
 
 @pytest.fixture(scope="module")
-def sample(shared_data):
-    path = shared_data / SAMPLE
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
+def sample(hellaswag_sample):
+    return hellaswag_sample
 
 
 @pytest.fixture(scope="module")

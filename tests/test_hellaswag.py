@@ -22,15 +22,11 @@ from gptforge.hellaswag import (
 from gptforge.model import GPT
 from gptforge.tokenizer import CharTokenizer, GPT2Tokenizer
 
-SAMPLE = "hellaswag_val_sample500.jsonl"
 
 
 @pytest.fixture(scope="module")
-def sample(shared_data):
-    path = shared_data / SAMPLE
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
+def sample(hellaswag_sample):
+    return hellaswag_sample
 
 
 @pytest.fixture(scope="module")
