@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import re
 import tempfile
 from pathlib import Path
@@ -80,6 +81,17 @@ def _batch_size(value: Union[int, str, None]) -> Optional[int]:
     return n
 
 
+def _device(name: Optional[str]) -> torch.device:
+    """The device lm-eval asks for, or auto where it is not here, as lm-eval's hf model does: lm-eval's command
+    line asks for cuda:0 unless given --device. (`gptforge eval --harness` checks its --device first, strictly.)"""
+    try:
+        return pick_device(name or "auto")
+    except UserError as e:
+        device = pick_device("auto")
+        logging.getLogger(__name__).warning("%s; using %s instead", e, device)
+        return device
+
+
 @register_model(MODEL_NAME)
 class GptforgeLM(TemplateLM):
     """lm-eval's model interface on a gptforge model, loaded once (eval mode, on `device`, autocast in `dtype`).
@@ -113,7 +125,7 @@ class GptforgeLM(TemplateLM):
             self.ck = pretrained
             self._device = next(pretrained.model.parameters()).device
         else:
-            self._device = pick_device(device or "auto")
+            self._device = _device(device)
             self.ck = load(str(pretrained), self._device, which)
         self.model, self.tok = self.ck.model.eval(), self.ck.tokenizer
         self.dtype = pick_dtype(dtype or self.ck.config.train.dtype, self._device)
@@ -411,12 +423,13 @@ def evaluate_harness(run: Union[str, Checkpoint], tasks: str, *, file: Optional[
         raise UserError(f"--file with --harness is the data of the {LOCAL_HELLASWAG} task; it is not among {tasks}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
+    dev = pick_device(device)  # strict, as every gptforge verb: a missing GPU is the user's to know
     with tempfile.TemporaryDirectory(prefix="gptforge-tasks-") as tmp:
         paths = [str(Path(include_path).expanduser())] if include_path else []
         if LOCAL_HELLASWAG in names:
             paths.append(str(write_local_hellaswag(file, tmp)))
         tm = task_manager(names, paths)  # before the model loads: a typo should not wait for it
-        lm = GptforgeLM(pretrained=run, which=which, device=device, batch_size=batch_size)
+        lm = GptforgeLM(pretrained=run, which=which, device=str(dev), batch_size=batch_size)
         lm.progress = progress
         results = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit,
                                           num_fewshot=num_fewshot, log_samples=log_samples)

@@ -248,6 +248,17 @@ def test_bad_task_name_is_one_line(tmp_path, capsys):
         harness.GptforgeLM(pretrianed="x")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
+def test_lm_eval_s_default_device_falls_back_but_the_verb_s_does_not(tmp_path):
+    """lm-eval's command line asks for cuda:0 unless told --device: the model takes what is here, as its hf model
+    does; `gptforge eval --device cuda` stays a mistake."""
+    tok = CharTokenizer("abc ", eot=True)
+    run = save_run(tmp_path / "run", random_gpt(tok.vocab_size, 16), tok)
+    assert harness.GptforgeLM(pretrained=str(run), device="cuda:0").device == torch.device("cpu")
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        harness.evaluate_harness(str(run), harness.LOCAL_HELLASWAG, device="cuda", file=None, include_path=None)
+
+
 def test_console_script_and_registration():
     """gptforge-lm-eval is lm-eval's command line with "gptforge" among its models."""
     exe = shutil.which("gptforge-lm-eval", path=os.path.dirname(sys.executable)) or shutil.which("gptforge-lm-eval")
