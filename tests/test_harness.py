@@ -121,6 +121,41 @@ def test_hellaswag_three_paths_choose_alike(bpe_run, sample, tmp_path):
     assert (metrics["acc,none"], metrics["acc_norm,none"]) == (figures["acc"], figures["acc_norm_char"])
 
 
+def test_hellaswag_through_gptforge_serve_as_local_completions(sample, tiktoken_cache, tmp_path):
+    """(c): lm-eval's local-completions client against `gptforge serve` (token-id prompts with echo, logprobs 1,
+    max_tokens 1, several per request; the server's own tokenizer through /tokenize) chooses as (b) and (a) on
+    every row, with the same log-likelihoods. The model's vocabulary is the tokenizer's (50257): the server
+    soft-maxes over the tokenizer's ids, the other paths over every row of a padded vocabulary."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("tenacity")  # lm-eval's API models (lm-eval[api], in the dev extra)
+    from tiny import LiveServer
+
+    run = save_run(tmp_path / "run", random_gpt(50257, 128, seed=1), GPT2Tokenizer())
+    examples = load_examples(sample, limit=ROWS)
+    ck_own = evaluate_hellaswag_checkpoint(str(run), file=str(sample), limit=ROWS, device="cpu", progress=False)
+    tasks = harness.write_local_hellaswag(sample, tmp_path / "tasks", limit=ROWS)
+    manager = harness.task_manager([harness.LOCAL_HELLASWAG], [str(tasks)])
+    ran = harness.evaluate_harness(str(run), harness.LOCAL_HELLASWAG, file=str(sample), limit=ROWS, device="cpu",
+                                   log_samples=True, progress=False)
+    backend = _choices(ran["samples"][harness.LOCAL_HELLASWAG])
+    server = LiveServer(run)
+    try:
+        args = (f"model=gptforge,base_url={server.url}/v1/completions,tokenized_requests=True,"
+                "tokenizer_backend=remote,max_length=128,num_concurrent=1,max_retries=1")
+        served = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=[harness.LOCAL_HELLASWAG],
+                                         batch_size=8, limit=ROWS, task_manager=manager, log_samples=True)
+    finally:
+        server.close()
+    client = _choices(served["samples"][harness.LOCAL_HELLASWAG])
+    assert len(client) == len(backend) == len(examples)
+    for b, c in zip(backend, client):
+        assert c[4] == pytest.approx(b[4], abs=2e-3)
+        assert c[:4] == b[:4]  # acc's choice, acc_norm's (per character), and both scores
+    assert len({c[0] for c in client}) > 1 and len({c[1] for c in client}) > 1  # not a degenerate answer
+    metrics = served["results"][harness.LOCAL_HELLASWAG]
+    assert (metrics["acc,none"], metrics["acc_norm,none"]) == (ck_own["acc"], ck_own["acc_norm_char"])
+
+
 def test_char_model_end_to_end_through_the_verb(sample, tmp_path, capsys):
     """`gptforge eval RUN --harness hellaswag_local --json` on a char model (no transformers tokenizer), and the
     same figures as `gptforge eval RUN --task hellaswag` (block 1024 holds every char row whole)."""
