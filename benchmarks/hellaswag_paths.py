@@ -26,9 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +39,7 @@ from gptforge.model import GPT
 from gptforge.modelio.checkpoint import model_state, write_checkpoint
 from gptforge.modelio.load import load
 from gptforge.tokenizer import GPT2Tokenizer
+from served import free_port, start_server
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_FILE = SHARED / "hellaswag_val_sample500.jsonl"
@@ -101,36 +99,10 @@ def path_b(ck, tasks_dir: Path, rows: int, device: str):
     return _choices(results, ck.tokenizer), time.perf_counter() - t0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(run: str, port: int, device: str) -> subprocess.Popen:
-    """`gptforge serve RUN --port PORT` in a subprocess, once /health answers (its log in a temporary file)."""
-    import httpx
-
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "gptforge", "serve", run, "--port", str(port), "--device",
-                             device], stdout=log, stderr=log)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.3)
-    proc.kill()
-    log.seek(0)
-    tail = log.read().decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-    raise RuntimeError(f"gptforge serve did not start: {tail[0]}")
-
-
 def path_c(run: str, ck, tasks_dir: Path, rows: int, device: str):
     """lm-eval's local-completions client against `gptforge serve`: token-id prompts with echo and logprobs."""
     port = free_port()
-    proc = start_server(run, port, device)
+    proc = start_server(run, port, device=device)
     try:
         model_args = (f"model=gptforge,base_url=http://127.0.0.1:{port}/v1/completions,tokenized_requests=True,"
                       f"tokenizer_backend=remote,max_length={ck.model.config.block_size},num_concurrent=1,"

@@ -17,9 +17,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,7 @@ from gptforge.modelio.checkpoint import model_state, write_checkpoint
 from gptforge.config import GPTConfig, RunConfig
 from gptforge.model import GPT
 from gptforge.tokenizer import CharTokenizer
+from served import free_port, start_server
 
 
 def write_run(path: Path, shape: dict) -> tuple[Path, GPT, CharTokenizer]:
@@ -50,28 +49,6 @@ def baseline_tokens_per_s(shape: dict) -> float:
 
     out = bench_generate({"shape": GPTConfig(**shape)}, batch_sizes=(1,), device="cpu", repeats=3, min_time=1.0)
     return out["shapes"][0]["results"][0]["decode_tokens_per_s"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(run: Path, port: int, max_seqs: int) -> subprocess.Popen:
-    import httpx
-
-    proc = subprocess.Popen([sys.executable, "-m", "gptforge", "serve", str(run), "--port", str(port), "--device",
-                             "cpu", "--max-seqs", str(max_seqs)], stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not start")
 
 
 async def one_client(h, prompt: str, new_tokens: int) -> tuple[float, list[float], int]:
@@ -116,7 +93,7 @@ def bench_shape(name: str, clients: list[int], rounds: int, workdir: Path) -> di
     del model
     prompt = tok.decode(list(range(prompt_len)))
     port = free_port()
-    proc = start_server(run, port, max(clients))
+    proc = start_server(run, port, "--max-seqs", str(max(clients)))
     try:
         url = f"http://127.0.0.1:{port}"
         asyncio.run(round_of(url, 1, prompt, 4))  # warm-up
