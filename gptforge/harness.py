@@ -132,7 +132,7 @@ class GptforgeLM(TemplateLM):
         chat = getattr(self.tok, "chat", None)
         self._markers = None if chat is None else re.compile("(" + "|".join(map(re.escape, MARKERS)) + ")")
         # generation ends at end-of-text, and for a chat model at the end of its turn (any marker)
-        self._stop_ids = chat.stop_ids(self.tok.eot_id) if chat else {self.tok.eot_id} - {None}
+        self._stop_ids = self.tok.special_ids()
 
     # ---- what lm-eval asks of every model
 

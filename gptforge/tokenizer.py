@@ -84,6 +84,13 @@ class Tokenizer:
         """int64 array (vocab_size,): UTF-8 byte length of each token, 0 for special tokens (for bits per byte)."""
         raise NotImplementedError
 
+    def special_ids(self) -> frozenset[int]:
+        """End-of-text and the chat markers, those the tokenizer has: never the text of a corpus, and each ends a
+        reply (`ChatTemplate.stop_ids`)."""
+        if self.chat is not None:
+            return self.chat.stop_ids(self.eot_id)
+        return frozenset() if self.eot_id is None else frozenset({self.eot_id})
+
     def piece(self, i: int) -> bytes:
         """The bytes token i stands for in decoded text (a special token: its text). A byte-level BPE token can
         hold part of a character, so a piece alone need not be valid UTF-8; the pieces of a sequence joined are."""

@@ -442,7 +442,7 @@ def _add_tokenizer_routes(app: FastAPI, tok, limits: Limits, auth: list) -> None
     lm-evaluation-harness's local-completions) use the served model's own tokenizer, whatever its kind.
     /tokenize reads the text of a special token (end-of-text, the chat markers) as that token, as vLLM's
     (Hugging Face tokenizers') does; the completion routes read every prompt as plain text."""
-    specials = {tok.piece(i).decode("utf-8"): i for i in _special_ids(tok)}
+    specials = {tok.piece(i).decode("utf-8"): i for i in sorted(tok.special_ids())}
     split = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")") \
         if specials else None
 
@@ -464,11 +464,6 @@ def _add_tokenizer_routes(app: FastAPI, tok, limits: Limits, auth: list) -> None
         if any(not 0 <= i < tok.vocab_size for i in body.tokens):
             raise ApiError(400, f"token ids must be in [0, {tok.vocab_size})", "tokens")
         return {"prompt": tok.decode(body.tokens)}
-
-
-def _special_ids(tok) -> list[int]:
-    chat = getattr(tok, "chat", None)
-    return ([tok.eot_id] if tok.eot_id is not None else []) + (sorted(chat.ids.values()) if chat else [])
 
 
 def _add_page(app: FastAPI) -> None:
