@@ -87,6 +87,12 @@ class ScoreJob:
         for r in self.then:
             r.cancel()
 
+    def fail(self) -> None:
+        """End the job: cancelled, with a failure (None) for each prompt not yet scored."""
+        self.cancel()
+        for i in range(self.done, len(self.prompts)):
+            self.emit(i, None)
+
 
 class Sequence:
     """One choice of a request: its generated ids, its generator, and the text not yet sent."""
@@ -289,22 +295,20 @@ class Batcher:
         job = self._scoring[0]
         take = self._next_prompts(job)
         try:
-            direct = [i for i in take if i < len(job.then) and job.then[i].max_tokens == 1]
             # with_next: a one-token prompt has nothing to score but still has logits to draw from
             scored = score(self.model, [job.prompts[i] for i in take], vocab_size=self.tok.vocab_size,
                            top_n=job.top_n, with_next=True, max_batch_tokens=None)
             for i, sc in zip(take, scored):
                 job.emit(i, sc)
-                if i in direct:
-                    self._first_tokens(job.then[i], sc.next_logits[None])
-                elif i < len(job.then):
-                    self._pending.append(job.then[i])
+                gen = job.then[i] if i < len(job.then) else None
+                if gen is not None and gen.max_tokens == 1:
+                    self._first_tokens(gen, sc.next_logits[None])
+                elif gen is not None:
+                    self._pending.append(gen)
         except Exception:
             log.exception("a scoring job failed in the batcher; ending it alone")
             self._scoring.pop(0)
-            job.cancel()
-            for i in range(job.done, len(job.prompts)):
-                job.emit(i, None)
+            job.fail()
             return
         job.done += len(take)
         if job.done == len(job.prompts):
@@ -411,6 +415,4 @@ class Batcher:
         for r in reqs.values():
             self._end_with_error(r)
         for job in jobs:
-            job.cancel()
-            for i in range(job.done, len(job.prompts)):
-                job.emit(i, None)
+            job.fail()

@@ -232,3 +232,26 @@ def test_byte_level_tokens_offsets_and_tokenizer_routes(gpt2_run):
         assert lm_eval_utils.check_remote_tokenizer_support(f"{s.url}/v1/completions")
     finally:
         s.close()
+
+
+def test_a_failed_scoring_job_fails_its_request_alone(server, monkeypatch):
+    """A scoring forward that fails ends that request with a 500 (an error event when streamed); the server
+    goes on answering, generation and scoring alike."""
+    import gptforge.serve.batcher as batcher
+
+    real = batcher.score
+
+    def broken(model, seqs, **kw):
+        if any(len(s) == 7 for s in seqs):
+            raise RuntimeError("boom")
+        return real(model, seqs, **kw)
+
+    monkeypatch.setattr(batcher, "score", broken)
+    bad = {"model": "m", "prompt": "seven!!", "max_tokens": 0, "echo": True, "logprobs": 1}
+    r = httpx.post(f"{server.url}/v1/completions", json=bad, timeout=30)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+    streamed = httpx.post(f"{server.url}/v1/completions", json={**bad, "stream": True}, timeout=30).text
+    assert "engine_error" in streamed and "[DONE]" not in streamed
+    ok = server.client().completions.create(model="m", prompt="six!!!", max_tokens=0, echo=True, logprobs=1)
+    assert ok.choices[0].logprobs.token_logprobs[0] is None and len(ok.choices[0].logprobs.tokens) == 6
+    assert server.client().completions.create(model="m", prompt="hello", max_tokens=3).choices[0].finish_reason
