@@ -22,8 +22,9 @@ from gptforge.config import GPTConfig, RunConfig  # noqa: E402
 from gptforge.errors import UserError  # noqa: E402
 from gptforge.hellaswag import evaluate_hellaswag_checkpoint, load_examples, score_examples  # noqa: E402
 from gptforge.model import GPT  # noqa: E402
-from gptforge.modelio.checkpoint import Checkpoint, model_state, write_checkpoint  # noqa: E402
+from gptforge.modelio.checkpoint import Checkpoint  # noqa: E402
 from gptforge.tokenizer import CharTokenizer, GPT2Tokenizer  # noqa: E402
+from tiny import save_run  # noqa: E402
 
 ROWS = 20
 
@@ -38,11 +39,6 @@ def random_gpt(vocab_size, block_size, seed=0, std=0.2, **kw):
             if p.dim() == 2:
                 p.normal_(0.0, std)
     return model.eval()
-
-
-def save_run(path, model, tok):
-    write_checkpoint(path, model_state(model), RunConfig(model=model.config), tok, state={"step": 1})
-    return path
 
 
 @pytest.fixture(scope="module")
