@@ -385,14 +385,26 @@ class BPETokenizer(Tokenizer):
 
 
 @functools.lru_cache(maxsize=1)
-def _byte_level_decoder() -> dict[str, int]:
-    """Character -> byte of the byte-level pre-tokenizer (GPT-2's table, which HF's ByteLevel uses): the
-    printable bytes stand for themselves, the other 68 for the code points from 256 up, in byte order."""
+def byte_level_chars() -> tuple[str, ...]:
+    """The character that stands for each byte 0..255 in a byte-level BPE vocabulary (GPT-2's table, which
+    HF's ByteLevel and llama.cpp use): the printable bytes stand for themselves, the other 68 for the code
+    points from 256 up, in byte order."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
     shifted = [b for b in range(256) if b not in keep]
-    table = {chr(b): b for b in keep}
-    table.update({chr(256 + k): b for k, b in enumerate(shifted)})
-    return table
+    chars = {b: chr(b) for b in keep} | {b: chr(256 + k) for k, b in enumerate(shifted)}
+    return tuple(chars[b] for b in range(256))
+
+
+def byte_level_spelling(data: bytes) -> str:
+    """`data` as a byte-level BPE vocabulary spells it (one character per byte)."""
+    chars = byte_level_chars()
+    return "".join(chars[b] for b in data)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """Character -> byte of the byte-level alphabet (the inverse of `byte_level_chars`)."""
+    return {c: b for b, c in enumerate(byte_level_chars())}
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:

@@ -39,7 +39,8 @@ from gptforge.files import check_output_dir, path_problem
 from gptforge.model import GPT, meta_model, stored_layers
 from gptforge.modelio.checkpoint import (Checkpoint, model_state, open_checkpoint, resolve_checkpoint, umask_mode,
                                         write_checkpoint, write_dir_atomically)
-from gptforge.tokenizer import EOT_TEXT, BPETokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
+from gptforge.tokenizer import (EOT_TEXT, BPETokenizer, GPT2Tokenizer, Tokenizer, byte_level_spelling,
+                                load_tokenizer)
 
 GPT2_HUB_IDS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 OWN_TOKENIZER = "gptforge_tokenizer.json"  # our tokenizer, complete, next to the HF files of an export
@@ -306,23 +307,13 @@ def _hf_config(cfg: GPTConfig, arch: str, eot_id: Optional[int]):
 # Tokenizers
 
 
-def _byte_chars() -> list[str]:
-    """The byte-level BPE alphabet (GPT-2's): printable latin-1 bytes stand for themselves, the other
-    68 bytes for the characters from U+0100 on, in byte order."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    others = [b for b in range(256) if b not in printable]
-    chars = {b: chr(b) for b in printable} | {b: chr(0x100 + i) for i, b in enumerate(others)}
-    return [chars[b] for b in range(256)]
-
-
 def _gpt2_vocab(tok: GPT2Tokenizer) -> tuple[dict[str, int], list[bytes]]:
     """GPT-2's vocabulary in HF's byte-level spelling, from the ranks our tokenizer embeds."""
-    spell = {b: c for b, c in enumerate(_byte_chars())}  # str.translate table: latin-1 code point = byte
     tokens = [base64.b64decode(t) for t in tok.to_dict()["mergeable_ranks"]]
-    return {t.decode("latin-1").translate(spell): rank for rank, t in enumerate(tokens)}, tokens
+    return {byte_level_spelling(t): rank for rank, t in enumerate(tokens)}, tokens
 
 
-def _merges(tokens: list[bytes]) -> list[tuple[bytes, bytes]]:
+def merges_from_ranks(tokens: list[bytes]) -> list[tuple[bytes, bytes]]:
     """The merge that made each multi-byte token, in rank order: BPE over its bytes with only the
     lower-ranked tokens stops at exactly two parts (tiktoken stores ranks, HF wants merges)."""
     rank = {t: r for r, t in enumerate(tokens)}
@@ -348,9 +339,8 @@ def gpt2_hf_tokenizer_json(tok: GPT2Tokenizer) -> str:
 
     vocab, tokens = _gpt2_vocab(tok)
     vocab[EOT_TEXT] = tok.eot_id  # in the vocabulary too, as in OpenAI's encoder.json
-    table = {b: c for b, c in enumerate(_byte_chars())}
-    spell = lambda b: b.decode("latin-1").translate(table)  # noqa: E731
-    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[(spell(a), spell(b)) for a, b in _merges(tokens)]))
+    spell = byte_level_spelling
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[(spell(a), spell(b)) for a, b in merges_from_ranks(tokens)]))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # its regex is GPT-2's pattern
     hf.decoder = decoders.ByteLevel()
     hf.post_processor = processors.ByteLevel(trim_offsets=False)
