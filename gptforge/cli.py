@@ -39,7 +39,7 @@ VERBS: dict[str, tuple[Callable[..., int], str]] = {
     "sample": (verbs.sample, "generate text"),
     "chat": (verbs.chat, "talk to a chat model"),
     "serve": (verbs.serve, "serve a model over an OpenAI-compatible HTTP API"),
-    "export": (verbs.export, "export a checkpoint for Hugging Face transformers"),
+    "export": (verbs.export, "export a checkpoint for Hugging Face transformers or llama.cpp (GGUF)"),
     "import": (verbs.import_, "import GPT-2, a Hugging Face model or a nanoGPT ckpt.pt as a checkpoint"),
     "quickstart": (verbs.quickstart, "the whole pipeline in one command, offline, on CPU"),
     "bench": (verbs.bench, "measure training and decoding speed on this machine"),

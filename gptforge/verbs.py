@@ -352,19 +352,32 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: Optional
                             max_connections=max_connections)
 
 
-def export(run: str, out: str, to: Literal["hf"] = "hf", best: bool = False, overwrite: bool = False,
-           json: bool = False) -> int:
-    """Write a checkpoint as a Hugging Face transformers directory (safetensors): GPT2LMHeadModel for the
-    classic block, LlamaForCausalLM for RoPE + RMSNorm + SwiGLU. Needs gptforge[hf].
+def export(run: str, out: str, to: Literal["hf", "gguf"] = "hf",
+           dtype: Optional[Literal["f32", "f16", "bf16", "q8_0"]] = None, best: bool = False,
+           overwrite: bool = False, json: bool = False) -> int:
+    """Write a checkpoint for other tools: a Hugging Face transformers directory (safetensors; GPT2LMHeadModel for
+    the classic block, LlamaForCausalLM for RoPE + RMSNorm + SwiGLU; needs gptforge[hf]) or one GGUF file for
+    llama.cpp, Ollama and LM Studio (gpt2, llama, qwen3 or arcee architecture; needs gptforge[gguf]).
 
     Args:
         run: run directory or checkpoint directory
-        out: directory to write: config.json, model.safetensors, tokenizer, README.md
-        to: target format (Hugging Face transformers)
+        out: what to write: a directory for hf (config.json, model.safetensors, tokenizer, README.md), a file for gguf (model.gguf)
+        to: target format: hf (transformers) or gguf (llama.cpp)
+        dtype: gguf only: f32 (default), f16, bf16 or q8_0 (8-bit, about a quarter of f32's size)
         best: export the best-val checkpoint instead of the latest
-        overwrite: write into a non-empty output directory, replacing only the files an export writes
+        overwrite: hf: write into a non-empty directory, replacing only the files an export writes; gguf: replace an existing GGUF file
         json: print the result as one JSON object
     """
+    if to == "gguf":
+        from gptforge.modelio.gguf import export_gguf
+
+        done = export_gguf(run, out, which=_which(best), dtype=dtype or "f32", overwrite=overwrite)
+        print(dumps(done) if json else f"wrote {done['path']}: {done['architecture']} {done['dtype']}, "
+              f"{done['size']}, vocab {done['vocab_size']:,}, tokenizer {done['tokenizer']}"
+              + (", chat template" if done["chat"] else ""))
+        return 0
+    if dtype is not None:
+        raise UserError("--dtype applies to --to gguf (a Hugging Face export keeps the checkpoint's weights as stored)")
     from gptforge.modelio.hf import export_hf
 
     done = export_hf(run, out, which=_which(best), overwrite=overwrite)

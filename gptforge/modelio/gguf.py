@@ -1,0 +1,323 @@
+"""GGUF out: a checkpoint as one file that llama.cpp, Ollama and LM Studio run (`gptforge export --to gguf`).
+
+Written with `gguf`, the package llama.cpp publishes for its own converters (`pip install 'gptforge[gguf]'`).
+Each rung of the ladder goes to the llama.cpp architecture whose graph computes exactly what ours does:
+  learned positions, LayerNorm, GELU (any n_kv_head)    -> gpt2    (fused qkv; zero biases where we have none)
+  RoPE, RMSNorm, SwiGLU                                  -> llama   (q/k rows re-ordered: see below)
+  RoPE, RMSNorm, SwiGLU, QK-norm, no biases              -> qwen3   (its q/k norms are ours, before RoPE)
+  RoPE, RMSNorm, squared-ReLU MLP, no biases             -> arcee
+and anything else is refused in one line with the reason (`gguf_architecture`). RoPE: we rotate the pairs
+(i, i + hs/2) of each head (HF's rotate_half); llama.cpp's llama and arcee graphs rotate (2i, 2i + 1), qwen3's
+ours. So for llama and arcee the rows of q and k are re-ordered within each head, which rotates the same pairs
+and leaves every q.k product as it was.
+The tokenizer becomes llama.cpp's byte-level BPE (`tokenizer.ggml.model = gpt2`, GPT-2's pre-tokenizer),
+token for token with our ids: GPT-2's ranks and merges, our own BPE's merges, and for a char vocabulary one
+token per character with merges that build the multi-byte ones from their bytes (so encoding is lossless on
+every text of the vocabulary's characters). End-of-text and the chat markers are control tokens; a chat model
+carries the Jinja template of `hf_chat_template` and stops at <|end|> (EOS and EOT); padded vocabulary rows
+are unused tokens. 1-D tensors (norms, biases) and the position table stay float32; f16/bf16 store the
+matrices in that type; q8_0 quantizes them with the gguf package's quantizer (blocks of 32 along a row; a
+matrix whose rows are not a multiple of 32 long stays f16, as llama.cpp's converter does).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptforge import __version__
+from gptforge.config import GPTConfig
+from gptforge.device import check_memory, format_bytes
+from gptforge.errors import UserError
+from gptforge.files import atomic_path, check_apart, path_problem
+from gptforge.modelio.checkpoint import model_state, open_checkpoint, resolve_checkpoint
+from gptforge.modelio.hf import hf_chat_template, merges_from_ranks
+from gptforge.tokenizer import EOT_TEXT, Tokenizer, byte_level_spelling
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+INSTALL_HINT = "pip install 'gptforge[gguf]'"
+GGUF_MAGIC = b"GGUF"
+# GPTConfig fields whose every value the mapping below handles (the others are refused unless at their default)
+_MAPPED = {"block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "dropout", "bias",
+           "pos", "rope_theta", "norm", "norm_eps", "mlp", "qk_norm", "tie_embeddings", "attention",
+           "zero_init_proj"}
+_NO_COUNTERPART = {
+    "value_embeds": "value embeddings have no counterpart in any llama.cpp architecture",
+    "unet_skips": "U-net skip connections have no counterpart in any llama.cpp architecture",
+    "logit_softcap": "llama.cpp soft-caps logits only in Gemma's architectures, whose blocks differ from ours "
+                     "(scaled embeddings, norms after attention and MLP)",
+}
+_INTERLEAVED_ROPE = ("llama", "arcee")  # llama.cpp rotates (2i, 2i+1) in these; (i, i+hs/2) as we do in qwen3
+
+
+def require_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise UserError(f"GGUF export needs the gguf package: {INSTALL_HINT}") from None
+    return gguf
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture and tensors
+
+
+def gguf_architecture(cfg: GPTConfig) -> str:
+    """The llama.cpp architecture that computes exactly what `cfg` does (gpt2, llama, qwen3 or arcee), or a
+    UserError naming what none of them computes."""
+    def refuse(why: str):
+        return UserError(f"cannot export to GGUF: {why}")
+
+    for name, why in _NO_COUNTERPART.items():
+        if getattr(cfg, name) not in (None, False):
+            raise refuse(f"model.{name}: {why}")
+    unmapped = [f.name for f in dataclasses.fields(cfg)
+                if f.name not in _MAPPED | set(_NO_COUNTERPART) and getattr(cfg, f.name) != f.default]
+    if unmapped:  # a rung added after this module was written: refuse rather than drop it
+        raise refuse(f"model.{unmapped[0]} is not mapped to a llama.cpp architecture")
+    if cfg.pos == "learned":
+        why = [w for bad, w in ((cfg.norm != "layernorm", "rmsnorm with learned positions (gpt2 has layernorm)"),
+                                (cfg.mlp not in ("gelu", "gelu_tanh"),
+                                 f"a {cfg.mlp} MLP with learned positions (gpt2 has a gelu MLP)"),
+                                (cfg.qk_norm, "qk_norm with learned positions (gpt2 has none)")) if bad]
+        if why:
+            raise refuse("; ".join(why))
+        return "gpt2"
+    if cfg.norm != "rmsnorm":
+        raise refuse("rope with layernorm (llama.cpp's RoPE architectures have rmsnorm)")
+    if cfg.mlp == "swiglu" and not cfg.qk_norm:
+        return "llama"
+    arch = {"swiglu": "qwen3", "relu2": "arcee"}.get(cfg.mlp) if not (cfg.qk_norm and cfg.mlp == "relu2") else None
+    if arch is None:
+        what = "qk_norm with a relu2 MLP" if cfg.mlp == "relu2" else f"rope with a {cfg.mlp} MLP"
+        raise refuse(f"{what}: no llama.cpp architecture computes it (llama has swiglu, qwen3 swiglu with "
+                     "qk_norm, arcee relu2 without qk_norm)")
+    if cfg.bias:
+        raise refuse(f"biases with {'qk_norm' if arch == 'qwen3' else 'a relu2 MLP'}: llama.cpp's {arch} "
+                     "architecture has none (train with --model.bias false)")
+    return arch
+
+
+def _interleave(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of q or k (n_heads * hs, ...) re-ordered within each head from (i, i + hs/2) pairs to (2i, 2i + 1)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _block_tensors(cfg: GPTConfig, arch: str, i: int, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Block i's tensors under llama.cpp's names (blk.i.*)."""
+    p, out = f"transformer.h.{i}.", {}
+    get = lambda k: sd[p + k]  # noqa: E731
+    zero = lambda n: torch.zeros(n, dtype=torch.float32)  # noqa: E731: gpt2 needs biases; zero computes none
+    bias = lambda k, n: get(k) if cfg.bias else zero(n)  # noqa: E731
+    C, hs, kv = cfg.n_embd, cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    if arch == "gpt2":
+        out.update({"attn_norm.weight": get("ln_1.weight"), "attn_norm.bias": bias("ln_1.bias", C),
+                    "attn_qkv.weight": get("attn.c_attn.weight"),
+                    "attn_qkv.bias": bias("attn.c_attn.bias", cfg.n_head * hs + 2 * kv),
+                    "attn_output.weight": get("attn.c_proj.weight"), "attn_output.bias": bias("attn.c_proj.bias", C),
+                    "ffn_norm.weight": get("ln_2.weight"), "ffn_norm.bias": bias("ln_2.bias", C),
+                    "ffn_up.weight": get("mlp.c_fc.weight"), "ffn_up.bias": bias("mlp.c_fc.bias", cfg.mlp_hidden),
+                    "ffn_down.weight": get("mlp.c_proj.weight"), "ffn_down.bias": bias("mlp.c_proj.bias", C)})
+        return {f"blk.{i}.{k}": v for k, v in out.items()}
+    out.update({"attn_norm.weight": get("ln_1.weight"), "ffn_norm.weight": get("ln_2.weight")})
+    for s in ("weight", "bias") if cfg.bias else ("weight",):
+        q, k, v = get(f"attn.c_attn.{s}").split([cfg.n_head * hs, kv, kv])
+        if arch in _INTERLEAVED_ROPE:
+            q, k = _interleave(q, cfg.n_head), _interleave(k, cfg.n_kv_head)
+        out.update({f"attn_q.{s}": q, f"attn_k.{s}": k, f"attn_v.{s}": v, f"attn_output.{s}": get(f"attn.c_proj.{s}"),
+                    f"ffn_down.{s}": get(f"mlp.c_proj.{s}")})
+        if cfg.mlp == "swiglu":
+            out[f"ffn_gate.{s}"], out[f"ffn_up.{s}"] = get(f"mlp.c_fc.{s}").split([cfg.mlp_hidden] * 2)
+        else:
+            out[f"ffn_up.{s}"] = get(f"mlp.c_fc.{s}")
+    if cfg.qk_norm:
+        out.update({"attn_q_norm.weight": get("attn.q_norm.weight"), "attn_k_norm.weight": get("attn.k_norm.weight")})
+    return {f"blk.{i}.{k}": v for k, v in out.items()}
+
+
+def gguf_tensors(cfg: GPTConfig, arch: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict as llama.cpp's tensors for `arch`, float32, in our (out, in) layout: GGUF lists the
+    dimensions fastest first, so an (out, in) array is llama.cpp's {in, out} matrix as it expects."""
+    sd = {k: v.detach().to("cpu", torch.float32) for k, v in sd.items()}
+    out = {"token_embd.weight": sd["transformer.wte.weight"], "output_norm.weight": sd["transformer.ln_f.weight"]}
+    if arch == "gpt2":
+        out["position_embd.weight"] = sd["transformer.wpe.weight"]
+        out["output_norm.bias"] = sd.get("transformer.ln_f.bias", torch.zeros(cfg.n_embd))
+    if not cfg.tie_embeddings:
+        out["output.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        out.update(_block_tensors(cfg, arch, i, sd))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _stored(gguf, name: str, t: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
+    """(array, raw GGML type or None) of one tensor as stored for `dtype`."""
+    a = t.numpy()
+    Q = gguf.GGMLQuantizationType
+    if dtype == "f32" or a.ndim == 1 or name == "position_embd.weight":
+        return a, None
+    if dtype == "bf16":
+        return gguf.quants.quantize(a, Q.BF16), Q.BF16
+    if dtype == "q8_0" and a.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] == 0:
+        return gguf.quants.quantize(a, Q.Q8_0), Q.Q8_0
+    return a.astype(np.float16), None
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer
+
+
+def _char_merges(tok: Tokenizer, n_tokens: int) -> list[str]:
+    """Merges that build each multi-byte character of a char vocabulary from its bytes, prefix by prefix
+    (UTF-8 is prefix-free, so a merge can never join two characters); shorter prefixes first."""
+    chains: list[list[str]] = []
+    for i in range(n_tokens):
+        data = tok.piece(i)
+        if i not in tok.special_ids():
+            spelled = byte_level_spelling(data)
+            chains.append([f"{spelled[:k]} {spelled[k]}" for k in range(1, len(spelled))])
+    depth = max((len(c) for c in chains), default=0)
+    merges = list(dict.fromkeys(c[k] for k in range(depth) for c in chains if k < len(c)))  # shared prefixes
+    # llama.cpp refuses a BPE vocabulary without merges (an ASCII one has none): one between two words no
+    # text's bytes can form, so it never applies
+    return merges or [f"{EOT_TEXT} {EOT_TEXT}"]
+
+
+def _merges(tok: Tokenizer) -> list[str]:
+    """The BPE merges, "left right" in byte-level spelling, best first."""
+    if tok.kind == "gpt2":
+        ranks = [base64.b64decode(t) for t in tok.to_dict()["mergeable_ranks"]]
+        return [f"{byte_level_spelling(a)} {byte_level_spelling(b)}" for a, b in merges_from_ranks(ranks)]
+    if tok.kind == "bpe":
+        merges = tok.to_dict()["hf_tokenizer"]["model"]["merges"]
+        return [m if isinstance(m, str) else " ".join(m) for m in merges]
+    return _char_merges(tok, tok.vocab_size)
+
+
+def gguf_vocab(tok: Tokenizer, n_rows: int) -> dict[str, Any]:
+    """llama.cpp's view of `tok` for a model of `n_rows` vocabulary rows: tokens, their types, merges and the
+    special ids (bos, eos, eot), all by our ids."""
+    from gguf import TokenType
+
+    if tok.vocab_size > n_rows:
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {n_rows} rows")
+    special = tok.special_ids()
+    tokens, types = [], []
+    for i in range(tok.vocab_size):
+        piece = tok.piece(i)
+        tokens.append(piece.decode("utf-8") if i in special else byte_level_spelling(piece))
+        types.append(TokenType.CONTROL if i in special else TokenType.NORMAL)
+    eot = tok.eot_id
+    if eot is None:  # a char vocabulary of one document: its first spare row stands in as end-of-text
+        if n_rows == tok.vocab_size:
+            raise UserError("cannot export to GGUF: the tokenizer has no end-of-text token and the model no "
+                            "spare vocabulary row to hold one, and llama.cpp needs one to stop generating")
+        eot = tok.vocab_size
+    for i in range(tok.vocab_size, n_rows):
+        tokens.append(EOT_TEXT if i == eot else f"[PAD{i}]")
+        types.append(TokenType.CONTROL if i == eot else TokenType.UNUSED)
+    chat = getattr(tok, "chat", None)
+    return {"tokens": tokens, "types": types, "merges": _merges(tok),
+            "bos": chat.bos_id if chat else eot, "eos": chat.end_id if chat else eot,
+            "eot": chat.end_id if chat else None, "chat_template": hf_chat_template(tok) if chat else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def _add_hparams(w, cfg: GPTConfig, arch: str) -> None:
+    w.add_context_length(cfg.block_size)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.mlp_hidden)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_vocab_size(cfg.vocab_size)
+    if arch == "gpt2":
+        w.add_layer_norm_eps(cfg.norm_eps)
+    else:
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_rope_dimension_count(cfg.head_dim)
+
+
+def _add_vocab(w, vocab: dict[str, Any]) -> None:
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")  # GPT-2's pre-tokenizer regex: our BPE's ByteLevel uses the same
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    w.add_token_merges(vocab["merges"])
+    w.add_bos_token_id(vocab["bos"])
+    w.add_eos_token_id(vocab["eos"])
+    if vocab["eot"] is not None:
+        w.add_eot_token_id(vocab["eot"])
+    w.add_add_bos_token(False)  # GPT-2 starts with no token; a chat template writes its own <|bos|>
+    w.add_add_eos_token(False)
+    if vocab["chat_template"] is not None:
+        w.add_chat_template(vocab["chat_template"])
+
+
+def _check_out(out: Path, sources: tuple[Path, ...], overwrite: bool) -> None:
+    """Refuse an output path that is a source, a folder, or an existing file without --overwrite; with it,
+    only a GGUF file is replaced (never a file of another kind the user named by mistake)."""
+    check_apart(out, sources)
+    if out.is_dir():
+        raise UserError(f"{out} is a folder; name the .gguf file to write (e.g. {out / 'model.gguf'})")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise UserError(f"{out} already exists; choose another path or pass --overwrite")
+        with open(out, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise UserError(f"{out} exists and is not a GGUF file; --overwrite replaces only a GGUF file")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if (problem := path_problem(parent, "folder")) is not None:
+        raise UserError(f"cannot write {out}: {parent} {problem}")
+
+
+def export_gguf(run_or_checkpoint: str | Path, out: str | Path, *, which: str = "latest", dtype: str = "f32",
+                overwrite: bool = False) -> dict[str, Any]:
+    """Write a checkpoint as one GGUF file for llama.cpp, Ollama and LM Studio (see the module docstring)."""
+    if dtype not in GGUF_TYPES:
+        raise UserError(f"--dtype must be one of {', '.join(GGUF_TYPES)} for GGUF, got {dtype!r}")
+    gguf = require_gguf()
+    out = Path(out)
+    _check_out(out, (Path(run_or_checkpoint), resolve_checkpoint(run_or_checkpoint, which)), overwrite)
+    ck = open_checkpoint(run_or_checkpoint, which)
+    cfg, tok = ck.config.model, ck.tokenizer
+    arch = gguf_architecture(cfg)
+    vocab = gguf_vocab(tok, cfg.vocab_size)
+    n = cfg.param_count()
+    check_memory(n * (4 + {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 1}[dtype]), torch.device("cpu"),
+                 f"converting this {n:,}-parameter model to GGUF", "export on a machine with more memory")
+    tensors = gguf_tensors(cfg, arch, model_state(ck.model))
+    del ck
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        w.add_name(Path(run_or_checkpoint).resolve().name)
+        w.add_description(f"exported by gptforge {__version__}")
+        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                         "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+        if dtype == "q8_0":
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _add_hparams(w, cfg, arch)
+        _add_vocab(w, vocab)
+        for name in list(tensors):
+            data, raw = _stored(gguf, name, tensors.pop(name), dtype)
+            w.add_tensor(name, data, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    size = out.stat().st_size
+    return {"path": str(out), "architecture": arch, "dtype": dtype, "bytes": size, "size": format_bytes(size),
+            "vocab_size": cfg.vocab_size, "tokenizer": tok.kind, "chat": vocab["chat_template"] is not None}
+

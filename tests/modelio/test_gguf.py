@@ -1,0 +1,226 @@
+"""`gptforge export --to gguf`, checked in llama.cpp itself (its prebuilt CPU library, llama-cpp-py-sync): the
+same token ids, the same logits, the same greedy continuation and the same chat layout as gptforge; and every
+variant no llama.cpp architecture computes refused in one line, with nothing left at OUT."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+pytest.importorskip("llama_cpp_py_sync")
+
+from gptforge.chat_template import add_chat_template, render_conversation  # noqa: E402
+from gptforge.cli import main  # noqa: E402
+from gptforge.errors import UserError  # noqa: E402
+from gptforge.infer.engine import generate  # noqa: E402
+from gptforge.modelio.gguf import export_gguf, gguf_architecture  # noqa: E402
+from gptforge.modelio.llamacpp import LlamaCpp  # noqa: E402
+from gptforge.modelio.load import load  # noqa: E402
+from gptforge.config import GPTConfig  # noqa: E402
+from gptforge.tokenizer import train_tokenizer  # noqa: E402
+from tiny import save_run, tiny_gpt  # noqa: E402
+
+MIXED = ("Hello, World! Ça va? Größe: 12345 678.9 naïve café — 😀🎉 日本語\n\n   spaces\t\ttabs  "
+         "end. it's we'll DON'T x=y+1; {\"k\": [1, 2]}   ")
+CONV = [{"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Ça va? 2+2 = ?"},
+        {"role": "assistant", "content": "4, of course.\n"},
+        {"role": "user", "content": " And  the quick brown fox 😀?"}]
+CLASSIC = {"classic": {}, "classic-gqa-tanh-nobias": dict(n_kv_head=2, mlp="gelu_tanh", bias=False)}
+MODERN = {
+    "llama-gqa-untied": dict(pos="rope", n_kv_head=2, norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
+    "llama-bias": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=True, rope_theta=500.0),
+    "qwen3-qknorm": dict(pos="rope", n_kv_head=2, qk_norm=True, norm="rmsnorm", mlp="swiglu", bias=False),
+    "arcee-relu2": dict(pos="rope", norm="rmsnorm", mlp="relu2", bias=False, tie_embeddings=False, norm_eps=1e-6),
+}
+ARCH = {"classic": "gpt2", "classic-gqa-tanh-nobias": "gpt2", "llama-gqa-untied": "llama", "llama-bias": "llama",
+        "qwen3-qknorm": "qwen3", "arcee-relu2": "arcee"}
+# llama.cpp's CPU GELU (gpt2) reads a float16 table: agreement there is bounded near 5e-4 of the largest logit
+TOLERANCE = {"gpt2": 2e-3, "llama": 1e-5, "qwen3": 1e-5, "arcee": 1e-5}
+
+
+def _char_tok(chat=False):
+    tok = train_tokenizer("char", [MIXED, "".join(m["content"] for m in CONV), "abc"])
+    return add_chat_template(tok) if chat else tok
+
+
+def _model(tok, seed=0, vocab=None, **overrides):
+    """A tiny model with every tensor random (norm weights and biases too), so a wrong mapping shows."""
+    rows = vocab or 64 * -(-tok.vocab_size // 64)
+    model = tiny_gpt(seed, vocab_size=rows, block_size=128, n_embd=64, **overrides)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
+    return model
+
+
+def _ours(run, ids):
+    model = load(run).model
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0].numpy()
+
+
+def _relative(a, b):
+    return float(np.abs(a - b).max() / np.abs(a).max())
+
+
+@pytest.mark.parametrize("variant", [*CLASSIC, *MODERN])
+def test_llama_cpp_computes_our_logits_and_greedy_tokens(variant, tmp_path):
+    tok = _char_tok()
+    run = save_run(tmp_path / "run", _model(tok, **{**CLASSIC, **MODERN}[variant]), tok)
+    done = export_gguf(run, tmp_path / "m.gguf")
+    assert done["architecture"] == ARCH[variant] and done["dtype"] == "f32"
+    ids = tok.encode(MIXED)[:64]
+    with LlamaCpp(tmp_path / "m.gguf", n_ctx=128) as cpp:
+        assert cpp.tokenize(MIXED) == tok.encode(MIXED)
+        assert _relative(_ours(run, ids), cpp.logits(ids)) < TOLERANCE[done["architecture"]]
+        prompt = ids[:16]
+        ours = generate(load(run).model, torch.tensor([prompt]), 32, 0.0, vocab_size=tok.vocab_size)[0, 16:]
+        assert cpp.greedy(prompt, 32, n_vocab=tok.vocab_size) == ours.tolist()
+
+
+def _loss(logits, ids):
+    logp = torch.log_softmax(torch.tensor(logits[:-1], dtype=torch.float64), -1)
+    return -float(logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean())
+
+
+@pytest.mark.parametrize("variant", ["classic", "llama-gqa-untied"])
+def test_f16_bf16_and_q8_0_files_are_close_to_f32(variant, tmp_path):
+    tok = _char_tok()
+    run = save_run(tmp_path / "run", _model(tok, **{**CLASSIC, **MODERN}[variant]), tok)
+    ids = tok.encode(MIXED * 2)[:128]
+    sizes, losses, logits = {}, {}, {}
+    for dtype in ("f32", "f16", "bf16", "q8_0"):
+        sizes[dtype] = export_gguf(run, tmp_path / f"{dtype}.gguf", dtype=dtype)["bytes"]
+        with LlamaCpp(tmp_path / f"{dtype}.gguf", n_ctx=128) as cpp:
+            logits[dtype] = cpp.logits(ids)
+            losses[dtype] = _loss(logits[dtype], ids)
+    ours = _ours(run, ids)
+    # bf16 keeps 8 significant bits of each weight and activation (f16 11): 0.4% of a random weight, compounded
+    assert _relative(ours, logits["f16"]) < 2e-2 and _relative(ours, logits["bf16"]) < 1e-1
+    for dtype in ("f16", "bf16", "q8_0"):
+        assert abs(losses[dtype] - losses["f32"]) < 0.01 * losses["f32"], dtype
+    assert abs(losses["f32"] - _loss(ours, ids)) < 1e-3 * losses["f32"]
+    assert sizes["q8_0"] < sizes["f16"] == sizes["bf16"] < sizes["f32"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe", "char"])
+def test_tokenizer_and_chat_template_match_gptforge(kind, tmp_path, request):
+    jinja2 = pytest.importorskip("jinja2")
+    if kind == "gpt2":
+        request.getfixturevalue("tiktoken_cache")
+        tok = add_chat_template(train_tokenizer("gpt2", []))
+    elif kind == "bpe":
+        tok = add_chat_template(train_tokenizer("bpe", [MIXED * 5, "the quick brown fox " * 20], vocab_size=400))
+    else:
+        tok = _char_tok(chat=True)
+    run = save_run(tmp_path / "run", _model(tok, n_layer=1), tok)
+    export_gguf(run, tmp_path / "chat.gguf")
+    with LlamaCpp(tmp_path / "chat.gguf", n_ctx=256) as cpp:
+        assert cpp.tokenize(MIXED) == tok.encode(MIXED)
+        assert [cpp.piece(i) for i in tok.encode(MIXED)] == [tok.piece(i) for i in tok.encode(MIXED)]
+        template = jinja2.Environment().from_string(cpp.metadata("tokenizer.chat_template"))
+        for messages, generation in ((CONV[:3], False), (CONV, True)):
+            text = template.render(messages=messages, add_generation_prompt=generation)
+            assert cpp.tokenize(text, special=True) == render_conversation(tok, messages, for_generation=generation)[0]
+        assert cpp.llm.eos_token == tok.chat.end_id
+        assert cpp.metadata("tokenizer.ggml.eot_token_id") == str(tok.chat.end_id)
+        assert cpp.metadata("tokenizer.ggml.add_bos_token") == "false"
+
+
+def test_a_gpt2_tokenizer_model_and_its_padded_rows(tmp_path, tiktoken_cache):
+    tok = train_tokenizer("gpt2", [])
+    run = save_run(tmp_path / "run", _model(tok, n_layer=1, vocab=50304), tok)
+    export_gguf(run, tmp_path / "g.gguf")
+    with LlamaCpp(tmp_path / "g.gguf", n_ctx=128) as cpp:
+        assert cpp.n_vocab == 50304 and cpp.llm.eos_token == tok.eot_id == 50256
+        ids = tok.encode(MIXED)
+        assert cpp.tokenize(MIXED) == ids
+        assert cpp.tokenize("<|endoftext|>", special=True) == [50256]
+        assert _relative(_ours(run, ids[:64]), cpp.logits(ids[:64])) < TOLERANCE["gpt2"]
+
+
+REFUSED = {
+    "value_embeds": dict(value_embeds=True),
+    "unet_skips": dict(unet_skips=True),
+    "logit_softcap": dict(logit_softcap=15.0),
+    "rmsnorm with learned": dict(norm="rmsnorm"),
+    "swiglu MLP with learned": dict(mlp="swiglu"),
+    "qk_norm with learned": dict(qk_norm=True),
+    "rope with layernorm": dict(pos="rope"),
+    "qk_norm with a relu2": dict(pos="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, bias=False),
+    "rope with a gelu": dict(pos="rope", norm="rmsnorm", mlp="gelu"),
+    "biases with qk_norm": dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=True),
+}
+
+
+@pytest.mark.parametrize("why", REFUSED)
+def test_unsupported_variants_are_refused_in_one_line(why, tmp_path, capsys):
+    tok = _char_tok()
+    run = save_run(tmp_path / "run", _model(tok, n_layer=1, **REFUSED[why]), tok)
+    with pytest.raises(UserError, match="cannot export to GGUF") as e:
+        gguf_architecture(GPTConfig(n_layer=1, n_head=4, n_embd=64, vocab_size=128, **REFUSED[why]))
+    assert why in str(e.value) and "\n" not in str(e.value)
+    out = tmp_path / "out" / "m.gguf"
+    assert main(["export", str(run), str(out), "--to", "gguf"]) == 2
+    err = capsys.readouterr().err
+    assert why in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "out").exists()
+
+
+def test_the_speedrun_cpu_preset_is_refused_with_its_reason():
+    from gptforge.config import preset
+
+    with pytest.raises(UserError, match="qk_norm with a relu2 MLP: no llama.cpp architecture"):
+        gguf_architecture(GPTConfig(**preset("speedrun-cpu")["model"], vocab_size=128))
+
+
+def test_output_path_checks_and_overwrite(tmp_path, capsys):
+    tok = _char_tok()
+    run = save_run(tmp_path / "run", _model(tok, n_layer=1), tok)
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(run), str(out), "--to", "gguf", "--dtype", "q8_0"]) == 0
+    assert "gpt2 q8_0" in capsys.readouterr().out
+    first = out.read_bytes()
+    assert main(["export", str(run), str(out), "--to", "gguf"]) == 2  # exists: needs --overwrite
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == first
+    assert main(["export", str(run), str(out), "--to", "gguf", "--overwrite"]) == 0
+    assert out.read_bytes()[:4] == b"GGUF" and out.stat().st_size > len(first)  # f32 replaced q8_0
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert main(["export", str(run), str(notes), "--to", "gguf", "--overwrite"]) == 2  # not a GGUF: kept
+    assert "not a GGUF file" in capsys.readouterr().err and notes.read_text() == "mine"
+    (tmp_path / "adir").mkdir()
+    for bad, msg in (([str(tmp_path / "adir")], "is a folder"), ([str(run / "m.gguf")], "source"),
+                     ([str(tmp_path / "hf"), "--dtype", "f16"], "--dtype applies to --to gguf")):
+        to = [] if "--dtype" in bad else ["--to", "gguf"]
+        assert main(["export", str(run), *bad, *to]) == 2
+        assert msg in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "m.gguf", "notes.txt", "run"]  # no temporaries left
+    with pytest.raises(UserError, match="--dtype must be one of"):
+        export_gguf(run, tmp_path / "x.gguf", dtype="q4_0")
+
+
+def test_a_char_vocabulary_without_end_of_text_gets_a_spare_row_or_a_reason(tmp_path):
+    tok = train_tokenizer("char", ["just one document"])
+    assert tok.eot_id is None
+    run = save_run(tmp_path / "run", _model(tok, n_layer=1), tok)
+    export_gguf(run, tmp_path / "m.gguf")
+    with LlamaCpp(tmp_path / "m.gguf", n_ctx=64) as cpp:
+        assert cpp.llm.eos_token == tok.vocab_size == cpp.tokenize("<|endoftext|>", special=True)[0]
+    run = save_run(tmp_path / "full", _model(tok, n_layer=1, vocab=tok.vocab_size), tok)
+    with pytest.raises(UserError, match="no spare vocabulary row"):
+        export_gguf(run, tmp_path / "n.gguf")
+
+
+def test_llama_cpp_without_jinja_takes_the_template_for_phi3s(tmp_path):
+    """Why the README says `--jinja`: llama.cpp's built-in formats (llama_chat_apply_template, picked from the
+    template's text) read ours as Phi-3's, a newline after each marker and no <|bos|>."""
+    tok = _char_tok(chat=True)
+    run = save_run(tmp_path / "run", _model(tok, n_layer=1), tok)
+    export_gguf(run, tmp_path / "chat.gguf")
+    with LlamaCpp(tmp_path / "chat.gguf", n_ctx=64) as cpp:
+        builtin = cpp.builtin_chat_format(CONV[1:2])
+    assert builtin == "<|user|>\n" + CONV[1]["content"] + "<|end|>\n<|assistant|>\n"
+    assert builtin != tok.decode(render_conversation(tok, CONV[1:2], for_generation=True)[0])
