@@ -56,14 +56,14 @@ def quality(run: str, data_dir: str, types: list[str], out_dir: Path) -> None:
     n = rows.size - len(rows)
     print(f"\n{run}: {ck.config.model.pos}/{ck.config.model.norm}/{ck.config.model.mlp}, "
           f"{ck.model.num_params(False):,} parameters, val {n:,} tokens in {len(rows)} windows of {T}")
-    print("| type | file | llama.cpp val loss | gptforge val loss | difference |\n|---|---:|---:|---:|---:|")
+    print("| type | file | llama.cpp val loss | gptforge val loss | relative difference |\n|---|---:|---:|---:|---:|")
     for dtype in types:
         path = out_dir / f"{Path(run).name}-{dtype}.gguf"
         done = export_gguf(run, path, dtype=dtype, overwrite=True)
         with LlamaCpp(path, n_ctx=T) as cpp:
             theirs = sum(_nll(cpp.logits(r[:-1].tolist()), r[1:]) for r in rows)
         print(f"| {dtype} ({done['architecture']}) | {done['size']} | {theirs / n:.5f} | {ours / n:.5f} | "
-              f"{(theirs - ours) / ours:+.3%} |")
+              f"{(theirs - ours) / ours:+.1e} |")
 
 
 def speed(rounds: int, out_dir: Path, P: int = 64, N: int = 64) -> None:

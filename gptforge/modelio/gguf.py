@@ -35,7 +35,7 @@ from gptforge.config import GPTConfig
 from gptforge.device import check_memory, format_bytes
 from gptforge.errors import UserError
 from gptforge.files import atomic_path, check_apart, path_problem
-from gptforge.modelio.checkpoint import model_state, open_checkpoint, resolve_checkpoint
+from gptforge.modelio.checkpoint import model_state, open_checkpoint, read_config, resolve_checkpoint
 from gptforge.modelio.hf import hf_chat_template, merges_from_ranks
 from gptforge.tokenizer import EOT_TEXT, Tokenizer, byte_level_spelling
 
@@ -272,6 +272,8 @@ def _check_out(out: Path, sources: tuple[Path, ...], overwrite: bool) -> None:
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise UserError(f"{out} already exists; choose another path or pass --overwrite")
+        if (problem := path_problem(out)) is not None:
+            raise UserError(f"{out} {problem}")
         with open(out, "rb") as f:
             if f.read(4) != GGUF_MAGIC:
                 raise UserError(f"{out} exists and is not a GGUF file; --overwrite replaces only a GGUF file")
@@ -282,42 +284,52 @@ def _check_out(out: Path, sources: tuple[Path, ...], overwrite: bool) -> None:
         raise UserError(f"cannot write {out}: {parent} {problem}")
 
 
+def _write(gguf, path: Path, name: str, cfg: GPTConfig, arch: str, vocab: dict[str, Any],
+           tensors: dict[str, torch.Tensor], dtype: str) -> None:
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(name)
+    w.add_description(f"exported by gptforge {__version__}")
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    if dtype == "q8_0":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_hparams(w, cfg, arch)
+    _add_vocab(w, vocab)
+    for tensor_name in list(tensors):
+        data, raw = _stored(gguf, tensor_name, tensors.pop(tensor_name), dtype)
+        w.add_tensor(tensor_name, data, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def export_gguf(run_or_checkpoint: str | Path, out: str | Path, *, which: str = "latest", dtype: str = "f32",
                 overwrite: bool = False) -> dict[str, Any]:
-    """Write a checkpoint as one GGUF file for llama.cpp, Ollama and LM Studio (see the module docstring)."""
+    """Write a checkpoint as one GGUF file for llama.cpp, Ollama and LM Studio (see the module docstring).
+    Everything is checked (the path, the architecture, the tokenizer, memory) before anything is written, and
+    the file appears whole or not at all."""
     if dtype not in GGUF_TYPES:
         raise UserError(f"--dtype must be one of {', '.join(GGUF_TYPES)} for GGUF, got {dtype!r}")
     gguf = require_gguf()
     out = Path(out)
-    _check_out(out, (Path(run_or_checkpoint), resolve_checkpoint(run_or_checkpoint, which)), overwrite)
-    ck = open_checkpoint(run_or_checkpoint, which)
-    cfg, tok = ck.config.model, ck.tokenizer
-    arch = gguf_architecture(cfg)
-    vocab = gguf_vocab(tok, cfg.vocab_size)
+    ckpt = resolve_checkpoint(run_or_checkpoint, which)
+    _check_out(out, (Path(run_or_checkpoint), ckpt), overwrite)
+    cfg = read_config(ckpt).model
+    arch = gguf_architecture(cfg)  # before a weight is read
     n = cfg.param_count()
     check_memory(n * (4 + {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 1}[dtype]), torch.device("cpu"),
                  f"converting this {n:,}-parameter model to GGUF", "export on a machine with more memory")
+    ck = open_checkpoint(run_or_checkpoint, which)
+    tok = ck.tokenizer
+    vocab = gguf_vocab(tok, cfg.vocab_size)
     tensors = gguf_tensors(cfg, arch, model_state(ck.model))
     del ck
+    own = ckpt.name.lstrip(".").removesuffix(".old") in ("latest", "best")  # a run's own checkpoint
+    name = ckpt.resolve().parent.name if own else ckpt.resolve().name
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        w = gguf.GGUFWriter(str(tmp), arch)
-        w.add_name(Path(run_or_checkpoint).resolve().name)
-        w.add_description(f"exported by gptforge {__version__}")
-        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                         "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
-        if dtype == "q8_0":
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_hparams(w, cfg, arch)
-        _add_vocab(w, vocab)
-        for name in list(tensors):
-            data, raw = _stored(gguf, name, tensors.pop(name), dtype)
-            w.add_tensor(name, data, raw_dtype=raw)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        _write(gguf, tmp, name, cfg, arch, vocab, tensors, dtype)
     size = out.stat().st_size
     return {"path": str(out), "architecture": arch, "dtype": dtype, "bytes": size, "size": format_bytes(size),
             "vocab_size": cfg.vocab_size, "tokenizer": tok.kind, "chat": vocab["chat_template"] is not None}
-

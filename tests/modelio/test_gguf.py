@@ -224,3 +224,14 @@ def test_llama_cpp_without_jinja_takes_the_template_for_phi3s(tmp_path):
         builtin = cpp.builtin_chat_format(CONV[1:2])
     assert builtin == "<|user|>\n" + CONV[1]["content"] + "<|end|>\n<|assistant|>\n"
     assert builtin != tok.decode(render_conversation(tok, CONV[1:2], for_generation=True)[0])
+
+
+def test_an_export_that_cannot_fit_in_memory_is_refused_before_reading_weights(tmp_path, monkeypatch):
+    import gptforge.device
+
+    tok = _char_tok()
+    run = save_run(tmp_path / "run", _model(tok, n_layer=1), tok)
+    monkeypatch.setattr(gptforge.device, "available_memory", lambda device: 1 << 10)
+    with pytest.raises(UserError, match="converting this .*-parameter model to GGUF needs about"):
+        export_gguf(run, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
