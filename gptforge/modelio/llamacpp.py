@@ -90,10 +90,11 @@ def _libraries():
             raise
     src = Path(bindings.__file__).parent
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptforge" / f"llamacpp-{version}"
-    if not (cache / "libllama.so").exists():
+    if not (cache / "complete").exists():  # written last: a copy another process has half made is not used
         cache.mkdir(parents=True, exist_ok=True)
         for lib in sorted(src.glob("*.so*")):
             atomic_write(cache / lib.name, bytes(_without_glibc_238(bytearray(lib.read_bytes()))))
+        atomic_write(cache / "complete", "")
     bindings._lib = bindings.ffi.dlopen(str(cache / "libllama.so"))
     return bindings._lib
 
