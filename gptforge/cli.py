@@ -40,7 +40,7 @@ VERBS: dict[str, tuple[Callable[..., int], str]] = {
     "chat": (verbs.chat, "talk to a chat model"),
     "serve": (verbs.serve, "serve a model over an OpenAI-compatible HTTP API"),
     "export": (verbs.export, "export a checkpoint for Hugging Face transformers or llama.cpp (GGUF)"),
-    "import": (verbs.import_, "import GPT-2, a Hugging Face model or a nanoGPT ckpt.pt as a checkpoint"),
+    "import": (verbs.import_, "import GPT-2, a Hugging Face model, a GGUF file or a nanoGPT ckpt.pt as a checkpoint"),
     "quickstart": (verbs.quickstart, "the whole pipeline in one command, offline, on CPU"),
     "bench": (verbs.bench, "measure training and decoding speed on this machine"),
     "presets": (verbs.presets, "list presets"),

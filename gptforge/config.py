@@ -271,7 +271,7 @@ class TrainConfig:
     run_name: Optional[str] = None
     """name of the run in W&B; null = the run directory's name"""
     init_from: Optional[str] = None
-    """start from trained weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face model directory (needs gptforge[hf]) or a gptforge run/checkpoint directory; the model's shape comes from them (block_size may shrink, dropout is yours)"""
+    """start from trained weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face model directory (needs gptforge[hf]), a gptforge run/checkpoint directory, a nanoGPT ckpt.pt or a .gguf file (needs gptforge[gguf]); the model's shape comes from them (block_size may shrink, dropout is yours)"""
     freeze_embeddings: bool = False
     """keep the token and position embeddings fixed while fine-tuning (a tied output head stays fixed with them)"""
 

@@ -107,7 +107,7 @@ def train(data: Optional[str] = None, out: Optional[str] = None, preset: Optiona
         device: shortcut for --train.device: auto, cpu, cuda, cuda:N, mps
         dist: shortcut for --train.dist (under torchrun)
         init_from: shortcut for --train.init_from: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face model
-            directory, or a gptforge run directory
+            directory, a gptforge run directory, a nanoGPT ckpt.pt or a .gguf file
         json: print the final result as one JSON object
         verbose: also print the whole resolved config and a line for every step
         quiet: print only evaluations, notes and errors (no summary, no step lines)
@@ -162,8 +162,8 @@ def eval_(run: str, data: Optional[str] = None, split: str = "val",
     EleutherAI lm-evaluation-harness tasks (--harness TASKS; needs pip install -e ".[eval]").
 
     Args:
-        run: run directory, checkpoint directory, gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a Hugging Face
-            model directory
+        run: run directory, checkpoint directory, gpt2 / gpt2-medium / gpt2-large / gpt2-xl, a Hugging Face
+            model directory, or a .gguf file
         data: data directory (default: the one the run trained on)
         split: split to evaluate: val, test or train
         task: loss: loss, perplexity, bits per byte on --data; hellaswag: accuracy on HellaSwag val (the
@@ -259,8 +259,8 @@ def sample(run: str, prompt: str = "\n", num_samples: int = 1, max_new_tokens: i
     """Generate text from a checkpoint, streamed as it is produced.
 
     Args:
-        run: run directory, checkpoint directory, gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a Hugging Face
-            model directory
+        run: run directory, checkpoint directory, gpt2 / gpt2-medium / gpt2-large / gpt2-xl, a Hugging Face
+            model directory, or a .gguf file
         prompt: prompt text, or FILE:path to read it from a file
         num_samples: samples, decoded together as one batch
         max_new_tokens: tokens to generate per sample
@@ -294,7 +294,7 @@ def chat(run: str, prompt: Optional[str] = None, system: Optional[str] = None, m
     With -p: one answer, then exit.
 
     Args:
-        run: run directory, checkpoint directory, or a Hugging Face model directory with a chat template
+        run: run directory, checkpoint directory, a Hugging Face model directory or a .gguf file, with a chat template
         prompt: answer this one message, print the answer and exit
         system: system prompt at the start of the conversation
         max_new_tokens: the longest reply, in tokens
@@ -323,8 +323,8 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: Optional
     and a web chat page at /. Needs gptforge[serve].
 
     Args:
-        run: run directory, checkpoint directory, gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a Hugging Face
-            model directory
+        run: run directory, checkpoint directory, gpt2 / gpt2-medium / gpt2-large / gpt2-xl, a Hugging Face
+            model directory, or a .gguf file
         host: address to listen on (default: this machine only)
         port: port to listen on (0: any free port, printed at start)
         api_key: require 'Authorization: Bearer KEY' on every /v1 route (default: $GPTFORGE_API_KEY, else none)
@@ -387,12 +387,13 @@ def export(run: str, out: str, to: Literal["hf", "gguf"] = "hf",
 
 
 def import_(source: str, *, data: Optional[str] = None, out: str, overwrite: bool = False, json: bool = False) -> int:
-    """Turn GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded once), a hub id OWNER/NAME or a local
-    transformers directory (GPT-2 or Llama architecture) into a gptforge checkpoint. Needs gptforge[hf].
+    """Turn GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded once), a hub id OWNER/NAME, a local
+    transformers directory (GPT-2 or Llama architecture; needs gptforge[hf]) or a GGUF file (gpt2, llama, qwen3
+    or arcee architecture with a GPT-2-style BPE tokenizer; needs gptforge[gguf]) into a gptforge checkpoint.
 
     Args:
         source: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | OWNER/NAME | a local directory | a nanoGPT ckpt.pt
-            (read with weights_only=True; needs no gptforge[hf])
+            (read with weights_only=True; needs no gptforge[hf]) | a .gguf file
         data: for a nanoGPT ckpt.pt: the nanoGPT data directory it trained on (its meta.pkl gives the tokenizer;
             without meta.pkl, or without --data, GPT-2 BPE)
         out: checkpoint directory to write
@@ -405,7 +406,8 @@ def import_(source: str, *, data: Optional[str] = None, out: str, overwrite: boo
     if json:
         print(dumps({k: v for k, v in done.items() if k != "kind"}))
         return 0
-    what = (f"nanoGPT step {done['step']:,}" if done["kind"] == "nanogpt" else done["architecture"])
+    what = f"nanoGPT step {done['step']:,}" if done["kind"] == "nanogpt" else done["architecture"]
+    what = f"GGUF {what}" if done["kind"] == "gguf" else what
     print(f"wrote {done['path']}: {what} as a gptforge checkpoint, vocab {done['vocab_size']:,}, "
           f"{done['tokenizer']} tokenizer; try `gptforge sample {done['path']}`")
     return 0

@@ -18,6 +18,7 @@ allocates a model, so a corrupt or hostile config.json cannot make it allocate m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -381,6 +382,20 @@ def check_weights_fit(ckpt: Path, cfg: GPTConfig, config_name: str = CONFIG) -> 
         raise UserError(f"{config_name} of {ckpt} asks for {derived / 2**30:.1f} GiB of position tables "
                         f"(block_size {cfg.block_size}) for {(ckpt / WEIGHTS).stat().st_size / 2**20:.1f} MiB "
                         "of weights; is it corrupt?")
+
+
+def model_from_state(cfg: GPTConfig, sd: dict[str, torch.Tensor], *, block_size: Optional[int] = None,
+                     dropout: float = 0.0, attention: str = "sdpa") -> GPT:
+    """GPT(cfg) holding the converted weights `sd` (eval mode, float32, CPU); block_size may shorten the context
+    (learned positions are cut to it; they cannot be lengthened); dropout and attention are the caller's."""
+    if block_size is not None and block_size != cfg.block_size and cfg.pos == "learned":
+        if block_size > cfg.block_size:
+            raise UserError(f"block_size {block_size} exceeds the {cfg.block_size} positions the model learned")
+        sd = {**sd, "transformer.wpe.weight": sd["transformer.wpe.weight"][:block_size]}
+    cfg = dataclasses.replace(cfg, block_size=block_size or cfg.block_size, dropout=dropout, attention=attention)
+    model = GPT(cfg)
+    model.load_state_dict({**sd, **({"lm_head.weight": sd["transformer.wte.weight"]} if cfg.tie_embeddings else {})})
+    return model.eval()
 
 
 def load_model(ckpt: str | Path, model_config: Optional[GPTConfig] = None) -> GPT:

@@ -18,30 +18,37 @@ carries the Jinja template of `hf_chat_template` and stops at <|end|> (EOS and E
 are unused tokens. 1-D tensors (norms, biases) and the position table stay float32; f16/bf16 store the
 matrices in that type; q8_0 quantizes them with the gguf package's quantizer (blocks of 32 along a row; a
 matrix whose rows are not a multiple of 32 long stays f16, as llama.cpp's converter does).
+The file also carries our exact config and tokenizer (gptforge.* keys, which llama.cpp ignores), so that
+`read_gguf` gives back the model it was exported from; another tool's file of these four architectures is read
+from llama.cpp's own keys (`load_gguf`, behind the loader's "gguf" kind and `gptforge import model.gguf`).
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from gptforge import __version__
-from gptforge.config import GPTConfig
+from gptforge.config import GPTConfig, RunConfig
 from gptforge.device import check_memory, format_bytes
-from gptforge.errors import UserError
-from gptforge.files import atomic_path, check_apart, path_problem
-from gptforge.modelio.checkpoint import model_state, open_checkpoint, read_config, resolve_checkpoint
-from gptforge.modelio.hf import hf_chat_template, merges_from_ranks
-from gptforge.tokenizer import EOT_TEXT, Tokenizer, byte_level_spelling
+from gptforge.errors import UserError, one_line
+from gptforge.files import atomic_path, check_apart, check_output_dir, path_problem
+from gptforge.modelio.checkpoint import (Checkpoint, model_from_state, model_state, open_checkpoint, read_config,
+                                        resolve_checkpoint, write_checkpoint)
+from gptforge.modelio.hf import check_fits, hf_chat_template, merges_from_ranks
+from gptforge.tokenizer import EOT_TEXT, Tokenizer, byte_level_spelling, tokenizer_from_dict
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 INSTALL_HINT = "pip install 'gptforge[gguf]'"
 GGUF_MAGIC = b"GGUF"
+# gptforge's own keys: the exact model config and tokenizer, so `gptforge import` of our file gives back our model
+OWN_CONFIG, OWN_TOKENIZER = "gptforge.model_config", "gptforge.tokenizer"
 # GPTConfig fields whose every value the mapping below handles (the others are refused unless at their default)
 _MAPPED = {"block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "dropout", "bias",
            "pos", "rope_theta", "norm", "norm_eps", "mlp", "qk_norm", "tie_embeddings", "attention",
@@ -284,7 +291,7 @@ def _check_out(out: Path, sources: tuple[Path, ...], overwrite: bool) -> None:
         raise UserError(f"cannot write {out}: {parent} {problem}")
 
 
-def _write(gguf, path: Path, name: str, cfg: GPTConfig, arch: str, vocab: dict[str, Any],
+def _write(gguf, path: Path, name: str, cfg: GPTConfig, arch: str, vocab: dict[str, Any], tok_dict: dict[str, Any],
            tensors: dict[str, torch.Tensor], dtype: str) -> None:
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(name)
@@ -295,6 +302,8 @@ def _write(gguf, path: Path, name: str, cfg: GPTConfig, arch: str, vocab: dict[s
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_hparams(w, cfg, arch)
     _add_vocab(w, vocab)
+    w.add_string(OWN_CONFIG, json.dumps(dataclasses.asdict(cfg)))
+    w.add_string(OWN_TOKENIZER, json.dumps(tok_dict))
     for tensor_name in list(tensors):
         data, raw = _stored(gguf, tensor_name, tensors.pop(tensor_name), dtype)
         w.add_tensor(tensor_name, data, raw_dtype=raw)
@@ -329,7 +338,208 @@ def export_gguf(run_or_checkpoint: str | Path, out: str | Path, *, which: str = 
     name = ckpt.resolve().parent.name if own else ckpt.resolve().name
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        _write(gguf, tmp, name, cfg, arch, vocab, tensors, dtype)
+        _write(gguf, tmp, name, cfg, arch, vocab, tok.to_dict(), tensors, dtype)
     size = out.stat().st_size
     return {"path": str(out), "architecture": arch, "dtype": dtype, "bytes": size, "size": format_bytes(size),
             "vocab_size": cfg.vocab_size, "tokenizer": tok.kind, "chat": vocab["chat_template"] is not None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a GGUF file back (`gptforge import model.gguf`, and any verb given a .gguf file, through the loader)
+
+
+def _read_meta(r) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for key, f in r.fields.items():
+        try:
+            meta[key] = f.contents()
+        except Exception:  # noqa: BLE001: a field this reader cannot render is one we do not read
+            meta[key] = None
+    return meta
+
+
+def _tensor(gguf, t) -> torch.Tensor:
+    """One tensor of a GGUFReader as float32 in our (out, in) layout (GGUF lists dimensions fastest first)."""
+    shape = tuple(int(d) for d in reversed(t.shape))
+    Q = gguf.GGMLQuantizationType
+    if t.tensor_type in (Q.F32, Q.F16):
+        data = np.array(t.data, dtype=np.float32)
+    else:
+        data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+    return torch.from_numpy(np.ascontiguousarray(data.reshape(shape)))
+
+
+def _config_from_meta(meta: dict[str, Any], arch: str, tensors: dict[str, torch.Tensor]) -> GPTConfig:
+    """Our config for a GGUF file written by another tool, from llama.cpp's hyperparameters; a UserError names
+    what gptforge cannot compute."""
+    def key(name: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{name}", default)
+        if value is None:
+            raise UserError(f"cannot import this GGUF file: it has no {arch}.{name}")
+        return value
+
+    def f32(name: str, default: Optional[float] = None) -> float:  # stored as float32: its shortest decimal, 1e-5 not 9.99e-6
+        return float(str(np.float32(key(name, default))))
+
+    n_head, n_embd = int(key("attention.head_count")), int(key("embedding_length"))
+    if isinstance(meta.get(f"{arch}.attention.head_count"), list) or int(key("expert_count", 0)):
+        raise UserError("cannot import this GGUF file: per-layer head counts or experts (gptforge's blocks are alike)")
+    for name in ("attention.key_length", "rope.dimension_count"):
+        if arch != "gpt2" and int(key(name, n_embd // n_head)) != n_embd // n_head:
+            raise UserError(f"cannot import this GGUF file: {arch}.{name} is not the head size n_embd / n_head "
+                            "(partial rotary or wider heads)")
+    if meta.get(f"{arch}.rope.scaling.type") not in (None, "none") or "rope_freqs.weight" in tensors:
+        raise UserError("cannot import this GGUF file: RoPE scaling (gptforge's RoPE is plain)")
+    common = dict(block_size=int(key("context_length")), n_layer=int(key("block_count")), n_head=n_head,
+                  n_kv_head=int(key("attention.head_count_kv", n_head)), n_embd=n_embd,
+                  mlp_hidden=int(key("feed_forward_length")), vocab_size=tensors["token_embd.weight"].shape[0],
+                  tie_embeddings="output.weight" not in tensors, dropout=0.0)
+    if arch == "gpt2":  # llama.cpp's gpt2 computes GPT-2's tanh GELU
+        return GPTConfig(**common, norm_eps=f32("attention.layer_norm_epsilon"), mlp="gelu_tanh", bias=True)
+    biases = [n for n in tensors if n.startswith("blk.") and n.endswith(".bias")]
+    if arch != "llama" and biases:
+        raise UserError(f"cannot import this GGUF file: {biases[0]} (gptforge's {arch} rung has no biases)")
+    if biases and len(biases) != 7 * common["n_layer"]:  # q, k, v, output, gate, up, down
+        raise UserError("cannot import this GGUF file: biases on some projections only (gptforge's bias is all or none)")
+    return GPTConfig(**common, pos="rope", norm="rmsnorm", norm_eps=f32("attention.layer_norm_rms_epsilon"),
+                     rope_theta=f32("rope.freq_base", 10000.0), mlp="relu2" if arch == "arcee" else "swiglu",
+                     qk_norm=arch == "qwen3", bias=bool(biases))
+
+
+def _block_state(cfg: GPTConfig, arch: str, i: int, g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `_block_tensors`: block i's tensors under our names."""
+    get = lambda k: g[f"blk.{i}.{k}"]  # noqa: E731
+    p, out = f"transformer.h.{i}.", {}
+    suffixes = ("weight", "bias") if cfg.bias else ("weight",)
+    if arch == "gpt2":
+        pairs = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+                 "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+        return {f"{p}{ours}.{s}": get(f"{theirs}.{s}") for ours, theirs in pairs.items() for s in suffixes}
+    out.update({p + "ln_1.weight": get("attn_norm.weight"), p + "ln_2.weight": get("ffn_norm.weight")})
+    for s in suffixes:
+        q, k = get(f"attn_q.{s}"), get(f"attn_k.{s}")
+        if arch in _INTERLEAVED_ROPE:
+            q, k = _deinterleave(q, cfg.n_head), _deinterleave(k, cfg.n_kv_head)
+        out[p + f"attn.c_attn.{s}"] = torch.cat([q, k, get(f"attn_v.{s}")])
+        out[p + f"attn.c_proj.{s}"] = get(f"attn_output.{s}")
+        up = [get(f"ffn_gate.{s}"), get(f"ffn_up.{s}")] if cfg.mlp == "swiglu" else [get(f"ffn_up.{s}")]
+        out[p + f"mlp.c_fc.{s}"] = torch.cat(up)
+        out[p + f"mlp.c_proj.{s}"] = get(f"ffn_down.{s}")
+    if cfg.qk_norm:
+        out.update({p + "attn.q_norm.weight": get("attn_q_norm.weight"), p + "attn.k_norm.weight": get("attn_k_norm.weight")})
+    return out
+
+
+def _deinterleave(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `_interleave`."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _state_from_gguf(cfg: GPTConfig, arch: str, g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    sd = {"transformer.wte.weight": g["token_embd.weight"], "transformer.ln_f.weight": g["output_norm.weight"]}
+    if arch == "gpt2":
+        sd["transformer.wpe.weight"] = g["position_embd.weight"]
+        if cfg.bias:
+            sd["transformer.ln_f.bias"] = g["output_norm.bias"]
+    if not cfg.tie_embeddings:
+        sd["lm_head.weight"] = g["output.weight"]
+    for i in range(cfg.n_layer):
+        sd.update(_block_state(cfg, arch, i, g))
+    return sd
+
+
+def _tokenizer_from_meta(meta: dict[str, Any], n_rows: int) -> Tokenizer:
+    """A byte-level BPE (our bpe kind) from a GGUF file's tokens and merges: the kind llama.cpp's `gpt2` model
+    with GPT-2's pre-tokenizer is. Control tokens become special added tokens; unused ones at the end are the
+    model's padded rows."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    from gptforge.tokenizer import BPETokenizer
+
+    model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
+    if model != "gpt2" or pre != "gpt-2":
+        raise UserError(f"cannot import this GGUF file's tokenizer ({model}, pre-tokenizer {pre}): gptforge reads "
+                        "byte-level BPE with GPT-2's pre-tokenizer (tokenizer.ggml.model gpt2, pre gpt-2)")
+    tokens, types = meta.get("tokenizer.ggml.tokens") or [], meta.get("tokenizer.ggml.token_type") or []
+    merges = meta.get("tokenizer.ggml.merges") or []
+    used = next((i for i, t in enumerate(types) if t == 5), len(tokens))  # 5: unused (our padded rows)
+    if (len(tokens) != len(types) or len(tokens) > n_rows or any(t != 5 for t in types[used:])
+            or any(t not in (1, 3, 4) for t in types[:used])):  # normal, control, user-defined
+        raise UserError("cannot import this GGUF file's tokenizer: its tokens are not normal and control tokens "
+                        "followed by unused padding rows, as a byte-level BPE's are")
+    vocab = {t: i for i, t in enumerate(tokens[:used])}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in range(used) if types[i] != 1])
+    return BPETokenizer(json.loads(hf.to_str()))
+
+
+def read_gguf(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer, bool]:
+    """A GGUF file of the architectures gptforge exports as (config, float32 state dict, tokenizer, ours). A
+    file gptforge wrote (ours) carries its exact config and tokenizer (gptforge.* keys); another tool's is read
+    from llama.cpp's hyperparameters and vocabulary. q8_0/f16/bf16 weights are widened to float32."""
+    gguf = require_gguf()
+    if (problem := path_problem(path)) is not None:
+        raise UserError(f"{path} {problem}")
+    try:
+        r = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001: a truncated or foreign file, in one line
+        raise UserError(f"{path} is not a readable GGUF file: {one_line(e, 200, with_type=True)}") from None
+    meta = _read_meta(r)
+    arch = meta.get("general.architecture")
+    if arch not in ("gpt2", "llama", "qwen3", "arcee"):
+        raise UserError(f"cannot import the {arch} architecture from GGUF: gptforge reads gpt2, llama, qwen3 "
+                        "and arcee, the ones it exports")
+    try:
+        tensors = {t.name: _tensor(gguf, t) for t in r.tensors}
+    except (ValueError, NotImplementedError) as e:
+        raise UserError(f"cannot read the tensors of {path}: {one_line(e, 200)}") from None
+    if OWN_CONFIG in meta:
+        try:
+            cfg = GPTConfig(**json.loads(meta[OWN_CONFIG]))
+            tok = tokenizer_from_dict(json.loads(meta[OWN_TOKENIZER]))
+        except (TypeError, ValueError, KeyError) as e:
+            raise UserError(f"{path}: its gptforge config or tokenizer cannot be read: {one_line(e, 200)}") from None
+        if gguf_vocab(tok, cfg.vocab_size)["tokens"] != meta.get("tokenizer.ggml.tokens"):
+            raise UserError(f"{path}: its gptforge tokenizer disagrees with its token list; was it edited?")
+    else:
+        cfg = _config_from_meta(meta, arch, tensors)
+        tok = _tokenizer_from_meta(meta, cfg.vocab_size)
+    if gguf_architecture(cfg) != arch:
+        raise UserError(f"{path}: its gptforge config is not a {arch} model")
+    try:
+        sd = _state_from_gguf(cfg, arch, tensors)
+    except KeyError as e:
+        raise UserError(f"cannot import {path}: tensor {e.args[0]} is missing") from None
+    check_fits(cfg, sd)
+    return cfg, sd, tok, OWN_CONFIG in meta
+
+
+def load_gguf(path: str | Path, *, block_size: Optional[int] = None, dropout: float = 0.0,
+              attention: str = "sdpa") -> tuple[torch.nn.Module, GPTConfig, Tokenizer]:
+    """A GGUF file (see `read_gguf`) as our GPT on the CPU (eval mode, float32), its config and tokenizer. As for
+    the source it was exported from, a file gptforge wrote keeps its own block_size (as a run does for
+    --train.init_from); in another tool's, block_size may shorten the context (learned positions are cut)."""
+    cfg, sd, tok, ours = read_gguf(path)
+    model = model_from_state(cfg, sd, block_size=None if ours else block_size, dropout=dropout, attention=attention)
+    return model, model.config, tok
+
+
+def load_gguf_checkpoint(path: str | Path) -> Checkpoint:
+    """`load_gguf` as a `Checkpoint`, for the loader (sample, chat, eval, serve)."""
+    model, cfg, tok = load_gguf(path)
+    return Checkpoint(model=model, tokenizer=tok, config=RunConfig(model=cfg), path=Path(path),
+                      state={"source": str(path)})
+
+
+def import_gguf(path: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """`gptforge import model.gguf --out CKPT`: the file as a gptforge checkpoint directory."""
+    out = Path(out_dir)
+    check_output_dir(out, overwrite, (Path(path),))
+    cfg, sd, tok, _ = read_gguf(path)
+    write_checkpoint(out, sd, RunConfig(model=cfg), tok, {"step": 0, "source": str(path), "imported_from": "gguf"},
+                     keep_other_files=True)
+    return {"path": str(out), "source": str(path), "architecture": gguf_architecture(cfg),
+            "model": dataclasses.asdict(cfg), "tokenizer": tok.kind, "vocab_size": cfg.vocab_size,
+            "tokenizer_vocab_size": tok.vocab_size}

@@ -36,9 +36,9 @@ from gptforge.chat_template import MARKERS
 from gptforge.config import GPTConfig, RunConfig
 from gptforge.errors import UserError, one_line
 from gptforge.files import check_output_dir, path_problem
-from gptforge.model import GPT, meta_model, stored_layers
-from gptforge.modelio.checkpoint import (Checkpoint, model_state, open_checkpoint, resolve_checkpoint, umask_mode,
-                                        write_checkpoint, write_dir_atomically)
+from gptforge.model import meta_model, stored_layers
+from gptforge.modelio.checkpoint import (Checkpoint, model_from_state, model_state, open_checkpoint,
+                                        resolve_checkpoint, umask_mode, write_checkpoint, write_dir_atomically)
 from gptforge.tokenizer import (EOT_TEXT, BPETokenizer, GPT2Tokenizer, Tokenizer, byte_level_spelling,
                                 load_tokenizer)
 
@@ -234,7 +234,7 @@ def _to_hf(cfg: GPTConfig, arch: str, sd: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def _check_fits(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> None:
+def check_fits(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> None:
     """The converted tensors have exactly the names and shapes of GPT(cfg) (built on the meta device: free)."""
     ref = meta_model(cfg, stored_layers(sd)).state_dict()
     if cfg.tie_embeddings:
@@ -445,7 +445,7 @@ def _read_hf(name_or_dir: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
         # exported by us from a model without biases: the zeros stand for none (unless trained since)
         cfg.bias = any(bool(t.any()) for k, t in hf_sd.items() if k.endswith(".bias"))
     sd = _to_ours(cfg, arch, hf_sd)
-    _check_fits(cfg, sd)
+    check_fits(cfg, sd)
     return cfg, sd, tok, src
 
 
@@ -455,14 +455,8 @@ def load_pretrained(name_or_dir: str | Path, device: str | torch.device = "cpu",
     (eval mode, float32), its config and its tokenizer. block_size shortens the context (learned
     position embeddings are cut to it; they cannot be lengthened); dropout and attention are ours to pick."""
     cfg, sd, tok, _ = _read_hf(name_or_dir)
-    if block_size is not None and block_size != cfg.block_size and cfg.pos == "learned":
-        if block_size > cfg.block_size:
-            raise UserError(f"block_size {block_size} exceeds the {cfg.block_size} positions the model learned")
-        sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:block_size]
-    cfg = dataclasses.replace(cfg, block_size=block_size or cfg.block_size, dropout=dropout, attention=attention)
-    model = GPT(cfg)
-    model.load_state_dict({**sd, **({"lm_head.weight": sd["transformer.wte.weight"]} if cfg.tie_embeddings else {})})
-    return model.to(device).eval(), cfg, tok
+    model = model_from_state(cfg, sd, block_size=block_size, dropout=dropout, attention=attention)
+    return model.to(device), model.config, tok
 
 
 def load_pretrained_checkpoint(name_or_dir: str | Path, device: str | torch.device = "cpu"):

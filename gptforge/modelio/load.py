@@ -1,8 +1,9 @@
 """The one loader: every "what is this model source?" in gptforge is answered here, once.
 
-A source is one of three kinds (`source_kind`):
+A source is one of four kinds (`source_kind`):
   "hf"       a GPT-2 name (gpt2 ... gpt2-xl) or a local Hugging Face model directory  (gptforge.modelio.hf)
   "nanogpt"  a nanoGPT ckpt.pt, read with torch.load(weights_only=True)              (gptforge.nanogpt)
+  "gguf"     a .gguf file of an architecture gptforge exports                         (gptforge.modelio.gguf)
   "run"      a gptforge run directory (its latest/ or best/) or checkpoint directory (gptforge.modelio.checkpoint)
 and three things are done with one:
 - `load(source, device, which)`: a ready model for inference (eval mode, on the device, on a CPU in the decode
@@ -24,12 +25,12 @@ import torch
 
 from gptforge.config import GPTConfig
 from gptforge.errors import UserError
-from gptforge.modelio import hf
+from gptforge.modelio import gguf, hf
 from gptforge.modelio.checkpoint import Checkpoint, load_model, open_checkpoint, read_config, resolve_checkpoint
 from gptforge.nanogpt import checkpoint as nanogpt
 from gptforge.tokenizer import Tokenizer, load_tokenizer
 
-SourceKind = Literal["hf", "nanogpt", "run"]
+SourceKind = Literal["hf", "nanogpt", "gguf", "run"]
 Source = Union[str, Path]
 
 
@@ -41,6 +42,8 @@ def source_kind(source: Source) -> SourceKind:
         return "hf"
     if str(source).endswith(".pt") and Path(source).is_file():
         return "nanogpt"
+    if str(source).endswith(".gguf") and Path(source).is_file():
+        return "gguf"
     return "run"
 
 
@@ -97,6 +100,8 @@ def load(source: Source, device: Union[str, torch.device] = "cpu", which: str = 
         return _ready(hf.load_pretrained_checkpoint(source), device)
     if kind == "nanogpt":
         return _ready(nanogpt.load_nanogpt_checkpoint(source), device)
+    if kind == "gguf":
+        return _ready(gguf.load_gguf_checkpoint(source), device)
     return load_checkpoint(source, device, which)
 
 
@@ -114,6 +119,8 @@ def load_init(source: Source, tokenizer: Optional[Tokenizer] = None, *, block_si
         return hf.load_pretrained(source, "cpu", block_size=block_size, dropout=dropout, attention=attention)
     if kind == "nanogpt":
         return nanogpt.load_init(source, tokenizer, block_size=block_size, dropout=dropout, attention=attention)
+    if kind == "gguf":
+        return gguf.load_gguf(source, block_size=block_size, dropout=dropout, attention=attention)
     ckpt = resolve_checkpoint(source)
     model_cfg = dataclasses.replace(read_config(ckpt).model, dropout=dropout, attention=attention)
     return load_model(ckpt, model_cfg), model_cfg, load_tokenizer(ckpt)
@@ -121,11 +128,14 @@ def load_init(source: Source, tokenizer: Optional[Tokenizer] = None, *, block_si
 
 def import_model(source: Source, out_dir: Source, *, data: Optional[Source] = None,
                  overwrite: bool = False) -> dict[str, Any]:
-    """`gptforge import`: a nanoGPT ckpt.pt (with `data`, the nanoGPT data directory holding its meta.pkl) or a
-    GPT-2 name / Hugging Face directory, written as a gptforge checkpoint in `out_dir`. The result says which
-    (`kind`: "nanogpt" or "hf") with what was written."""
-    if source_kind(source) == "nanogpt":
+    """`gptforge import`: a nanoGPT ckpt.pt (with `data`, the nanoGPT data directory holding its meta.pkl), a
+    GGUF file or a GPT-2 name / Hugging Face directory, written as a gptforge checkpoint in `out_dir`. The result
+    says which (`kind`: "nanogpt", "gguf" or "hf") with what was written."""
+    kind = source_kind(source)
+    if kind == "nanogpt":
         return {"kind": "nanogpt", **nanogpt.import_checkpoint(source, out_dir, data=data, overwrite=overwrite)}
     if data is not None:
         raise UserError("--data applies to importing a nanoGPT ckpt.pt")
+    if kind == "gguf":
+        return {"kind": "gguf", **gguf.import_gguf(source, out_dir, overwrite=overwrite)}
     return {"kind": "hf", **hf.import_hf(source, out_dir, overwrite=overwrite)}

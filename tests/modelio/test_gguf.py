@@ -2,6 +2,8 @@
 same token ids, the same logits, the same greedy continuation and the same chat layout as gptforge; and every
 variant no llama.cpp architecture computes refused in one line, with nothing left at OUT."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -235,3 +237,76 @@ def test_an_export_that_cannot_fit_in_memory_is_refused_before_reading_weights(t
     with pytest.raises(UserError, match="converting this .*-parameter model to GGUF needs about"):
         export_gguf(run, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading GGUF back: `gptforge import model.gguf`, and any verb given a .gguf file
+
+
+@pytest.mark.parametrize("variant", [*CLASSIC, *MODERN])
+def test_our_gguf_file_loads_back_as_the_same_model(variant, tmp_path):
+    tok = _char_tok(chat=True)
+    run = save_run(tmp_path / "run", _model(tok, **{**CLASSIC, **MODERN}[variant]), tok)
+    export_gguf(run, tmp_path / "m.gguf")
+    ours, back = load(run), load(tmp_path / "m.gguf")
+    assert back.config.model == ours.config.model and back.tokenizer.fingerprint() == tok.fingerprint()
+    ids = torch.tensor([tok.encode(MIXED)[:64]])
+    with torch.no_grad():
+        assert torch.equal(back.model(ids), ours.model(ids))
+    assert main(["import", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "ckpt")]) == 0
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "ckpt").model(ids), ours.model(ids))
+
+
+def _without_own_keys(monkeypatch):
+    """Exports as another tool would write them: llama.cpp's keys only, no gptforge.* config or tokenizer."""
+    import gguf
+
+    add = gguf.GGUFWriter.add_string
+    monkeypatch.setattr(gguf.GGUFWriter, "add_string",
+                        lambda self, key, value: None if key.startswith("gptforge.") else add(self, key, value))
+
+
+def test_a_foreign_gpt2_file_is_read_from_llama_cpp_keys_alone(tmp_path, monkeypatch, tiktoken_cache):
+    tok = train_tokenizer("gpt2", [])
+    run = save_run(tmp_path / "run", _model(tok, n_layer=1, vocab=50304, mlp="gelu_tanh"), tok)
+    _without_own_keys(monkeypatch)
+    export_gguf(run, tmp_path / "g.gguf", dtype="f16")
+    back = load(tmp_path / "g.gguf")
+    cfg = back.config.model
+    assert (cfg.mlp, cfg.bias, cfg.vocab_size, cfg.block_size) == ("gelu_tanh", True, 50304, 128)
+    assert back.tokenizer.kind == "bpe" and back.tokenizer.vocab_size == 50257 == tok.vocab_size
+    assert back.tokenizer.encode(MIXED) == tok.encode(MIXED) and back.tokenizer.eot_id == 50256
+    ids = torch.tensor([tok.encode(MIXED)[:64]])
+    with torch.no_grad():  # f16 weights, widened back
+        assert _relative(_ours(run, ids[0].tolist()), back.model(ids)[0].numpy()) < 1e-2
+
+
+@pytest.mark.parametrize("variant", MODERN)
+def test_a_foreign_file_of_each_modern_rung_loads_to_the_same_logits(variant, tmp_path, monkeypatch):
+    tok = train_tokenizer("bpe", [MIXED * 5], vocab_size=300)
+    run = save_run(tmp_path / "run", _model(tok, **MODERN[variant]), tok)
+    _without_own_keys(monkeypatch)
+    export_gguf(run, tmp_path / "m.gguf")
+    back = load(tmp_path / "m.gguf")
+    assert back.config.model == dataclasses.replace(load(run).config.model, dropout=0.0)
+    assert back.tokenizer.encode(MIXED) == tok.encode(MIXED)
+    ids = tok.encode(MIXED)[:64]
+    assert _relative(_ours(run, ids), _ours(tmp_path / "m.gguf", ids)) < 1e-6
+
+
+def test_unreadable_and_unsupported_gguf_files_are_refused_in_one_line(tmp_path, capsys):
+    import gguf
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 20)
+    other = tmp_path / "phi.gguf"
+    w = gguf.GGUFWriter(str(other), "phi2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    for path, msg in ((bad, "is not a readable GGUF file"), (other, "cannot import the phi2 architecture")):
+        assert main(["sample", str(path), "--max-new-tokens", "2"]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert main(["import", str(path), "--out", str(tmp_path / "ck")]) == 2
+        assert msg in capsys.readouterr().err and not (tmp_path / "ck").exists()
