@@ -374,7 +374,7 @@ def export(run: str, out: str, to: Literal["hf", "gguf"] = "hf",
         done = export_gguf(run, out, which=_which(best), dtype=dtype or "f32", overwrite=overwrite)
         print(dumps(done) if json else f"wrote {done['path']}: {done['architecture']} {done['dtype']}, "
               f"{done['size']}, vocab {done['vocab_size']:,}, tokenizer {done['tokenizer']}"
-              + (", chat template" if done["chat"] else ""))
+              + (", chat template" if done["chat"] else "") + "".join(f"\nnote: {n}" for n in done["notes"]))
         return 0
     if dtype is not None:
         raise UserError("--dtype applies to --to gguf (a Hugging Face export keeps the checkpoint's weights as stored)")

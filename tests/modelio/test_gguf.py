@@ -73,6 +73,7 @@ def test_llama_cpp_computes_our_logits_and_greedy_tokens(variant, tmp_path):
     run = save_run(tmp_path / "run", _model(tok, **{**CLASSIC, **MODERN}[variant]), tok)
     done = export_gguf(run, tmp_path / "m.gguf")
     assert done["architecture"] == ARCH[variant] and done["dtype"] == "f32"
+    assert bool(done["notes"]) == (variant == "classic")  # the exact GELU, which llama.cpp computes as tanh
     ids = tok.encode(MIXED)[:64]
     with LlamaCpp(tmp_path / "m.gguf", n_ctx=128) as cpp:
         assert cpp.tokenize(MIXED) == tok.encode(MIXED)
