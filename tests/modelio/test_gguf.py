@@ -311,3 +311,24 @@ def test_unreadable_and_unsupported_gguf_files_are_refused_in_one_line(tmp_path,
         assert msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
         assert main(["import", str(path), "--out", str(tmp_path / "ck")]) == 2
         assert msg in capsys.readouterr().err and not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("variant", ["classic", "llama-gqa-untied"])
+def test_llama_cpp_greedy_text_is_gptforge_sample_greedy(variant, tmp_path, capsys):
+    """What the README promises: `gptforge sample RUN --greedy` and llama.cpp on the exported file write the
+    same text (and so does `gptforge sample` of the .gguf file itself)."""
+    import json
+
+    tok = _char_tok()
+    run = save_run(tmp_path / "run", _model(tok, seed=3, **{**CLASSIC, **MODERN}[variant]), tok)
+    export_gguf(run, tmp_path / "m.gguf")
+    prompt = "Hello, World! Ça va?"
+    texts = []
+    for source in (run, tmp_path / "m.gguf"):
+        assert main(["sample", str(source), "--greedy", "--prompt", prompt, "--max-new-tokens", "32", "--json"]) == 0
+        texts.append(json.loads(capsys.readouterr().out)["samples"][0])
+    with LlamaCpp(tmp_path / "m.gguf", n_ctx=128) as cpp:
+        new = cpp.greedy(cpp.tokenize(prompt), 32, n_vocab=tok.vocab_size)
+        new = new[:new.index(tok.eot_id)] if tok.eot_id in new else new  # sample stops at end-of-text
+        theirs = prompt + b"".join(cpp.piece(t) for t in new).decode("utf-8")
+    assert texts == [theirs, theirs] and len(theirs) > len(prompt) + 8
