@@ -72,8 +72,8 @@ def speed(rounds: int, out_dir: Path, P: int = 64, N: int = 64) -> None:
     torch.manual_seed(0)
     write_checkpoint(out_dir / "gpt2-124m", model_state(GPT(cfg)), RunConfig(model=cfg), tok, state={"step": 0})
     files = {t: out_dir / f"gpt2-124m-{t}.gguf" for t in ("f32", "q8_0")}
-    for t, f in files.items():
-        export_gguf(out_dir / "gpt2-124m", f, dtype=t, overwrite=True)
+    sizes = {f"llama.cpp {t}": export_gguf(out_dir / "gpt2-124m", f, dtype=t, overwrite=True)["size"]
+             for t, f in files.items()}
     cpps = {t: LlamaCpp(f, n_ctx=P + N + 1, threads=torch.get_num_threads(), kv_type="f16") for t, f in files.items()}
     prompt = torch.randint(0, tok.vocab_size, (P,), generator=torch.Generator().manual_seed(1)).tolist()
     got: dict[str, list[float]] = {"gptforge": [], **{f"llama.cpp {t}": [] for t in files}}
@@ -87,9 +87,9 @@ def speed(rounds: int, out_dir: Path, P: int = 64, N: int = 64) -> None:
     base = statistics.median(got["gptforge"])
     print(f"\nGPT-2 124M shape, batch 1, prompt {P}, {N} decode steps, {torch.get_num_threads()} threads, "
           f"median of {rounds} interleaved rounds")
-    print("| engine | decode tok/s | vs gptforge |\n|---|---:|---:|")
+    print("| engine | file | decode tok/s | vs gptforge |\n|---|---:|---:|---:|")
     for k, v in got.items():
-        print(f"| {k} | {statistics.median(v):.1f} | {statistics.median(v) / base:.2f}x |")
+        print(f"| {k} | {sizes.get(k, '')} | {statistics.median(v):.1f} | {statistics.median(v) / base:.2f}x |")
 
 
 def main() -> None:
