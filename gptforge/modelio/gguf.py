@@ -472,7 +472,12 @@ def _tokenizer_from_meta(meta: dict[str, Any], n_rows: int) -> Tokenizer:
         raise UserError("cannot import this GGUF file's tokenizer: its tokens are not normal and control tokens "
                         "followed by unused padding rows, as a byte-level BPE's are")
     vocab = {t: i for i, t in enumerate(tokens[:used])}
-    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    if bad := next((m for m, p in zip(merges, pairs) if len(p) != 2 or not {p[0], p[1], p[0] + p[1]} <= vocab.keys()),
+                   None):  # the tokenizers library panics on such a merge
+        raise UserError(f"cannot import this GGUF file's tokenizer: its merge {bad!r} joins or makes a token that "
+                        "is not in its vocabulary")
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
     hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in range(used) if types[i] != 1])
@@ -495,10 +500,28 @@ def read_gguf(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tok
     if arch not in ("gpt2", "llama", "qwen3", "arcee"):
         raise UserError(f"cannot import the {arch} architecture from GGUF: gptforge reads gpt2, llama, qwen3 "
                         "and arcee, the ones it exports")
+    n = sum(int(np.prod([int(d) for d in t.shape])) for t in r.tensors)
+    check_memory(2 * 4 * n, torch.device("cpu"), f"reading {path} ({n:,} weights, widened to float32, then the model)",
+                 "use a machine with more memory")
     try:
         tensors = {t.name: _tensor(gguf, t) for t in r.tensors}
     except (ValueError, NotImplementedError) as e:
         raise UserError(f"cannot read the tensors of {path}: {one_line(e, 200)}") from None
+    cfg, tok = _config_and_tokenizer(path, meta, arch, tensors)
+    if cfg.pos == "rope" and 2 * 4 * cfg.block_size * cfg.head_dim > max(16 * n, 1 << 30):  # RoPE tables
+        raise UserError(f"{path} asks for a context of {cfg.block_size:,} tokens, whose RoPE tables alone would "
+                        f"outweigh its {n:,} weights many times; is it corrupt?")
+    try:
+        sd = _state_from_gguf(cfg, arch, tensors)
+    except KeyError as e:
+        raise UserError(f"cannot import {path}: tensor {e.args[0]} is missing") from None
+    check_fits(cfg, sd)
+    return cfg, sd, tok, OWN_CONFIG in meta
+
+
+def _config_and_tokenizer(path, meta: dict[str, Any], arch: str,
+                          tensors: dict[str, torch.Tensor]) -> tuple[GPTConfig, Tokenizer]:
+    """Our config and tokenizer of a GGUF file: its gptforge.* keys, or else llama.cpp's; UserError otherwise."""
     if OWN_CONFIG in meta:
         try:
             cfg = GPTConfig(**json.loads(meta[OWN_CONFIG]))
@@ -508,16 +531,16 @@ def read_gguf(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tok
         if gguf_vocab(tok, cfg.vocab_size)["tokens"] != meta.get("tokenizer.ggml.tokens"):
             raise UserError(f"{path}: its gptforge tokenizer disagrees with its token list; was it edited?")
     else:
-        cfg = _config_from_meta(meta, arch, tensors)
+        try:
+            cfg = _config_from_meta(meta, arch, tensors)
+        except KeyError as e:
+            raise UserError(f"cannot import {path}: tensor {e.args[0]} is missing") from None
+        except (TypeError, ValueError) as e:
+            raise UserError(f"cannot import {path}: a hyperparameter is malformed ({one_line(e, 120)})") from None
         tok = _tokenizer_from_meta(meta, cfg.vocab_size)
     if gguf_architecture(cfg) != arch:
         raise UserError(f"{path}: its gptforge config is not a {arch} model")
-    try:
-        sd = _state_from_gguf(cfg, arch, tensors)
-    except KeyError as e:
-        raise UserError(f"cannot import {path}: tensor {e.args[0]} is missing") from None
-    check_fits(cfg, sd)
-    return cfg, sd, tok, OWN_CONFIG in meta
+    return cfg, tok
 
 
 def load_gguf(path: str | Path, *, block_size: Optional[int] = None, dropout: float = 0.0,

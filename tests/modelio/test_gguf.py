@@ -332,3 +332,27 @@ def test_llama_cpp_greedy_text_is_gptforge_sample_greedy(variant, tmp_path, caps
         new = new[:new.index(tok.eot_id)] if tok.eot_id in new else new  # sample stops at end-of-text
         theirs = prompt + b"".join(cpp.piece(t) for t in new).decode("utf-8")
     assert texts == [theirs, theirs] and len(theirs) > len(prompt) + 8
+
+
+def _foreign_llama(path, context, merges=("a b",)):
+    """A minimal file another tool might write: llama keys, a 4-token BPE vocabulary, only an embedding."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((w.add_context_length, context), (w.add_embedding_length, 8), (w.add_block_count, 1),
+                       (w.add_head_count, 2), (w.add_feed_forward_length, 16), (w.add_layer_norm_rms_eps, 1e-5)):
+        add(value)
+    w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre("gpt-2"), w.add_token_list(["a", "b", "c", "ab"])
+    w.add_token_types([1, 1, 1, 1]), w.add_token_merges(list(merges))
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return path
+
+
+def test_a_foreign_file_with_missing_tensors_or_an_absurd_context_is_refused(tmp_path):
+    with pytest.raises(UserError, match="tensor output_norm.weight is missing"):
+        load(_foreign_llama(tmp_path / "a.gguf", 64))
+    with pytest.raises(UserError, match="asks for a context of 1,000,000,000 tokens"):
+        load(_foreign_llama(tmp_path / "b.gguf", 10**9))
+    with pytest.raises(UserError, match="its merge 'b c' joins or makes a token that is not in its vocabulary"):
+        load(_foreign_llama(tmp_path / "c.gguf", 64, merges=("a b", "b c")))
