@@ -356,3 +356,28 @@ def test_a_foreign_file_with_missing_tensors_or_an_absurd_context_is_refused(tmp
         load(_foreign_llama(tmp_path / "b.gguf", 10**9))
     with pytest.raises(UserError, match="its merge 'b c' joins or makes a token that is not in its vocabulary"):
         load(_foreign_llama(tmp_path / "c.gguf", 64, merges=("a b", "b c")))
+
+
+@pytest.mark.integration
+def test_the_readme_path_train_export_then_llama_cpp_answers_as_gptforge(tmp_path, shared_data, capsys):
+    """Done-when of the GGUF export: a model `gptforge train` made, exported with the README's command, gives in
+    llama.cpp the val loss and the greedy text gptforge gives."""
+    import json
+
+    corpus = tmp_path / "shakespeare_head.txt"
+    corpus.write_text((shared_data / "tinyshakespeare.txt").read_text()[:100_000])
+    data, run, out = tmp_path / "data", tmp_path / "run", tmp_path / "exports" / "shakespeare-char.gguf"
+    assert main(["prepare", str(corpus), "--out", str(data)]) == 0
+    assert main(["train", "--preset", "shakespeare-char-cpu", "--data", str(data), "--out", str(run),
+                 "--train.max_iters", "30", "--train.eval_interval", "30", "--train.eval_iters", "1", "--quiet"]) == 0
+    assert main(["export", str(run), "--to", "gguf", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "--greedy", "--prompt", "ROMEO:", "--max-new-tokens", "40", "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out)["samples"][0]
+    tok = load(run).tokenizer
+    val = tok.encode((shared_data / "tinyshakespeare.txt").read_text()[100_000:100_064 + 1])
+    with LlamaCpp(out, n_ctx=64) as cpp:
+        new = cpp.greedy(cpp.tokenize("ROMEO:"), 40, n_vocab=tok.vocab_size)
+        assert "ROMEO:" + b"".join(cpp.piece(t) for t in new).decode("utf-8") == ours
+        theirs = _loss(cpp.logits(val[:64]), val[:64])
+    assert abs(theirs - _loss(_ours(run, val[:64]), val[:64])) < 1e-3 * theirs
