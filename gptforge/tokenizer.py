@@ -303,7 +303,8 @@ class GPT2Tokenizer(Tokenizer):
     def piece(self, i: int) -> bytes:
         return self._enc.decode_single_token_bytes(i)
 
-    def _tokens_by_rank(self) -> list[bytes]:
+    def tokens_by_rank(self) -> list[bytes]:
+        """The BPE tokens' bytes, in rank order (rank = id, for ids below end-of-text)."""
         # tiktoken keeps ranks private; `_mergeable_ranks`/`_pat_str`/`_special_tokens` are the
         # documented way to extend an Encoding (tiktoken's README), so they are stable enough.
         ranks: dict[bytes, int] = self._enc._mergeable_ranks
@@ -316,7 +317,7 @@ class GPT2Tokenizer(Tokenizer):
 
     def token_bytes(self) -> np.ndarray:
         sizes = np.zeros(self.vocab_size, dtype=np.int64)
-        tokens = self._tokens_by_rank()
+        tokens = self.tokens_by_rank()
         sizes[: len(tokens)] = [len(t) for t in tokens]
         for special_id in self._enc._special_tokens.values():
             sizes[special_id] = 0
@@ -328,7 +329,7 @@ class GPT2Tokenizer(Tokenizer):
                 "format": TOKENIZER_FORMAT, "kind": "gpt2", "name": self._enc.name,
                 "pat_str": self._enc._pat_str, "n_vocab": self._enc.n_vocab,
                 "special_tokens": dict(sorted(self._enc._special_tokens.items())),
-                "mergeable_ranks": [base64.b64encode(t).decode("ascii") for t in self._tokens_by_rank()],
+                "mergeable_ranks": [base64.b64encode(t).decode("ascii") for t in self.tokens_by_rank()],
             }
         return self._state
 

@@ -25,7 +25,6 @@ from llama.cpp's own keys (`load_gguf`, behind the loader's "gguf" kind and `gpt
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 from pathlib import Path
@@ -41,7 +40,7 @@ from gptforge.errors import UserError, one_line
 from gptforge.files import atomic_path, check_apart, check_output_dir, path_problem
 from gptforge.modelio.checkpoint import (Checkpoint, model_from_state, model_state, open_checkpoint, read_config,
                                         resolve_checkpoint, write_checkpoint)
-from gptforge.modelio.hf import check_fits, hf_chat_template, merges_from_ranks
+from gptforge.modelio.hf import check_fits, first_unmapped, hf_chat_template, merges_from_ranks
 from gptforge.tokenizer import EOT_TEXT, Tokenizer, byte_level_spelling, tokenizer_from_dict
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -49,10 +48,6 @@ INSTALL_HINT = "pip install 'gptforge[gguf]'"
 GGUF_MAGIC = b"GGUF"
 # gptforge's own keys: the exact model config and tokenizer, so `gptforge import` of our file gives back our model
 OWN_CONFIG, OWN_TOKENIZER = "gptforge.model_config", "gptforge.tokenizer"
-# GPTConfig fields whose every value the mapping below handles (the others are refused unless at their default)
-_MAPPED = {"block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "dropout", "bias",
-           "pos", "rope_theta", "norm", "norm_eps", "mlp", "qk_norm", "tie_embeddings", "attention",
-           "zero_init_proj"}
 _NO_COUNTERPART = {
     "value_embeds": "value embeddings have no counterpart in any llama.cpp architecture",
     "unet_skips": "U-net skip connections have no counterpart in any llama.cpp architecture",
@@ -83,10 +78,8 @@ def gguf_architecture(cfg: GPTConfig) -> str:
     for name, why in _NO_COUNTERPART.items():
         if getattr(cfg, name) not in (None, False):
             raise refuse(f"model.{name}: {why}")
-    unmapped = [f.name for f in dataclasses.fields(cfg)
-                if f.name not in _MAPPED | set(_NO_COUNTERPART) and getattr(cfg, f.name) != f.default]
-    if unmapped:  # a rung added after this module was written: refuse rather than drop it
-        raise refuse(f"model.{unmapped[0]} is not mapped to a llama.cpp architecture")
+    if unmapped := first_unmapped(cfg, _NO_COUNTERPART):  # a rung added after this module: refuse, never drop it
+        raise refuse(f"model.{unmapped} is not mapped to a llama.cpp architecture")
     if cfg.pos == "learned":
         why = [w for bad, w in ((cfg.norm != "layernorm", "rmsnorm with learned positions (gpt2 has layernorm)"),
                                 (cfg.mlp not in ("gelu", "gelu_tanh"),
@@ -180,14 +173,14 @@ def _stored(gguf, name: str, t: torch.Tensor, dtype: str) -> tuple[np.ndarray, A
 # The tokenizer
 
 
-def _char_merges(tok: Tokenizer, n_tokens: int) -> list[str]:
+def _char_merges(tok: Tokenizer) -> list[str]:
     """Merges that build each multi-byte character of a char vocabulary from its bytes, prefix by prefix
     (UTF-8 is prefix-free, so a merge can never join two characters); shorter prefixes first."""
+    special = tok.special_ids()
     chains: list[list[str]] = []
-    for i in range(n_tokens):
-        data = tok.piece(i)
-        if i not in tok.special_ids():
-            spelled = byte_level_spelling(data)
+    for i in range(tok.vocab_size):
+        if i not in special:
+            spelled = byte_level_spelling(tok.piece(i))
             chains.append([f"{spelled[:k]} {spelled[k]}" for k in range(1, len(spelled))])
     depth = max((len(c) for c in chains), default=0)
     merges = list(dict.fromkeys(c[k] for k in range(depth) for c in chains if k < len(c)))  # shared prefixes
@@ -199,12 +192,12 @@ def _char_merges(tok: Tokenizer, n_tokens: int) -> list[str]:
 def _merges(tok: Tokenizer) -> list[str]:
     """The BPE merges, "left right" in byte-level spelling, best first."""
     if tok.kind == "gpt2":
-        ranks = [base64.b64decode(t) for t in tok.to_dict()["mergeable_ranks"]]
-        return [f"{byte_level_spelling(a)} {byte_level_spelling(b)}" for a, b in merges_from_ranks(ranks)]
+        pairs = merges_from_ranks(tok.tokens_by_rank())
+        return [f"{byte_level_spelling(a)} {byte_level_spelling(b)}" for a, b in pairs]
     if tok.kind == "bpe":
         merges = tok.to_dict()["hf_tokenizer"]["model"]["merges"]
         return [m if isinstance(m, str) else " ".join(m) for m in merges]
-    return _char_merges(tok, tok.vocab_size)
+    return _char_merges(tok)
 
 
 def gguf_vocab(tok: Tokenizer, n_rows: int) -> dict[str, Any]:

@@ -19,7 +19,6 @@ padded one so HF computes the same logits and loss; `generation_config.json` sup
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import importlib.util
 import json
@@ -27,6 +26,7 @@ import os
 import re
 import urllib.parse
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any, Optional
 
 import torch
@@ -48,7 +48,7 @@ INSTALL_HINT = "pip install 'gptforge[hf]'"
 _HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
               "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", OWN_TOKENIZER]
 _CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
-_MAPPED = {"block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "dropout", "bias",
+MAPPED_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "dropout", "bias",
            "pos", "rope_theta", "norm", "norm_eps", "mlp", "qk_norm", "tie_embeddings", "attention",
            "zero_init_proj"}  # GPTConfig fields (zero_init_proj only sets the initial weights)
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
@@ -160,12 +160,18 @@ def _hub_failure(e: Exception, repo: str, host: str, offline: str) -> str:
 # Architecture and weight names
 
 
+def first_unmapped(cfg: GPTConfig, also: Collection[str] = ()) -> Optional[str]:
+    """The first GPTConfig field off its default that neither MAPPED_FIELDS nor `also` covers: a rung an exporter
+    written before it was added would silently drop."""
+    return next((f.name for f in dataclasses.fields(cfg)
+                 if f.name not in MAPPED_FIELDS and f.name not in also and getattr(cfg, f.name) != f.default), None)
+
+
 def hf_architecture(cfg: GPTConfig) -> str:
     """'gpt2' or 'llama': the `transformers` architecture that computes exactly what `cfg` does, or a
     UserError naming what has no counterpart there."""
-    unmapped = [f.name for f in dataclasses.fields(cfg) if f.name not in _MAPPED and getattr(cfg, f.name) != f.default]
-    if unmapped:  # a rung added to the ladder after this module was written: refuse rather than drop it
-        raise UserError(f"cannot export to Hugging Face: model.{unmapped[0]} is not mapped to transformers")
+    if unmapped := first_unmapped(cfg):  # a rung added to the ladder after this module was written: refuse it
+        raise UserError(f"cannot export to Hugging Face: model.{unmapped} is not mapped to transformers")
     if cfg.qk_norm:
         raise UserError("cannot export to Hugging Face: qk_norm has no counterpart in GPT2LMHeadModel "
                         "or LlamaForCausalLM")
@@ -309,7 +315,7 @@ def _hf_config(cfg: GPTConfig, arch: str, eot_id: Optional[int]):
 
 def _gpt2_vocab(tok: GPT2Tokenizer) -> tuple[dict[str, int], list[bytes]]:
     """GPT-2's vocabulary in HF's byte-level spelling, from the ranks our tokenizer embeds."""
-    tokens = [base64.b64decode(t) for t in tok.to_dict()["mergeable_ranks"]]
+    tokens = tok.tokens_by_rank()
     return {byte_level_spelling(t): rank for rank, t in enumerate(tokens)}, tokens
 
 
