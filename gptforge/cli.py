@@ -23,7 +23,7 @@ import docstring_parser
 from jsonargparse import ActionSubCommands, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
 
 from gptforge import __version__, verbs
-from gptforge.config import EvalConfig, GPTConfig, OptimConfig, RunConfig, TrainConfig, layered_defaults
+from gptforge.config import EvalConfig, GPTConfig, LoRAConfig, OptimConfig, RunConfig, TrainConfig, layered_defaults
 from gptforge.errors import UserError, one_line
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -46,8 +46,8 @@ VERBS: dict[str, tuple[Callable[..., int], str]] = {
     "presets": (verbs.presets, "list presets"),
 }
 # the config dataclasses whose fields are `--section.field` flags, for the verbs that take them
-SECTIONS = {"model": GPTConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig}
-CONFIG_FLAGS = {"train": ("model", "optim", "train", "eval"), "bench": ("model", "optim", "train")}
+SECTIONS = {"model": GPTConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig, "lora": LoRAConfig}
+CONFIG_FLAGS = {"train": ("model", "optim", "train", "eval", "lora"), "bench": ("model", "optim", "train")}
 SHORT = {("chat", "prompt"): "-p", ("train", "verbose"): "-v", ("train", "quiet"): "-q"}
 METAVAR = {("serve", "cors"): "ORIGIN", ("quickstart", "time_budget"): "SECONDS"}
 

@@ -1,7 +1,7 @@
 """Configuration: one dataclass per concern with its own `validate()`, the named presets, the layering of
 defaults < preset < config file (< the CLI's flags), and reading and writing config files.
 
-A run is fully described by a `RunConfig` (model, optim, train, eval, data sections). The CLI derives
+A run is fully described by a `RunConfig` (model, optim, train, eval, data and lora sections). The CLI derives
 `--section.field VALUE` flags from these dataclasses; the resolved config is written into the run
 directory and into every checkpoint, so `eval` and `sample` rebuild everything from a checkpoint alone.
 Each section checks its own fields when built (types, finiteness, ranges: impossible values are refused
@@ -274,6 +274,8 @@ class TrainConfig:
     """start from trained weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face model directory (needs gptforge[hf]), a gptforge run/checkpoint directory, a nanoGPT ckpt.pt or a .gguf file (needs gptforge[gguf]); the model's shape comes from them (block_size may shrink, dropout is yours)"""
     freeze_embeddings: bool = False
     """keep the token and position embeddings fixed while fine-tuning (a tied output head stays fixed with them)"""
+    finetune: Literal["full", "lora"] = "full"
+    """full: train every weight; lora: keep the --train.init_from weights frozen and train low-rank adapters (the lora section), checkpointing only them"""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -322,6 +324,42 @@ class DataConfig:
         _check_types("data", self)
 
 
+LORA_TARGETS = ("query", "key", "value", "attn_proj", "mlp_fc", "mlp_proj")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters for --train.finetune lora (the `lora` section): each targeted projection W becomes
+    W + (alpha / rank) B A with A (rank x in) and B (out x rank) trained, W frozen."""
+
+    rank: int = 8
+    """rank r of each adapter (A is r x in, B is out x r)"""
+    alpha: float = 16.0
+    """scale numerator: an adapter adds (alpha / rank) B A"""
+    dropout: float = 0.05
+    """dropout on an adapter's input (training only)"""
+    targets: str = "query,value"
+    """comma-separated projections of every block to adapt: query, key, value, attn_proj (attention output), mlp_fc (the MLP's input projection; gate and up for SwiGLU), mlp_proj (its output projection), or all"""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def target_list(self) -> tuple[str, ...]:
+        """The targets as a tuple in LORA_TARGETS order ("all" expanded)."""
+        named = {t.strip() for t in self.targets.split(",") if t.strip()}
+        return LORA_TARGETS if "all" in named else tuple(t for t in LORA_TARGETS if t in named)
+
+    def validate(self) -> None:
+        _check_types("lora", self)
+        _check_ranges("lora", self, {"rank": "at least 1", "alpha": "> 0", "dropout": "in [0, 1)"})
+        named = [t.strip() for t in self.targets.split(",") if t.strip()]
+        unknown = [t for t in named if t not in (*LORA_TARGETS, "all")]
+        if unknown or not named:
+            raise ConfigError(f"lora.targets must name some of {', '.join(LORA_TARGETS)} (comma-separated) or all, "
+                              f"got {self.targets!r}")
+
+
 @dataclass
 class RunConfig:
     """Everything a training run needs; saved as config.json in the run directory and in every checkpoint."""
@@ -331,6 +369,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def validate(self, world_size: int = 1) -> None:
         """Every section's own checks (again: fields may have been set since the sections were built), then
@@ -340,6 +379,16 @@ class RunConfig:
         if self.optim.optimizer == "muon" and self.train.dist == "fsdp" and world_size > 1:
             raise ConfigError("optim.optimizer muon works with --train.dist ddp, not yet with fsdp "
                               "(it orthogonalises whole matrices, and FSDP holds shards of them)")
+        if self.train.finetune == "lora":
+            if not self.train.init_from:
+                raise ConfigError("--train.finetune lora adapts a trained model: name it with --train.init_from "
+                                  "(gpt2, a Hugging Face directory, a gptforge run, a nanoGPT ckpt.pt or a .gguf file)")
+            if self.train.dist == "fsdp" and world_size > 1:
+                raise ConfigError("--train.finetune lora works with --train.dist ddp, not fsdp: the frozen base is "
+                                  "the same on every process, and the adapters are small enough to replicate")
+            if self.train.freeze_embeddings:
+                raise ConfigError("--train.freeze_embeddings applies to full fine-tuning; with lora every base "
+                                  "weight is frozen already")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -347,7 +396,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         if not isinstance(d, dict):
-            raise ConfigError(f"a config must be a mapping of sections (model, optim, train, eval, data), "
+            raise ConfigError(f"a config must be a mapping of sections (model, optim, train, eval, data, lora), "
                               f"got {type(d).__name__}")
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = set(d) - set(sections)
@@ -357,7 +406,7 @@ class RunConfig:
 
 
 _SECTION_TYPES = {"model": GPTConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig,
-                  "data": DataConfig}
+                  "data": DataConfig, "lora": LoRAConfig}
 
 
 def _section(name: str, values: dict[str, Any]) -> Any:
@@ -549,7 +598,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - any parse error is the user's file
         raise UserError(f"cannot parse config file {path}: {one_line(e, 300)}") from None
     if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of sections (model, optim, train, eval, data)")
+        raise UserError(f"config file {path} must hold a mapping of sections (model, optim, train, eval, data, lora)")
     return data
 
 

@@ -301,6 +301,29 @@ class GPT(nn.Module):
 
 
 
+def grow_vocab(model: GPT, rows: int) -> GPT:
+    """Give `model` `rows` vocabulary rows (more than it has), the new ones the mean of the old (a token never
+    seen starts as the average token; HF's resize_token_embeddings starts near it too); returns the model.
+    For fine-tuning with tokens the base lacks: the chat markers after GPT-2's 50,257 tokens."""
+    old = model.config.vocab_size
+    if rows <= old:
+        return model
+
+    def grown(w: torch.Tensor) -> nn.Parameter:
+        extra = w.detach().mean(dim=0, keepdim=True).expand(rows - old, -1)
+        return nn.Parameter(torch.cat([w.detach(), extra]), requires_grad=w.requires_grad)
+
+    model.transformer.wte.weight = grown(model.transformer.wte.weight)
+    model.transformer.wte.num_embeddings = rows
+    model.lm_head.weight = model.transformer.wte.weight if model.config.tie_embeddings else grown(model.lm_head.weight)
+    model.lm_head.out_features = rows
+    if model.config.value_embeds:
+        for e in model.value_embeds:
+            e.weight, e.num_embeddings = grown(e.weight), rows
+    model.config = dataclasses.replace(model.config, vocab_size=rows)
+    return model
+
+
 def meta_model(config: GPTConfig, stored_layers: Optional[int] = None) -> GPT:
     """GPT(config) on the meta device: every name, shape and buffer, and no memory for any of them.
 

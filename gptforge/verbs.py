@@ -90,9 +90,10 @@ def _sections(base: Optional[dict], preset: Optional[str], config: Optional[str]
 def train(data: Optional[str] = None, out: Optional[str] = None, preset: Optional[str] = None,
           config: Optional[str] = None, resume: Optional[str] = None, overwrite: bool = False,
           device: Optional[str] = None, dist: Optional[Literal["ddp", "fsdp"]] = None,
-          init_from: Optional[str] = None, json: bool = False, verbose: bool = False, quiet: bool = False,
-          model: Optional[dict] = None, optim: Optional[dict] = None, train: Optional[dict] = None,
-          eval: Optional[dict] = None, *, base: Optional[dict] = None) -> int:
+          init_from: Optional[str] = None, finetune: Optional[Literal["full", "lora"]] = None, json: bool = False,
+          verbose: bool = False, quiet: bool = False, model: Optional[dict] = None, optim: Optional[dict] = None,
+          train: Optional[dict] = None, eval: Optional[dict] = None, lora: Optional[dict] = None, *,
+          base: Optional[dict] = None) -> int:
     """Train a GPT on a prepared data directory. Every config field is a flag: --model.n_layer 4,
     --optim.lr 3e-4, --train.max_iters 2000 ...
 
@@ -108,6 +109,8 @@ def train(data: Optional[str] = None, out: Optional[str] = None, preset: Optiona
         dist: shortcut for --train.dist (under torchrun)
         init_from: shortcut for --train.init_from: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face model
             directory, a gptforge run directory, a nanoGPT ckpt.pt or a .gguf file
+        finetune: shortcut for --train.finetune: full (every weight) or lora (frozen base, low-rank adapters:
+            --lora.rank, --lora.alpha, --lora.dropout, --lora.targets)
         json: print the final result as one JSON object
         verbose: also print the whole resolved config and a line for every step
         quiet: print only evaluations, notes and errors (no summary, no step lines)
@@ -115,11 +118,12 @@ def train(data: Optional[str] = None, out: Optional[str] = None, preset: Optiona
         optim: OptimConfig fields (--optim.*), the same way
         train: TrainConfig fields (--train.*), the same way
         eval: EvalConfig fields (--eval.*), the same way
+        lora: LoRAConfig fields (--lora.*), the same way
         base: the layered config the sections go over, if the caller has it (not a flag: the command passes
             its flags' defaults); else config.layered_defaults(preset, config, resume)
     """
-    sections = _sections(base, preset, config, resume, model=model, optim=optim, train=train, eval=eval)
-    shortcuts = {"device": device, "dist": dist, "init_from": init_from}
+    sections = _sections(base, preset, config, resume, model=model, optim=optim, train=train, eval=eval, lora=lora)
+    shortcuts = {"device": device, "dist": dist, "init_from": init_from, "finetune": finetune}
     sections["train"].update({k: v for k, v in shortcuts.items() if v})
     sections["data"] = {"dir": (sections["data"]["dir"] if data is None else data) or ""}
     cfg = RunConfig.from_dict(sections)  # every section checks itself here
@@ -352,35 +356,50 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: Optional
                             max_connections=max_connections)
 
 
-def export(run: str, out: str, to: Literal["hf", "gguf"] = "hf",
+def export(run: str, out: str, to: Literal["hf", "gguf", "peft"] = "hf",
            dtype: Optional[Literal["f32", "f16", "bf16", "q8_0"]] = None, best: bool = False,
            overwrite: bool = False, json: bool = False) -> int:
     """Write a checkpoint for other tools: a Hugging Face transformers directory (safetensors; GPT2LMHeadModel for
     the classic block, LlamaForCausalLM for RoPE + RMSNorm + SwiGLU; needs gptforge[hf]) or one GGUF file for
-    llama.cpp, Ollama and LM Studio (gpt2, llama, qwen3 or arcee architecture; needs gptforge[gguf]).
+    llama.cpp, Ollama and LM Studio (gpt2, llama, qwen3 or arcee architecture; needs gptforge[gguf]), or a LoRA run's
+    adapters as a Hugging Face PEFT adapter for the base model's hf export. A LoRA run exports to hf and gguf as its
+    base with the adapters merged.
 
     Args:
         run: run directory or checkpoint directory
-        out: what to write: a directory for hf (config.json, model.safetensors, tokenizer, README.md), a file for gguf (model.gguf)
-        to: target format: hf (transformers) or gguf (llama.cpp)
+        out: what to write: a directory for hf (config.json, model.safetensors, tokenizer, README.md) and peft
+            (adapter_config.json, adapter_model.safetensors), a file for gguf (model.gguf)
+        to: target format: hf (transformers), gguf (llama.cpp) or peft (a LoRA run's adapters)
         dtype: gguf only: f32 (default), f16, bf16 or q8_0 (8-bit, about a quarter of f32's size)
         best: export the best-val checkpoint instead of the latest
         overwrite: hf: write into a non-empty directory, replacing only the files an export writes; gguf: replace an existing GGUF file
         json: print the result as one JSON object
     """
+    from gptforge.modelio.load import open_run  # a LoRA run opens as its base with the adapters merged
+
+    if to != "gguf" and dtype is not None:
+        raise UserError(f"--dtype applies to --to gguf (a {'Hugging Face' if to == 'hf' else 'PEFT'} export keeps "
+                        "the checkpoint's weights as stored)")
+    if to == "peft":
+        from gptforge.device import format_bytes
+        from gptforge.modelio.peft import export_peft
+
+        done = export_peft(run, out, which=_which(best), overwrite=overwrite)
+        print(dumps(done) if json else f"wrote {done['path']}: PEFT LoRA adapters (rank {done['rank']}) on "
+              f"{', '.join(done['target_modules'])} for {done['base']} ({done['architecture']}), "
+              f"{format_bytes(done['bytes'])}" + "".join(f"\nnote: {n}" for n in done["notes"]))
+        return 0
     if to == "gguf":
         from gptforge.modelio.gguf import export_gguf
 
-        done = export_gguf(run, out, which=_which(best), dtype=dtype or "f32", overwrite=overwrite)
+        done = export_gguf(run, out, which=_which(best), dtype=dtype or "f32", overwrite=overwrite, opener=open_run)
         print(dumps(done) if json else f"wrote {done['path']}: {done['architecture']} {done['dtype']}, "
               f"{done['size']}, vocab {done['vocab_size']:,}, tokenizer {done['tokenizer']}"
               + (", chat template" if done["chat"] else "") + "".join(f"\nnote: {n}" for n in done["notes"]))
         return 0
-    if dtype is not None:
-        raise UserError("--dtype applies to --to gguf (a Hugging Face export keeps the checkpoint's weights as stored)")
     from gptforge.modelio.hf import export_hf
 
-    done = export_hf(run, out, which=_which(best), overwrite=overwrite)
+    done = export_hf(run, out, which=_which(best), overwrite=overwrite, opener=open_run)
     print(dumps(done) if json else f"wrote {done['path']}: {done['architecture']}, vocab {done['vocab_size']:,}, "
           f"tokenizer {done['tokenizer'] or 'none (see README.md there)'}")
     return 0

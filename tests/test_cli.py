@@ -338,7 +338,7 @@ def test_the_command_ends_bad_input_in_one_line(tmp_path, tiny_run, args, messag
     (["serve", "r", "--api_key", "k"], "unrecognized arguments: --api_key k"),
     (["export"], "the following arguments are required: export.run, export.out"),
     (["export", "r"], "the following arguments are required: export.out"),
-    (["export", "r", "o", "--to", "onnx"], "argument --to: invalid choice: 'onnx' (choose from 'hf', 'gguf')"),
+    (["export", "r", "o", "--to", "onnx"], "argument --to: invalid choice: 'onnx' (choose from 'hf', 'gguf', 'peft')"),
     (["export", "r", "o", "--to", "gguf", "--dtype", "q4_0"], "argument --dtype: invalid choice: 'q4_0'"),
     (["export", "r", "o", "p"], "unrecognized arguments: p"),
     (["import"], "the following arguments are required: import.source, import.out"),
@@ -442,7 +442,9 @@ def test_the_verbs_call_the_library_with_the_flags(monkeypatch, capsys):
     assert (kw["port"], kw["cors"], kw["max_queue"], kw["which"], kw["api_key"]) == (0, ["http://x"], 5, "best", None)
     assert main(["export", "r", "o"]) == 0
     assert capsys.readouterr().out == "wrote o: A, vocab 65, tokenizer none (see README.md there)\n"
-    assert calls["export"] == (("r", "o"), {"which": "latest", "overwrite": False})
+    from gptforge.modelio.load import open_run
+
+    assert calls["export"] == (("r", "o"), {"which": "latest", "overwrite": False, "opener": open_run})
 
 
 def test_the_verbs_are_python_functions(tmp_path, capsys):

@@ -73,6 +73,23 @@ def test_two_ranks_equal_one_rank_with_accumulation(data_dir, single, tmp_path, 
 
 
 @pytest.mark.integration
+def test_lora_on_two_ranks_equals_one_rank_with_accumulation(data_dir, single, tmp_path):
+    """The base (the `single` run) frozen on both ranks, the adapters' gradients averaged by DDP."""
+    lora = ["--init-from", str(single), "--finetune", "lora", "--lora.targets", "all", "--lora.dropout", "0",
+            "--optim.lr", "1e-2"]
+    run(["train", "--data", str(data_dir), "--out", str(tmp_path / "one"), *TINY, *lora])
+    r = run(["train", "--data", str(data_dir), "--out", str(tmp_path / "two"), *TINY, *lora, "--dist", "ddp"], nproc=2)
+    assert "x 1 accum x 2 procs (ddp)" in r.stdout and "lora: rank 8" in r.stdout
+    (steps_a, val_a), (steps_b, val_b) = curve(tmp_path / "one"), curve(tmp_path / "two")
+    np.testing.assert_allclose([l for _, l in steps_b], [l for _, l in steps_a], rtol=0, atol=2e-6)
+    np.testing.assert_allclose(val_b, val_a, rtol=0, atol=2e-6)
+    torch.testing.assert_close(logits(tmp_path / "two"), logits(tmp_path / "one"), atol=1e-5, rtol=1e-5)
+    r = run(["train", "--data", str(data_dir), "--out", str(tmp_path / "fsdp"), *TINY, *lora, "--dist", "fsdp"],
+            nproc=2, check=False)
+    assert r.returncode != 0 and "not fsdp" in r.stderr  # each rank exits 2, torchrun then 1
+
+
+@pytest.mark.integration
 def test_ddp_checkpoint_resumes_in_one_process(data_dir, single, tmp_path):
     out = tmp_path / "ddp-then-single"
     run(["train", "--data", str(data_dir), "--out", str(out), *TINY, "--train.stop_after", "5"], nproc=2)

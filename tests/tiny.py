@@ -94,6 +94,31 @@ def save_run(path, model, tok):
     return path
 
 
+def save_adapter_run(path, base, lora_cfg, seed=1, token_ids=(), tok=None):
+    """LoRA adapters on the model source `base` (random, non-zero: what training leaves) written as an adapter
+    checkpoint directory, as a LoRA run writes one; `tok` the run's tokenizer (default: the base's)."""
+    from gptforge import lora
+    from gptforge.config import TrainConfig
+    from gptforge.modelio import load
+
+    model, cfg, base_tok = load.load_init(str(base))
+    digest = lora.weights_sha256(model)
+    tok = tok or base_tok
+    if tok.vocab_size > cfg.vocab_size:
+        from gptforge.model import grow_vocab
+
+        grow_vocab(model, 64 * -(-tok.vocab_size // 64))
+    lora.attach(model, lora_cfg, token_ids)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.lora.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    run = RunConfig(model=model.config, train=TrainConfig(init_from=str(base), finetune="lora"), lora=lora_cfg)
+    write_checkpoint(path, lora.adapter_state(model), run, tok,
+                     state={"step": 1, "base": load.base_identity(str(base), digest)})
+    return path
+
+
 class LiveServer:
     """build_server's app under uvicorn as `gptforge serve` configures it (server_kw: server_config's limits)."""
 

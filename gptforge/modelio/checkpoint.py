@@ -2,6 +2,8 @@
 
 A checkpoint is a directory (RUN_DIR/latest, RUN_DIR/best):
   model.safetensors        weights (a tied output head is stored once, as the token embedding)
+  adapter.safetensors      instead of model.safetensors in a LoRA run's checkpoints: the adapters only, and
+                           state.json's "base" names the model they adapt and the sha256 of its weights
   config.json              the resolved RunConfig
   tokenizer.json           the tokenizer, complete: sampling needs nothing else
   state.json               step, losses, data position, optimizer hyper-parameters, file sizes
@@ -41,9 +43,9 @@ from gptforge.model import GPT, meta_model, stored_layers
 from gptforge.tokenizer import load_tokenizer
 
 FORMAT = "gptforge-checkpoint/1"
-WEIGHTS, CONFIG, TOKENIZER, STATE, TRAIN_STATE = (
-    "model.safetensors", "config.json", "tokenizer.json", "state.json", "train_state.safetensors")
-CHECKPOINT_FILES = (WEIGHTS, CONFIG, TOKENIZER, STATE, TRAIN_STATE)  # every name write_checkpoint may write
+WEIGHTS, ADAPTER, CONFIG, TOKENIZER, STATE, TRAIN_STATE = (
+    "model.safetensors", "adapter.safetensors", "config.json", "tokenizer.json", "state.json", "train_state.safetensors")
+CHECKPOINT_FILES = (WEIGHTS, ADAPTER, CONFIG, TOKENIZER, STATE, TRAIN_STATE)  # every name write_checkpoint may write
 LOCK = ".lock"
 # what killed writers leave: our temporary directories (and the old fixed `.NAME.tmp`), and the temporary
 # files of gptforge.files (`.NAME.<12 hex>.tmp`)
@@ -249,17 +251,19 @@ def restore_process_rng(states: dict[str, torch.Tensor]) -> None:
 def write_checkpoint(path: Path, weights: dict[str, torch.Tensor], config: RunConfig, tokenizer,
                      state: Optional[dict[str, Any]] = None, optimizer_sd: Optional[dict[str, Any]] = None,
                      rng: Optional[list[dict[str, torch.Tensor]]] = None, *, keep_other_files: bool = False) -> None:
-    """Write a checkpoint directory atomically from full (unsharded) state: weights, optionally the
-    optimizer's state_dict() and each rank's RNG states, which make it resumable. With keep_other_files,
-    an existing directory keeps the files that are not a checkpoint's (`write_dir_atomically`'s `owned`)."""
+    """Write a checkpoint directory atomically from full (unsharded) state: weights (a LoRA run's: its adapter
+    tensors, written as adapter.safetensors), optionally the optimizer's state_dict() and each rank's RNG states,
+    which make it resumable. With keep_other_files, an existing directory keeps the files that are not a
+    checkpoint's (`write_dir_atomically`'s `owned`)."""
     state = dict(state or {})
     weights = {k: v.contiguous() for k, v in weights.items()}
+    name = ADAPTER if config.train.finetune == "lora" else WEIGHTS
     if config.model.tie_embeddings:
         weights.pop("lm_head.weight", None)  # the same tensor as transformer.wte.weight
 
     def write(tmp: Path) -> None:
-        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        umask_mode(tmp / WEIGHTS)
+        save_file(weights, str(tmp / name), metadata={"format": "pt"})
+        umask_mode(tmp / name)
         save_json(config.to_dict(), tmp / CONFIG)
         tokenizer.save(tmp)
         if optimizer_sd is not None:
@@ -282,7 +286,7 @@ def link_checkpoint(src: Path, dst: Path, state_update: dict[str, Any]) -> None:
     src_state = read_state(src)
 
     def write(tmp: Path) -> None:
-        for name in (WEIGHTS, CONFIG, TOKENIZER):
+        for name in (WEIGHTS if (src / WEIGHTS).is_file() else ADAPTER, CONFIG, TOKENIZER):
             try:
                 os.link(src / name, tmp / name)
             except OSError:
@@ -458,10 +462,24 @@ class Checkpoint:
     state: dict[str, Any] = field(default_factory=dict)
 
 
+def is_adapter(ckpt: Path) -> bool:
+    """A LoRA run's checkpoint: adapters, no model weights of its own (`gptforge.modelio.load` opens it)."""
+    return (Path(ckpt) / ADAPTER).is_file() and not (Path(ckpt) / WEIGHTS).is_file()
+
+
+def read_adapter(ckpt: Path) -> dict[str, torch.Tensor]:
+    """A LoRA checkpoint's adapter tensors (names under `lora.`)."""
+    return _load_tensors(Path(ckpt) / ADAPTER)
+
+
 def open_checkpoint(path: str | Path, which: str = "latest") -> Checkpoint:
     """A run directory's `which` checkpoint (latest or best), or a checkpoint directory, as stored: on the CPU,
-    in eval mode, with its tokenizer, run config and state. `gptforge.modelio.load` readies it for a device."""
+    in eval mode, with its tokenizer, run config and state. `gptforge.modelio.load` readies it for a device,
+    and opens a LoRA run's checkpoint (its base model with the adapters merged), which this refuses."""
     ckpt = resolve_checkpoint(path, which)
+    if is_adapter(ckpt):
+        raise UserError(f"{ckpt} holds LoRA adapters, not a whole model; gptforge.modelio.load.load opens it "
+                        "with its base model")
     state = read_state(ckpt)
     config = read_config(ckpt)
     tokenizer = load_tokenizer(ckpt)

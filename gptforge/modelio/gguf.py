@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -308,10 +308,10 @@ def _write(gguf, path: Path, name: str, cfg: GPTConfig, arch: str, vocab: dict[s
 
 
 def export_gguf(run_or_checkpoint: str | Path, out: str | Path, *, which: str = "latest", dtype: str = "f32",
-                overwrite: bool = False) -> dict[str, Any]:
+                overwrite: bool = False, opener: Callable[[Path], Checkpoint] = open_checkpoint) -> dict[str, Any]:
     """Write a checkpoint as one GGUF file for llama.cpp, Ollama and LM Studio (see the module docstring).
     Everything is checked (the path, the architecture, the tokenizer, memory) before anything is written, and
-    the file appears whole or not at all."""
+    the file appears whole or not at all. `opener` reads the checkpoint directory (see hf.export_hf)."""
     if dtype not in GGUF_TYPES:
         raise UserError(f"--dtype must be one of {', '.join(GGUF_TYPES)} for GGUF, got {dtype!r}")
     gguf = require_gguf()
@@ -323,7 +323,7 @@ def export_gguf(run_or_checkpoint: str | Path, out: str | Path, *, which: str = 
     n = cfg.param_count()
     check_memory(n * (4 + {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 1}[dtype]), torch.device("cpu"),
                  f"converting this {n:,}-parameter model to GGUF", "export on a machine with more memory")
-    ck = open_checkpoint(run_or_checkpoint, which)
+    ck = opener(ckpt)
     tok = ck.tokenizer
     vocab = gguf_vocab(tok, cfg.vocab_size)
     tensors = gguf_tensors(cfg, arch, model_state(ck.model))

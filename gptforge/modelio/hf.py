@@ -27,7 +27,7 @@ import re
 import urllib.parse
 from pathlib import Path
 from collections.abc import Collection
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -495,17 +495,18 @@ EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "t
 
 
 def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str = "latest",
-              overwrite: bool = False) -> dict[str, Any]:
+              overwrite: bool = False, opener: Callable[[Path], Checkpoint] = open_checkpoint) -> dict[str, Any]:
     """Write a checkpoint as a `transformers` directory: config.json, model.safetensors,
     generation_config.json, a tokenizer `AutoTokenizer` reads (gpt2 and bpe kinds), our own tokenizer
-    as gptforge_tokenizer.json, and README.md. Refuses architectures HF cannot compute exactly."""
+    as gptforge_tokenizer.json, and README.md. Refuses architectures HF cannot compute exactly. `opener` reads
+    the checkpoint directory (`gptforge.modelio.load.open_run` also opens a LoRA run's, merged)."""
     from safetensors.torch import save_file
 
 
     require_transformers()
     out = Path(out_dir)
     check_output_dir(out, overwrite, (Path(run_or_checkpoint), resolve_checkpoint(run_or_checkpoint, which)))
-    ck = open_checkpoint(run_or_checkpoint, which)
+    ck = opener(resolve_checkpoint(run_or_checkpoint, which))
     cfg, tok = ck.config.model, ck.tokenizer
     arch = hf_architecture(cfg)
     hf_config = _hf_config(cfg, arch, tok.eot_id)

@@ -4,7 +4,9 @@ A source is one of four kinds (`source_kind`):
   "hf"       a GPT-2 name (gpt2 ... gpt2-xl) or a local Hugging Face model directory  (gptforge.modelio.hf)
   "nanogpt"  a nanoGPT ckpt.pt, read with torch.load(weights_only=True)              (gptforge.nanogpt)
   "gguf"     a .gguf file of an architecture gptforge exports                         (gptforge.modelio.gguf)
-  "run"      a gptforge run directory (its latest/ or best/) or checkpoint directory (gptforge.modelio.checkpoint)
+  "run"      a gptforge run directory (its latest/ or best/) or checkpoint directory (gptforge.modelio.checkpoint);
+             a LoRA run's checkpoint holds adapters only, and opens as its base model (loaded from the source it
+             records, checked against the sha256 of its weights) with the adapters merged in (`open_run`)
 and three things are done with one:
 - `load(source, device, which)`: a ready model for inference (eval mode, on the device, on a CPU in the decode
   layout) with its tokenizer and run config: what sample, chat, eval, HellaSwag and serve call;
@@ -23,10 +25,13 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
+from gptforge import lora
 from gptforge.config import GPTConfig
-from gptforge.errors import UserError
+from gptforge.errors import UserError, one_line
+from gptforge.model import GPT, grow_vocab
 from gptforge.modelio import gguf, hf
-from gptforge.modelio.checkpoint import Checkpoint, load_model, open_checkpoint, read_config, resolve_checkpoint
+from gptforge.modelio.checkpoint import (Checkpoint, is_adapter, load_model, open_checkpoint, read_adapter, read_config,
+                                         read_state, resolve_checkpoint)
 from gptforge.nanogpt import checkpoint as nanogpt
 from gptforge.tokenizer import Tokenizer, load_tokenizer
 
@@ -88,8 +93,72 @@ def _ready(ck: Checkpoint, device: Union[str, torch.device]) -> Checkpoint:
 
 def load_checkpoint(path: Source, device: Union[str, torch.device] = "cpu", which: str = "latest") -> Checkpoint:
     """A gptforge run directory (its `which` checkpoint: latest or best) or checkpoint directory, ready for
-    inference on `device` (on a CPU in the decode layout)."""
-    return _ready(open_checkpoint(path, which), device)
+    inference on `device` (on a CPU in the decode layout); a LoRA run's as its base with the adapters merged."""
+    return _ready(open_run(path, which), device)
+
+
+def open_run(path: Source, which: str = "latest") -> Checkpoint:
+    """A gptforge run's `which` checkpoint, or a checkpoint directory, as stored (on the CPU, eval mode): for a
+    LoRA run, its base model with the adapters merged in. What exports and inference read."""
+    ckpt = resolve_checkpoint(path, which)
+    return _open_adapter(ckpt) if is_adapter(ckpt) else open_checkpoint(ckpt)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA: an adapter checkpoint and the base model it adapts
+
+
+def base_identity(source: str, digest: str) -> dict[str, Any]:
+    """What an adapter checkpoint records of its base (state.json's "base"): the source as given, its absolute
+    path when it is a local file or folder (so the adapter opens from any working directory), and the sha256
+    of its weights as loaded (`lora.weights_sha256`)."""
+    local = Path(source).expanduser()
+    return {"source": source, "path": str(local.resolve()) if local.exists() else None, "sha256": digest}
+
+
+def check_base(digest: str, recorded: dict[str, Any], where: Path) -> None:
+    """Refuse, in one line, a base whose weights are not those the adapters in `where` were trained on."""
+    if digest != recorded.get("sha256"):
+        raise UserError(f"the LoRA adapters in {where} were trained on {recorded.get('source')} with weights of sha256 "
+                        f"{str(recorded.get('sha256'))[:16]}..., but {recorded.get('source')} now has {digest[:16]}...: "
+                        "it changed since (trained further, re-imported, another download); use the exact base "
+                        "the adapters were trained on")
+
+
+def load_base(recorded: dict[str, Any], tokenizer: Optional[Tokenizer], where: Path, *, block_size: int, vocab_size: int,
+              dropout: float = 0.0, attention: str = "sdpa") -> GPT:
+    """The base model that the adapters in checkpoint `where` were trained on (state.json's "base"), checked
+    against the sha256 it records, with the run's vocabulary rows (the chat markers' added after GPT-2's)."""
+    path = recorded.get("path")
+    source = path if path and Path(path).exists() else recorded.get("source")
+    if not source:
+        raise UserError(f"{where} holds LoRA adapters but does not say which base model they adapt (state.json)")
+    try:
+        model, _, _ = load_init(source, tokenizer, block_size=block_size, dropout=dropout, attention=attention)
+    except UserError as e:
+        raise UserError(f"cannot open {source}, the base model of the LoRA adapters in {where}: {one_line(e)}") from None
+    check_base(lora.weights_sha256(model), recorded, where)
+    return grow_vocab(model, vocab_size)
+
+
+def load_adapter(model: GPT, config, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Attach the adapters of `config.lora` to `model` and load their tensors (from checkpoint `where`)."""
+    lora.attach(model, config.lora, lora.token_ids_of(tensors))
+    own = {k[len(lora.PREFIX):]: v for k, v in tensors.items() if k.startswith(lora.PREFIX)}
+    try:
+        model.lora.load_state_dict(own, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"the adapters in {where} do not fit the lora section of its config: "
+                        f"{' '.join(str(e).strip().splitlines()[:2])}") from None
+
+
+def _open_adapter(ckpt: Path, *, dropout: float = 0.0, attention: str = "sdpa") -> Checkpoint:
+    state, config, tok = read_state(ckpt), read_config(ckpt), load_tokenizer(ckpt)
+    tensors = read_adapter(ckpt)  # before the base: a damaged file fails fast
+    model = load_base(state.get("base") or {}, tok, ckpt, block_size=config.model.block_size,
+                      vocab_size=config.model.vocab_size, dropout=dropout, attention=attention)
+    load_adapter(model, config, tensors, ckpt)
+    return Checkpoint(model=lora.merge(model).eval(), tokenizer=tok, config=config, path=ckpt, state=state)
 
 
 def load(source: Source, device: Union[str, torch.device] = "cpu", which: str = "latest") -> Checkpoint:
@@ -122,6 +191,9 @@ def load_init(source: Source, tokenizer: Optional[Tokenizer] = None, *, block_si
     if kind == "gguf":
         return gguf.load_gguf(source, block_size=block_size, dropout=dropout, attention=attention)
     ckpt = resolve_checkpoint(source)
+    if is_adapter(ckpt):  # a LoRA run: its base with the adapters merged
+        model = _open_adapter(ckpt, dropout=dropout, attention=attention).model
+        return model, model.config, load_tokenizer(ckpt)
     model_cfg = dataclasses.replace(read_config(ckpt).model, dropout=dropout, attention=attention)
     return load_model(ckpt, model_cfg), model_cfg, load_tokenizer(ckpt)
 

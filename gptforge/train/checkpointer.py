@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from gptforge import dist
+from gptforge import dist, lora
 from gptforge.config import RunConfig
 from gptforge.modelio import checkpoint as ckpt_io
 from gptforge.train.task import BatchSource
@@ -20,8 +20,10 @@ class Checkpointer:
     """Checkpoints of the run in `run_dir` (None, or train.save_checkpoints off: nothing is written). `cfg` and
     `tokenizer` go into every checkpoint, so a checkpoint rebuilds the run on its own."""
 
-    def __init__(self, run_dir: Optional[Path], cfg: RunConfig, tokenizer=None, world: Optional[dist.DistInfo] = None):
+    def __init__(self, run_dir: Optional[Path], cfg: RunConfig, tokenizer=None, world: Optional[dist.DistInfo] = None,
+                 base: Optional[dict[str, Any]] = None):
         self.run_dir, self.cfg, self.tokenizer = run_dir, cfg, tokenizer
+        self.base = base  # a LoRA run's base (modelio.load.base_identity): checkpoints hold the adapters only
         self.world = world or dist.DistInfo()
         self.enabled = run_dir is not None and cfg.train.save_checkpoints
 
@@ -33,12 +35,16 @@ class Checkpointer:
             return
         mode = self.cfg.train.dist
         weights = dist.full_model_state(raw, mode)
+        if self.base is not None:
+            weights = {k: v for k, v in weights.items() if k.startswith(lora.PREFIX)}
         optimizer_sd = dist.full_optimizer_state(raw, optimizer, mode)
         slots = [s for rank_slots in dist.all_gather_objects(batches.local_states()) for s in rank_slots]
         rng = dist.all_gather_objects({k: v.cpu() for k, v in ckpt_io.process_rng().items()})
         if self.world.is_main:
             state = {**train_state(), "world_size": self.world.world_size,
                      "data": {"sampling": self.cfg.train.sampling, "slots": slots}}
+            if self.base is not None:
+                state["base"] = self.base
             ckpt_io.write_checkpoint(self.run_dir / "latest", weights, self.cfg, self.tokenizer, state, optimizer_sd,
                                      rng)
         dist.barrier()

@@ -16,11 +16,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from gptforge import dist
+from gptforge import dist, lora
 from gptforge.config import RunConfig
 from gptforge.device import peak_flops, pick_dtype, setup_backends
 from gptforge.hellaswag import load_for_training
 from gptforge.loggers import make_logger
+from gptforge.modelio.load import base_identity
 from gptforge.optim import build_optimizer, describe_schedule, eager_optimizers
 from gptforge.progress import StepProgress, is_terminal
 from gptforge.train.checkpointer import Checkpointer
@@ -75,10 +76,10 @@ def build_trainer(cfg: RunConfig, rd: RunDir, world: dist.DistInfo, device, log:
     """Every set-up step, in order; the run directory is touched only at the end, by `rd.start`."""
     data = open_data_dir(cfg)
     tokenizer = data.tokenizer()
-    pretrained = None
-    if cfg.train.init_from and rd.resume_from is None:
-        pretrained, model_cfg = load_init(cfg, tokenizer)
-        cfg = dataclasses.replace(cfg, model=model_cfg)
+    init, is_lora = None, cfg.train.finetune == "lora"
+    if cfg.train.init_from and (rd.resume_from is None or is_lora):  # a LoRA run resumes on its base
+        init = load_init(cfg, tokenizer)
+        cfg = dataclasses.replace(cfg, model=init.model.config)
     cfg = set_vocab(cfg, data.vocab_size)
     dtype = pick_dtype(cfg.train.dtype, device)
     check_memory_fits(cfg, device, dtype, world.world_size)  # before a window or a weight is allocated
@@ -87,7 +88,7 @@ def build_trainer(cfg: RunConfig, rd: RunDir, world: dist.DistInfo, device, log:
         check_resumable(cfg, rd.resume_from, tokenizer)
     accum = grad_accum_steps(cfg, world.world_size)
     setup_backends(device)
-    raw = build_model(cfg, pretrained, rd.resume_from, device, world)
+    raw = build_model(cfg, init, rd.resume_from, device, world, dtype)
     mode = cfg.train.dist
     model = dist.wrap(raw, mode, world, device, dtype)
     optimizer = build_optimizer(model, cfg.optim, device)  # after wrapping: FSDP replaces the parameters
@@ -112,7 +113,9 @@ def build_trainer(cfg: RunConfig, rd: RunDir, world: dist.DistInfo, device, log:
     trainer = Trainer(cfg, ModelParts(model, optimizer, raw=raw), task,
                       Compute(device, dtype, world, accum, peak_flops=peak_flops(device, dtype)),
                       state=state, batches=batches, log=run_log, validator=validator,
-                      checkpointer=Checkpointer(rd.path, cfg, tokenizer, world), on_step=on_step)
+                      checkpointer=Checkpointer(rd.path, cfg, tokenizer, world,
+                                                base=base_identity(cfg.train.init_from, init.sha256) if is_lora else None),
+                      on_step=on_step)
     _log_start(trainer, rd, tokenizer)
     if progress:  # after the summary, so the live line stays below it
         run_log.progress = StepProgress(max_iters=cfg.train.max_iters, time_budget=cfg.train.time_budget,
@@ -144,5 +147,7 @@ def _log_start(trainer: Trainer, rd: RunDir, tokenizer) -> None:
         f"x {c.world.world_size} procs{parallel} | device {c.device} | {str(c.dtype).split('.')[-1]}{peak}",
         f"schedule: {length} | {schedule}",
     ]
+    if t.finetune == "lora":
+        lines.insert(2, lora.describe(cfg.lora, trainer.raw))
     for line in lines:
         say(line)

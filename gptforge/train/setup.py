@@ -23,14 +23,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from gptforge import dist
+from gptforge import dist, lora
 from gptforge.chat_template import add_chat_template
-from gptforge.config import ConfigError, GPTConfig, RunConfig, save_json
+from gptforge.config import ConfigError, RunConfig, save_json
 from gptforge.data.loader import open_data
 from gptforge.device import check_memory, format_bytes, seed_everything
 from gptforge.errors import UserError, one_line
 from gptforge.files import atomic_write, check_apart, temp_sibling
-from gptforge.model import GPT
+from gptforge.model import GPT, grow_vocab
 from gptforge.modelio import checkpoint as ckpt_io
 from gptforge.tokenizer import load_tokenizer
 from gptforge.train.state import TrainState
@@ -197,10 +197,14 @@ def memory_needed(cfg: RunConfig, dtype: torch.dtype, world_size: int = 1) -> di
     act = torch.finfo(dtype).bits // 8
     tokens = t.batch_size * m.block_size
     attention = 2 * t.batch_size * m.n_head * m.block_size ** 2 * act if m.attention == "manual" else 0
+    trained, weights = params, 4 * params // shard
+    if t.finetune == "lora":  # the frozen base has no gradients or moments, and its block matrices keep `dtype`
+        trained = lora.adapter_param_count(m, cfg.lora)
+        weights = 4 * (params + trained) - ((4 - act) * lora.base_matrix_count(m) if act < 4 else 0)
     return {
-        "weights": 4 * params // shard,
-        "gradients": 4 * params // shard,
-        "optimizer state": (8 if cfg.optim.optimizer == "adamw" else 4) * params // shard,
+        "weights": weights,
+        "gradients": 4 * trained // shard,
+        "optimizer state": (8 if cfg.optim.optimizer == "adamw" else 4) * trained // shard,
         "activations": m.n_layer * (tokens * act * (10 * m.n_embd + 3 * m.mlp_hidden) + attention)
         + (2 * m.block_size * m.head_dim * 4 if m.pos == "rope" else 0),
         "logits": tokens * (m.vocab_size or 0) * (act + 8),
@@ -221,19 +225,37 @@ def check_memory_fits(cfg: RunConfig, device: torch.device, dtype: torch.dtype, 
                  "accumulation steps grow to keep the total)")
 
 
-def load_init(cfg: RunConfig, tokenizer) -> tuple[torch.nn.Module, GPTConfig]:
+@dataclass
+class Init:
+    """What --train.init_from gives a run: the model (its vocabulary grown to the data's tokens when the data adds
+    the chat markers to a base that lacks rows for them), the ids the base's tokenizer did not have (the chat
+    markers of an SFT of a base model, else none), and the sha256 of the weights as loaded (LoRA records it)."""
+
+    model: GPT
+    added_ids: list[int]
+    sha256: Optional[str] = None
+
+
+def load_init(cfg: RunConfig, tokenizer) -> Init:
     """The weights of --train.init_from (GPT-2 / a Hugging Face directory, a nanoGPT ckpt.pt, or a gptforge run
-    or checkpoint) and the model config of their shape, with this run's dropout and attention (and, for Hugging
-    Face sources, a shorter block_size: learned positions are cropped); `cfg` is left as it was."""
+    or checkpoint) in the shape they have, with this run's dropout and attention (and, for Hugging Face sources, a
+    shorter block_size: learned positions are cropped); `cfg` is left as it was. The caller puts the model's
+    config (`init.model.config`) into the run's."""
 
     source = cfg.train.init_from
     model, model_cfg, init_tok = load.load_init(source, tokenizer, block_size=cfg.model.block_size,
                                                 dropout=cfg.model.dropout, attention=cfg.model.attention)
-    if init_tok.fingerprint() != tokenizer.fingerprint() and not _adds_chat_markers(init_tok, tokenizer):
-        raise UserError(f"--init-from {source} uses its own {init_tok.kind} tokenizer ({init_tok.vocab_size} tokens), "
-                        f"not the one the data in {cfg.data.dir} was prepared with; prepare the data with the same "
-                        "tokenizer (for GPT-2: gptforge prepare SOURCE --tokenizer gpt2)")
-    return model, model_cfg
+    added: list[int] = []
+    if init_tok.fingerprint() != tokenizer.fingerprint():
+        if not _adds_chat_markers(init_tok, tokenizer):
+            raise UserError(f"--init-from {source} uses its own {init_tok.kind} tokenizer ({init_tok.vocab_size} "
+                            f"tokens), not the one the data in {cfg.data.dir} was prepared with; prepare the data with "
+                            "the same tokenizer (for GPT-2: gptforge prepare SOURCE --tokenizer gpt2)")
+        added = sorted(tokenizer.chat.ids.values())
+    digest = lora.weights_sha256(model) if cfg.train.finetune == "lora" else None  # before the rows grow
+    if tokenizer.vocab_size > model_cfg.vocab_size:  # GPT-2's 50,257 rows, the markers after them
+        grow_vocab(model, pad_vocab(tokenizer.vocab_size))
+    return Init(model, added, digest)
 
 
 def _adds_chat_markers(init_tok, tokenizer) -> bool:
@@ -252,14 +274,25 @@ def check_resumable(cfg: RunConfig, ckpt: Path, tokenizer) -> None:
         raise UserError(f"the data in {cfg.data.dir} uses a different tokenizer than the checkpoint in {ckpt}")
 
 
-def build_model(cfg: RunConfig, pretrained: Optional[torch.nn.Module], resume_from: Optional[Path],
-                device: torch.device, world: dist.DistInfo) -> torch.nn.Module:
-    """The plain (unwrapped) model on its device: fresh, pretrained, or with the weights being resumed."""
+def build_model(cfg: RunConfig, init: Optional[Init], resume_from: Optional[Path], device: torch.device,
+                world: dist.DistInfo, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The plain (unwrapped) model on its device: fresh, pretrained, or with the weights being resumed; for LoRA
+    the pretrained model, frozen, with its adapters (fresh, or resumed), its block matrices kept in a 16-bit
+    `dtype` (the autocast type)."""
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
-    if resume_from is not None:  # shapes checked against the file before anything is allocated
+    if cfg.train.finetune == "lora":
+        raw = init.model
+        if resume_from is not None:
+            load.check_base(init.sha256, ckpt_io.read_state(resume_from).get("base") or {}, resume_from)
+            load.load_adapter(raw, cfg, ckpt_io.read_adapter(resume_from), resume_from)
+        else:
+            lora.attach(raw, cfg.lora, init.added_ids)
+        if dtype in (torch.bfloat16, torch.float16):
+            lora.keep_base_in(raw, dtype)
+    elif resume_from is not None:  # shapes checked against the file before anything is allocated
         raw = ckpt_io.load_model(resume_from, cfg.model)  # before wrapping: FSDP then shards what was loaded
     else:
-        raw = pretrained if pretrained is not None else GPT(cfg.model)
+        raw = init.model if init is not None else GPT(cfg.model)
     raw = raw.to(device).train()
     if cfg.train.freeze_embeddings:
         for module in (raw.transformer.wte, getattr(raw.transformer, "wpe", None)):
