@@ -1,10 +1,10 @@
 """What LoRA costs and what it learns, against full fine-tuning of the same model (gptforge commands only).
 
-    python benchmarks/lora.py cost    [--steps 6] [--block 512] [--batch 2] [--ranks 8 64] [--json]
+    python benchmarks/lora.py cost    [--steps 6] [--batch 1] [--ranks 8 64] [--json]
     python benchmarks/lora.py quality [--max-steps 1500] [--every 100] [--ranks 8] [--json]
 
 cost: the GPT-2 124M shape with random weights (written as a gptforge run: no download), fine-tuned on
-tinyshakespeare (GPT-2 tokens) in full and with LoRA of each rank on the query and value projections (the
+tinyshakespeare (GPT-2 tokens, rows of the base's 1,024) in full and with LoRA of each rank on the query and value projections (the
 default targets). Each run is its own process, so its peak resident memory (RSS, from wait4) is its own; ms/step
 is the median over the steps after the first two; the checkpoint is latest/ on disk (weights or adapters, plus
 the optimizer state).
@@ -36,9 +36,8 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def _env() -> dict:
-    env = dict(os.environ)
-    env.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "data" / "tiktoken_cache"))
-    return env
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "data" / "tiktoken_cache"))
+    return dict(os.environ)
 
 
 def timed_run(args: list[str], env: dict) -> tuple[float, int]:
@@ -84,7 +83,7 @@ def cost(a, work: Path) -> list[dict]:
     gptforge("prepare", str(SHAKESPEARE), "--tokenizer", "gpt2", "--out", str(work / "data"), env=env)
     write_base(work / "base")
     common = ["--data", str(work / "data"), "--init-from", str(work / "base"), "--device", a.device,
-              "--train.max_iters", str(a.steps), "--train.batch_size", str(a.batch), "--model.block_size", str(a.block),
+              "--train.max_iters", str(a.steps), "--train.batch_size", str(a.batch),
               "--train.eval_at_start", "false", "--train.eval_iters", "1", "--optim.warmup_iters", "0", "-q"]
     results = []
     for name, extra in [("full", []), *[(f"lora r{r}", ["--finetune", "lora", "--lora.rank", str(r),
@@ -109,7 +108,7 @@ def _trainable(cfg: dict) -> int:
 
 def cost_table(rows: list[dict], a) -> str:
     full = rows[0]
-    lines = [f"GPT-2 124M shape (random weights), {a.batch} x {a.block} tokens per step, {a.device}, median of "
+    lines = [f"GPT-2 124M shape (random weights), {a.batch} x 1024 tokens per step, {a.device}, median of "
              f"steps 3..{a.steps}", "",
              "| fine-tuning | trainable parameters | peak RSS | ms/step | checkpoint (latest/) |",
              "|---|---:|---:|---:|---:|"]
@@ -204,8 +203,7 @@ def main() -> int:
     sub = ap.add_subparsers(dest="what", required=True)
     c = sub.add_parser("cost")
     c.add_argument("--steps", type=int, default=6)
-    c.add_argument("--block", type=int, default=512)
-    c.add_argument("--batch", type=int, default=2)
+    c.add_argument("--batch", type=int, default=1)
     c.add_argument("--ranks", type=int, nargs="+", default=[8, 64])
     c.add_argument("--device", default="cpu")
     q = sub.add_parser("quality")

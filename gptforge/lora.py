@@ -165,6 +165,7 @@ def attach(model: nn.Module, cfg: LoRAConfig, token_ids: Sequence[int] = ()) -> 
     for p in model.parameters():
         p.requires_grad_(False)
     lora = LoRA(model, cfg, token_ids).train(model.training)  # adapter dropout follows the model's mode
+    lora.to(model.transformer.wte.weight.device)
     model.add_module("lora", lora)
     for block, adapters in zip(model.transformer.h, lora.h):
         by_module: dict[str, list] = {}

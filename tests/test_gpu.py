@@ -133,6 +133,40 @@ def test_bf16_autocast_step_matches_fp32(device, variant):
     assert any(not torch.equal(g, ref_grads[n]) for n, g in amp_grads.items())
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_lora_with_a_bf16_base_matches_fp32(device, variant):
+    """LoRA as `train` runs it under bf16 autocast: the frozen base's block matrices stored in bf16, the
+    adapters (B made non-zero) in fp32 with fp32 gradients, within bf16's precision of an all-fp32 LoRA."""
+    from gptforge import lora
+    from gptforge.config import LoRAConfig
+
+    ref, amp = twin_models(device, **VARIANTS[variant])
+    for m in (ref, amp):
+        torch.manual_seed(2)  # the same A and B in both
+        lora.attach(m, LoRAConfig(targets="all", dropout=0.0))
+        with torch.no_grad():
+            for adapter in m.lora.h.modules():
+                if isinstance(adapter, lora.Adapter):
+                    adapter.B.normal_(0, 0.02)
+    lora.keep_base_in(amp, torch.bfloat16)
+    assert amp.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
+    x, y = batch(device)
+    ref_loss, ref_grads = loss_and_grads_of_trainable(ref, x, y, device, torch.float32)
+    amp_loss, amp_grads = loss_and_grads_of_trainable(amp, x, y, device, torch.bfloat16)
+    assert abs(amp_loss.item() - ref_loss.item()) <= BF16_LOSS_RTOL * ref_loss.item()
+    for name, g in amp_grads.items():
+        assert g.dtype == torch.float32 and name.startswith("lora."), name
+        assert rel_err(g, ref_grads[name]) < BF16_GRAD_RTOL, name
+
+
+def loss_and_grads_of_trainable(model, x, y, device, dtype):
+    model.zero_grad(set_to_none=True)
+    with autocast(device, dtype):
+        loss = model(x, y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 # ---------------------------------------------------------------------------------------------
 # The optimizer
 

@@ -88,6 +88,32 @@ def request(prompt, max_tokens, emit, n=1, stop_ids=frozenset(), **sampling) -> 
     return Request(prompt, max_tokens, emit, n=n, params=SamplingParams(**sampling), stop_ids=stop_ids)
 
 
+def quiet(msg):
+    """A `log` for train() that says nothing."""
+
+
+def run_config(data_dir, **train_kw):
+    """A tiny run (2 layers x 2 heads x 32 wide, block 16, 20 steps of 4 rows) on `data_dir`; train fields as keywords."""
+    cfg = RunConfig()
+    cfg.model = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
+    cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_iters = 3e-3, 3e-4, 2
+    cfg.train.batch_size, cfg.train.eval_iters, cfg.train.eval_interval, cfg.train.max_iters = 4, 4, 100, 20
+    for k, v in train_kw.items():
+        setattr(cfg.train, k, v)
+    cfg.data.dir = str(data_dir)
+    return cfg
+
+
+def save_hf_gpt2(path, n_embd=32, n_head=2, n_positions=64, seed=0):
+    """A random 2-layer transformers GPT-2 with OpenAI's 50,257-token vocabulary, saved in `path`."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=n_embd, n_head=n_head, n_positions=n_positions, vocab_size=50257)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    return path
+
+
 def save_run(path, model, tok):
     """`model` and `tok` written as a checkpoint directory that every verb loads."""
     write_checkpoint(path, model_state(model), RunConfig(model=model.config), tok, state={"step": 1})

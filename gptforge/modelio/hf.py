@@ -494,6 +494,27 @@ EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "t
                 "tokenizer_config.json", OWN_TOKENIZER, "README.md")
 
 
+HF_TOKENIZER_KINDS = ("gpt2", "bpe")  # the tokenizer kinds transformers has a counterpart of
+
+
+def write_hf_tokenizer(directory: Path, tok: Tokenizer, model_max_length: int) -> None:
+    """Our tokenizer as gptforge_tokenizer.json, and for gpt2 and bpe kinds the tokenizer.json and
+    tokenizer_config.json `AutoTokenizer` reads (a chat model's with its markers and chat template)."""
+    tok.save(directory)
+    (directory / "tokenizer.json").rename(directory / OWN_TOKENIZER)
+    if tok.kind not in HF_TOKENIZER_KINDS:
+        return
+    text = gpt2_hf_tokenizer_json(tok) if tok.kind == "gpt2" else json.dumps(tok.to_dict()["hf_tokenizer"])
+    (directory / "tokenizer.json").write_text(text, encoding="utf-8")
+    special = EOT_TEXT if tok.eot_id is not None else None
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+                  "bos_token": special, "eos_token": special, "add_prefix_space": False,
+                  "clean_up_tokenization_spaces": False}
+    if tok.chat is not None:  # a chat model: its turn markers, and the template that lays them out
+        tok_config.update(bos_token="<|bos|>", eos_token="<|end|>", chat_template=hf_chat_template(tok))
+    (directory / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+
+
 def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str = "latest",
               overwrite: bool = False, opener: Callable[[Path], Checkpoint] = open_checkpoint) -> dict[str, Any]:
     """Write a checkpoint as a `transformers` directory: config.json, model.safetensors,
@@ -517,8 +538,7 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
         notes.append(f"The model has {cfg.vocab_size} vocabulary rows for the tokenizer's {tok.vocab_size} tokens "
                      f"(padded to a multiple of 64, as trained). Ids {tok.vocab_size}..{cfg.vocab_size - 1} were never "
                      "targets; generation_config.json suppresses them, and logits and loss equal gptforge's.")
-    hf_tok = {"gpt2": lambda: gpt2_hf_tokenizer_json(tok), "bpe": lambda: json.dumps(tok.to_dict()["hf_tokenizer"])}
-    if tok.kind in hf_tok:
+    if tok.kind in HF_TOKENIZER_KINDS:
         notes.append(f"tokenizer.json holds the {tok.kind} tokenizer for transformers' AutoTokenizer.")
         if tok.chat is not None:
             notes.append("A chat model: tokenizer_config.json holds its chat template, so "
@@ -536,28 +556,18 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
                                          suppress_tokens=padded or None).save_pretrained(tmp)
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         umask_mode(tmp / "model.safetensors")
-        tok.save(tmp)
-        (tmp / "tokenizer.json").rename(tmp / OWN_TOKENIZER)
-        if tok.kind in hf_tok:
-            (tmp / "tokenizer.json").write_text(hf_tok[tok.kind](), encoding="utf-8")
-            special = EOT_TEXT if tok.eot_id is not None else None
-            tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
-                          "bos_token": special, "eos_token": special, "add_prefix_space": False,
-                          "clean_up_tokenization_spaces": False}
-            if tok.chat is not None:  # a chat model: its turn markers, and the template that lays them out
-                tok_config.update(bos_token="<|bos|>", eos_token="<|end|>", chat_template=hf_chat_template(tok))
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+        write_hf_tokenizer(tmp, tok, cfg.block_size)
         (tmp / "README.md").write_text(
             f"# Exported by gptforge {__version__}\n\nFrom `{ck.path}`: a `{name}` for `transformers`.\n\n"
             "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
             f"model = AutoModelForCausalLM.from_pretrained(\"{out}\")\n"
-            + (f"tokenizer = AutoTokenizer.from_pretrained(\"{out}\")\n" if tok.kind in hf_tok else "")
+            + (f"tokenizer = AutoTokenizer.from_pretrained(\"{out}\")\n" if tok.kind in HF_TOKENIZER_KINDS else "")
             + "```\n\n" + "\n\n".join(notes) + "\n\n"
             f"`gptforge import {out} CHECKPOINT_DIR` turns it back into a gptforge checkpoint.\n")
 
     write_dir_atomically(out, write, EXPORT_FILES)
     return {"path": str(out), "architecture": name, "vocab_size": cfg.vocab_size,
-            "tokenizer": tok.kind if tok.kind in hf_tok else None, "notes": notes}
+            "tokenizer": tok.kind if tok.kind in HF_TOKENIZER_KINDS else None, "notes": notes}
 
 
 def to_hf_model(model: torch.nn.Module, eot_id: Optional[int] = None):

@@ -28,9 +28,11 @@ from gptforge.errors import UserError
 from gptforge.files import check_output_dir
 from gptforge.modelio.checkpoint import (is_adapter, read_adapter, read_config, read_state, resolve_checkpoint,
                                          umask_mode, write_dir_atomically)
-from gptforge.modelio.hf import hf_architecture
+from gptforge.modelio.hf import HF_TOKENIZER_KINDS, OWN_TOKENIZER, hf_architecture, write_hf_tokenizer
+from gptforge.tokenizer import load_tokenizer
 
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", OWN_TOKENIZER,
+              "README.md")
 
 # our adapter part -> (HF module inside a block, whether its rows start at our part's start: a fused c_attn)
 _HF_MODULE = {
@@ -107,19 +109,23 @@ def export_peft(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: st
         "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout, "bias": "none",
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None, **fields,
     }
+    tok = load_tokenizer(ckpt)
     notes = [f"Load it onto the base's transformers export: `gptforge export {base} --to hf BASE_HF`, then "
              f"`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_HF), \"{out}\")`."]
+    if tok.kind in HF_TOKENIZER_KINDS:
+        notes.append(f"The run's tokenizer is here too: `AutoTokenizer.from_pretrained(\"{out}\")`"
+                     + (" (with the chat markers and template)." if tok.chat is not None else "."))
     if fields["trainable_token_indices"]:
         ids = next(iter(fields["trainable_token_indices"].values()))
         notes.append(f"It trains the rows of {len(ids)} tokens the base lacked (the "
                      f"chat markers); the model has {cfg.model.vocab_size:,} vocabulary rows: if the base has fewer, call "
-                     f"`model.resize_token_embeddings({cfg.model.vocab_size})` before loading the adapter. Use the "
-                     "tokenizer of this run's own --to hf export, which has the markers.")
+                     f"`model.resize_token_embeddings({cfg.model.vocab_size})` before loading the adapter.")
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         umask_mode(tmp / "adapter_model.safetensors")
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+        write_hf_tokenizer(tmp, tok, cfg.model.block_size)
         (tmp / "README.md").write_text(f"# LoRA adapters exported by gptforge {__version__}\n\nFrom `{ckpt}`, for "
                                        f"`{base}` (a `{'GPT2LMHeadModel' if arch == 'gpt2' else 'LlamaForCausalLM'}`)."
                                        "\n\n" + "\n\n".join(notes) + "\n")

@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
+from gptforge.chat_template import render_conversation
 from gptforge.cli import main
 from gptforge.config import LoRAConfig
 from gptforge.modelio.load import load_checkpoint
 from gptforge.tokenizer import CharTokenizer, GPT2Tokenizer, add_chat_template
-from tiny import CHARS, save_adapter_run, save_run, tiny_gpt
+from tiny import CHARS, save_adapter_run, save_hf_gpt2, save_run, tiny_gpt
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -73,14 +74,16 @@ def test_chat_marker_rows_travel_as_trainable_tokens(tmp_path, shape):
 def test_gpt2_base_with_fewer_rows_is_resized_first(tmp_path, tiktoken_cache):
     """GPT-2's 50,257 rows: the run grew them to 50,304 for the markers; HF's resize does the same before PEFT
     loads the adapter, and every real token's logit is ours (the padded rows were never trained)."""
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=50257)
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2-hf")
+    save_hf_gpt2(tmp_path / "gpt2-hf")
     chat_tok = add_chat_template(GPT2Tokenizer())
     ids = sorted(chat_tok.chat.ids.values())
     save_adapter_run(tmp_path / "lora", tmp_path / "gpt2-hf", LoRAConfig(targets="all"), token_ids=ids, tok=chat_tok)
     assert main(["export", str(tmp_path / "lora"), "--to", "peft", str(tmp_path / "peft")]) == 0
     assert "resize_token_embeddings(50304)" in (tmp_path / "peft" / "README.md").read_text()
+    messages = [{"role": "user", "content": "Hi there"}]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "peft")  # the run's tokenizer travels along
+    ours = render_conversation(chat_tok, messages, for_generation=True)[0]
+    assert hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"] == ours
     x = torch.tensor([[ids[0], 464, 3290, ids[2], 318, ids[4]]])
     with torch.no_grad():
         ours = load_checkpoint(tmp_path / "lora").model(x)

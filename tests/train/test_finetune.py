@@ -7,17 +7,14 @@ import pytest
 import torch
 
 from gptforge.modelio.load import load_checkpoint
-from gptforge.config import GPTConfig, RunConfig
+from gptforge.config import GPTConfig
 from gptforge.data.loader import open_data
 from gptforge.data.prepare import prepare
 from gptforge.device import pick_dtype
 from gptforge.errors import UserError
 from gptforge.evaluate import estimate_loss
 from gptforge.train import train
-
-
-def quiet(msg):
-    pass
+from tiny import quiet, run_config as config, save_hf_gpt2
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +22,6 @@ def pydoc_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "pydoc"
     prepare("pydoc", out, tokenizer="char", progress=False)
     return out
-
-
-def config(data_dir, **train_kw):
-    cfg = RunConfig()
-    cfg.model = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
-    cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_iters = 3e-3, 3e-4, 2
-    cfg.train.batch_size, cfg.train.eval_iters, cfg.train.eval_interval, cfg.train.max_iters = 4, 4, 100, 20
-    for k, v in train_kw.items():
-        setattr(cfg.train, k, v)
-    cfg.data.dir = str(data_dir)
-    return cfg
 
 
 def first_val_loss(run_dir):
@@ -74,13 +60,10 @@ def test_init_from_refuses_another_tokenizer(tmp_path, pydoc_data):
 
 
 def test_init_from_a_hugging_face_gpt2_directory(tmp_path, tiktoken_cache, shared_data):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from gptforge.modelio.hf import load_pretrained
 
-    hf_dir = tmp_path / "hf"
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64,
-                                                         vocab_size=50257)).save_pretrained(hf_dir)
+    hf_dir = save_hf_gpt2(tmp_path / "hf", n_embd=64, n_head=4)
     text = tmp_path / "shakespeare_head.txt"
     text.write_text((shared_data / "tinyshakespeare.txt").read_text()[:60_000])
     data = tmp_path / "data"
