@@ -227,6 +227,15 @@ def base_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in own)
 
 
+def training_flops_per_token(model: nn.Module) -> float:
+    """A training step's FLOPs per token (MFU's numerator): GPT.flops_per_token's 6 per parameter, less the 2 of
+    the weight gradient that backward skips for every frozen matrix parameter of a LoRA model."""
+    flops = model.flops_per_token()
+    if getattr(model, "lora", None) is None:
+        return flops
+    return flops - 2 * (model.num_params() - trainable_count(model))
+
+
 def weights_sha256(model: nn.Module) -> str:
     """A hash of the base model's weights (every tensor of its state dict but the adapter's: names, shapes,
     dtypes and bytes, a tied matrix once), the identity an adapter checkpoint records of its base."""

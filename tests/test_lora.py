@@ -151,3 +151,12 @@ def test_lora_config_is_checked():
         LoRAConfig(rank=0)
     with pytest.raises(ConfigError, match="lora.dropout"):
         dataclasses.replace(LoRAConfig(), dropout=1.0)
+
+
+def test_training_flops_leave_out_the_frozen_weight_gradients():
+    model = tiny_gpt()
+    full = lora.training_flops_per_token(model)
+    assert full == model.flops_per_token()
+    lora.attach(model, LoRAConfig())
+    frozen = model.num_params() - lora.trainable_count(model)
+    assert lora.training_flops_per_token(model) == model.flops_per_token() - 2 * frozen

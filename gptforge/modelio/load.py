@@ -116,6 +116,12 @@ def base_identity(source: str, digest: str) -> dict[str, Any]:
     return {"source": source, "path": str(local.resolve()) if local.exists() else None, "sha256": digest}
 
 
+def base_source(recorded: dict[str, Any]) -> Optional[str]:
+    """Where to load a recorded base from: its absolute path while it exists there, else the source as given."""
+    path = recorded.get("path")
+    return path if path and Path(path).exists() else recorded.get("source")
+
+
 def check_base(digest: str, recorded: dict[str, Any], where: Path) -> None:
     """Refuse, in one line, a base whose weights are not those the adapters in `where` were trained on."""
     if digest != recorded.get("sha256"):
@@ -129,8 +135,7 @@ def load_base(recorded: dict[str, Any], tokenizer: Optional[Tokenizer], where: P
               dropout: float = 0.0, attention: str = "sdpa") -> GPT:
     """The base model that the adapters in checkpoint `where` were trained on (state.json's "base"), checked
     against the sha256 it records, with the run's vocabulary rows (the chat markers' added after GPT-2's)."""
-    path = recorded.get("path")
-    source = path if path and Path(path).exists() else recorded.get("source")
+    source = base_source(recorded)
     if not source:
         raise UserError(f"{where} holds LoRA adapters but does not say which base model they adapt (state.json)")
     try:

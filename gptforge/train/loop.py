@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from gptforge import dist
+from gptforge import dist, lora
 from gptforge.config import RunConfig
 from gptforge.device import autocast
 from gptforge.errors import UserError
@@ -179,8 +179,9 @@ class Trainer:
         tokens = cfg.train.batch_size * cfg.model.block_size * compute.accum  # this process's, per step
         self.tokens_per_step = tokens * world.world_size
         self.t_start = time.perf_counter() - self.state.elapsed_s
-        self.log.start(self.t_start, tokens_per_step=self.tokens_per_step, flops_per_step=self.raw.flops_per_token()
-                       * tokens, peak=compute.peak_flops, device=compute.device, dtype=compute.dtype)
+        self.log.start(self.t_start, tokens_per_step=self.tokens_per_step,
+                       flops_per_step=lora.training_flops_per_token(self.raw) * tokens, peak=compute.peak_flops,
+                       device=compute.device, dtype=compute.dtype)
         self.elapsed = time.perf_counter() - self.t_start  # under a time budget, every rank's is the slowest's:
         if cfg.train.time_budget is not None and world.is_distributed:  # the same clock, so the same lr
             self.elapsed = dist.max_over_ranks([self.elapsed], compute.device)[0]

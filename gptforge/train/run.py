@@ -21,7 +21,6 @@ from gptforge.config import RunConfig
 from gptforge.device import peak_flops, pick_dtype, setup_backends
 from gptforge.hellaswag import load_for_training
 from gptforge.loggers import make_logger
-from gptforge.modelio.load import base_identity
 from gptforge.optim import build_optimizer, describe_schedule, eager_optimizers
 from gptforge.progress import StepProgress, is_terminal
 from gptforge.train.checkpointer import Checkpointer
@@ -78,7 +77,7 @@ def build_trainer(cfg: RunConfig, rd: RunDir, world: dist.DistInfo, device, log:
     tokenizer = data.tokenizer()
     init, is_lora = None, cfg.train.finetune == "lora"
     if cfg.train.init_from and (rd.resume_from is None or is_lora):  # a LoRA run resumes on its base
-        init = load_init(cfg, tokenizer)
+        init = load_init(cfg, tokenizer, rd.resume_from)
         cfg = dataclasses.replace(cfg, model=init.model.config)
     cfg = set_vocab(cfg, data.vocab_size)
     dtype = pick_dtype(cfg.train.dtype, device)
@@ -113,8 +112,7 @@ def build_trainer(cfg: RunConfig, rd: RunDir, world: dist.DistInfo, device, log:
     trainer = Trainer(cfg, ModelParts(model, optimizer, raw=raw), task,
                       Compute(device, dtype, world, accum, peak_flops=peak_flops(device, dtype)),
                       state=state, batches=batches, log=run_log, validator=validator,
-                      checkpointer=Checkpointer(rd.path, cfg, tokenizer, world,
-                                                base=base_identity(cfg.train.init_from, init.sha256) if is_lora else None),
+                      checkpointer=Checkpointer(rd.path, cfg, tokenizer, world, base=init.base if is_lora else None),
                       on_step=on_step)
     _log_start(trainer, rd, tokenizer)
     if progress:  # after the summary, so the live line stays below it

@@ -234,15 +234,21 @@ class Init:
     model: GPT
     added_ids: list[int]
     sha256: Optional[str] = None
+    base: Optional[dict] = None
+    """a LoRA run's base as its checkpoints record it (modelio.load.base_identity; a resumed run's as recorded)"""
 
 
-def load_init(cfg: RunConfig, tokenizer) -> Init:
+def load_init(cfg: RunConfig, tokenizer, resume_from: Optional[Path] = None) -> Init:
     """The weights of --train.init_from (GPT-2 / a Hugging Face directory, a nanoGPT ckpt.pt, or a gptforge run
     or checkpoint) in the shape they have, with this run's dropout and attention (and, for Hugging Face sources, a
     shorter block_size: learned positions are cropped); `cfg` is left as it was. The caller puts the model's
-    config (`init.model.config`) into the run's."""
+    config (`init.model.config`) into the run's. A LoRA run resumed from `resume_from` loads the base its
+    checkpoint records (from its absolute path, so a resume works from any working directory)."""
 
-    source = cfg.train.init_from
+    source, recorded = cfg.train.init_from, None
+    if resume_from is not None and cfg.train.finetune == "lora":
+        recorded = ckpt_io.read_state(resume_from).get("base") or {}
+        source = load.base_source(recorded) or source
     model, model_cfg, init_tok = load.load_init(source, tokenizer, block_size=cfg.model.block_size,
                                                 dropout=cfg.model.dropout, attention=cfg.model.attention)
     added: list[int] = []
@@ -252,10 +258,13 @@ def load_init(cfg: RunConfig, tokenizer) -> Init:
                             f"tokens), not the one the data in {cfg.data.dir} was prepared with; prepare the data with "
                             "the same tokenizer (for GPT-2: gptforge prepare SOURCE --tokenizer gpt2)")
         added = sorted(tokenizer.chat.ids.values())
-    digest = lora.weights_sha256(model) if cfg.train.finetune == "lora" else None  # before the rows grow
+    digest = base = None
+    if cfg.train.finetune == "lora":
+        digest = lora.weights_sha256(model)  # of the weights as loaded, before the rows grow
+        base = recorded or load.base_identity(cfg.train.init_from, digest)
     if tokenizer.vocab_size > model_cfg.vocab_size:  # GPT-2's 50,257 rows, the markers after them
         grow_vocab(model, pad_vocab(tokenizer.vocab_size))
-    return Init(model, added, digest)
+    return Init(model, added, digest, base)
 
 
 def _adds_chat_markers(init_tok, tokenizer) -> bool:
@@ -283,7 +292,7 @@ def build_model(cfg: RunConfig, init: Optional[Init], resume_from: Optional[Path
     if cfg.train.finetune == "lora":
         raw = init.model
         if resume_from is not None:
-            load.check_base(init.sha256, ckpt_io.read_state(resume_from).get("base") or {}, resume_from)
+            load.check_base(init.sha256, init.base, resume_from)
             load.load_adapter(raw, cfg, ckpt_io.read_adapter(resume_from), resume_from)
         else:
             lora.attach(raw, cfg.lora, init.added_ids)

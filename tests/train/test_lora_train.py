@@ -3,6 +3,7 @@ identity, a resumed run equals an uninterrupted one, a changed base is refused i
 adapter run, and chat SFT of GPT-2 (50,257 rows) trains the markers' rows."""
 
 import hashlib
+import importlib.util
 import json
 
 import pytest
@@ -119,6 +120,13 @@ def test_every_verb_reads_an_adapter_run(tmp_path, pydoc_data, base, capsys):
     assert main(["sample", str(run), "--best", "--max-new-tokens", "5"]) == 0
     assert main(["eval", str(run), "--data", str(pydoc_data), "--max-tokens", "200"]) == 0
     assert main(["export", str(run), "--to", "hf", str(tmp_path / "hf")]) == 0
+    if importlib.util.find_spec("gguf") is not None:
+        assert main(["export", str(run), "--to", "gguf", str(tmp_path / "merged.gguf")]) == 0
+        from gptforge.modelio.gguf import load_gguf
+
+        merged = load.load_checkpoint(run).model.state_dict()
+        assert torch.equal(load_gguf(tmp_path / "merged.gguf")[0].state_dict()["transformer.h.0.attn.c_attn.weight"],
+                           merged["transformer.h.0.attn.c_attn.weight"])  # f32: the merged weights as they are
     assert main(["train", "--data", str(pydoc_data), "--out", str(tmp_path / "on-top"), "--init-from", str(run),
                  "--train.max_iters", "1", "--device", "cpu", "-q"]) == 0  # full fine-tuning from the merged model
     capsys.readouterr()
@@ -228,3 +236,17 @@ def test_a_tiny_lora_sft_learns_what_its_base_could_not(tmp_path):
     sft.optim.lr, sft.lora = 1e-2, LoRAConfig(rank=8, alpha=16, dropout=0.0, targets="all")
     train(sft, tmp_path / "lora", log=quiet)
     assert evaluate_chat_checkpoint(str(tmp_path / "lora"), str(files["heldout"]), device="cpu")["exact_match"] >= 0.9
+
+
+def test_a_relative_base_resumes_and_opens_from_another_directory(tmp_path, pydoc_data, base, monkeypatch):
+    import shutil
+
+    shutil.copytree(base, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    train(lora_config(pydoc_data, "base", max_iters=4, stop_after=2), tmp_path / "lora", log=quiet)
+    monkeypatch.chdir(tmp_path.parent)  # "base" means nothing here
+    result = train(lora_config(pydoc_data, "base", max_iters=4), tmp_path / "lora", resume=True, log=quiet)
+    assert result.step == 4
+    recorded = json.loads((tmp_path / "lora" / "latest" / "state.json").read_text())["base"]
+    assert recorded == {**recorded, "source": "base", "path": str((tmp_path / "base").resolve())}
+    assert load.load_checkpoint(tmp_path / "lora").model is not None
