@@ -34,9 +34,10 @@ class Checkpointer:
         if not self.enabled:
             return
         mode = self.cfg.train.dist
-        weights = dist.full_model_state(raw, mode)
-        if self.base is not None:
-            weights = {k: v for k, v in weights.items() if k.startswith(lora.PREFIX)}
+        if self.base is not None:  # DDP only: every rank holds the whole adapter, and the base is not copied out
+            weights = lora.adapter_state(raw)
+        else:
+            weights = dist.full_model_state(raw, mode)
         optimizer_sd = dist.full_optimizer_state(raw, optimizer, mode)
         slots = [s for rank_slots in dist.all_gather_objects(batches.local_states()) for s in rank_slots]
         rng = dist.all_gather_objects({k: v.cpu() for k, v in ckpt_io.process_rng().items()})
