@@ -130,10 +130,11 @@ def save_adapter_run(path, base, lora_cfg, seed=1, token_ids=(), tok=None):
     model, cfg, base_tok = load.load_init(str(base))
     digest = lora.weights_sha256(model)
     tok = tok or base_tok
-    if tok.vocab_size > cfg.vocab_size:
+    if tok.vocab_size > cfg.vocab_size:  # as train grows them (setup.load_init)
         from gptforge.model import grow_vocab
+        from gptforge.train.setup import pad_vocab
 
-        grow_vocab(model, 64 * -(-tok.vocab_size // 64))
+        grow_vocab(model, pad_vocab(tok.vocab_size))
     lora.attach(model, lora_cfg, token_ids)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
