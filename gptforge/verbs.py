@@ -320,7 +320,9 @@ def chat(run: str, prompt: Optional[str] = None, system: Optional[str] = None, m
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
           cors: Optional[list[str]] = None, context_length: Optional[int] = None, max_tokens: int = 1024,
           max_seqs: int = 16, max_queue: int = 64, max_request_bytes: int = 1 << 20, read_timeout: float = 20.0,
-          timeout_keep_alive: int = 5, max_connections: int = 256, prefill_chunk: int = 256, best: bool = False,
+          timeout_keep_alive: int = 5, max_connections: int = 256, prefill_chunk: int = 256,
+          prefix_cache_mb: float = 256, follow: bool = False, best: bool = False,
+          log_level: Literal["debug", "info", "warning", "error"] = "info", drain_timeout: float = 30.0,
           device: str = "auto") -> int:
     """Serve a model over HTTP: OpenAI-compatible /v1/chat/completions, /v1/completions and /v1/models (any
     OpenAI client works with base_url http://HOST:PORT/v1), with continuous batching of concurrent requests,
@@ -344,7 +346,13 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: Optional
         timeout_keep_alive: seconds an idle connection is kept open between requests
         max_connections: open connections at most; more are answered 503 and closed
         prefill_chunk: prompt tokens prefilled per decode step, so long prompts do not stall running streams
+        prefix_cache_mb: memory for the keys and values of earlier prompts and replies, reused when a new prompt
+            starts with the same tokens (a conversation's earlier turns, a shared system prompt); 0: off
+        follow: serve a run that is still training, switching to each new checkpoint it saves (latest/, or best/
+            with --best) between requests; the page shows the step and the loss curve
         best: serve the best-val checkpoint instead of the latest
+        log_level: debug, info (one access-log line per request), warning or error
+        drain_timeout: on SIGTERM, seconds the running requests get to finish (no new ones are taken), then exit 0
         device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
     """
     from gptforge.serve import serve_checkpoint
@@ -353,7 +361,8 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: Optional
                             max_tokens=max_tokens, max_seqs=max_seqs, max_queue=max_queue,
                             max_request_bytes=max_request_bytes, prefill_chunk=prefill_chunk, which=_which(best),
                             device=device, read_timeout=read_timeout, timeout_keep_alive=timeout_keep_alive,
-                            max_connections=max_connections)
+                            max_connections=max_connections, prefix_cache_mb=prefix_cache_mb, follow=follow,
+                            log_level=log_level, drain_timeout=drain_timeout)
 
 
 def export(run: str, out: str, to: Literal["hf", "gguf", "peft"] = "hf",

@@ -155,7 +155,8 @@ class LiveServer:
         from gptforge.serve import _bind, build_server
         from gptforge.serve.connection import server_config
 
-        self.app, self.engine = build_server(run, device="cpu", **kw)
+        self.built = build_server(run, device="cpu", **kw)
+        self.app, self.engine = self.built.app, self.built.batcher
         sock = _bind("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -176,4 +177,4 @@ class LiveServer:
     def close(self):
         self.server.should_exit = True
         self.thread.join(10)
-        self.engine.close()
+        self.built.close()

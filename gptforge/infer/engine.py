@@ -128,6 +128,18 @@ class KVCache:
         self._lengths_changed()
         return first
 
+    def row_kv(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the keys and values of the first n tokens of `row`: (L, nkv, n, hs) each."""
+        return self.k[:, row, :, :n], self.v[:, row, :, :n]
+
+    def load(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A one-row cache now holds the tokens whose keys and values are k, v (L, nkv, n, hs), and nothing else."""
+        n = k.size(2)
+        self.k[:, 0, :, :n] = k
+        self.v[:, 0, :, :n] = v
+        self.lengths = [n]
+        self._lengths_changed()
+
     def remove(self, row: int) -> Optional[int]:
         """Free `row` by moving the last row into it; returns the index the last row had (None if it was `row`)."""
         last = self.rows - 1

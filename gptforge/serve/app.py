@@ -15,14 +15,14 @@ import json
 import re
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from gptforge.chat_template import render_conversation
@@ -30,6 +30,8 @@ from gptforge.errors import UserError, one_line
 from gptforge.infer.scoring import Scored, TokenLogprob
 from gptforge.serve.batcher import Batcher, Event, QueueFull, ScoreJob
 from gptforge.serve.batcher import Request as BatchRequest
+from gptforge.serve.follow import Served
+from gptforge.serve.metrics import Metrics, Observed, Timing
 from gptforge.serve.logprobs import Offsets, chat_logprobs, completion_logprobs
 from gptforge.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
                                      TokenizeRequest, error_body)
@@ -98,6 +100,7 @@ class Work:
     events: "asyncio.Queue[Event | Scores]"
     reqs: list[BatchRequest]
     job: Optional[ScoreJob] = None
+    timing: Timing = field(default_factory=lambda: Timing(None, 0))
 
     @property
     def choices(self) -> int:
@@ -107,11 +110,25 @@ class Work:
     def scored(self) -> int:
         return len(self.job.prompts) if self.job else 0
 
+    @property
+    def cached(self) -> int:
+        """Prompt tokens the prefix cache held (known once each request has begun)."""
+        return sum(r.cached_tokens for r in self.reqs)
+
+    def observe(self, ev: "Event | Scores") -> None:
+        """Time an answer for the metrics, as it leaves for the client."""
+        if isinstance(ev, Event):
+            self.timing.event(ev.index, ev.completion_tokens, ev.finish_reason)
+
     def cancel(self) -> None:
+        """The client went away (or an answer failed): the batcher drops the rest; unfinished choices count as aborted."""
         for r in self.reqs:
             r.cancel()
         if self.job:
             self.job.cancel()
+        m = self.timing.metrics
+        if m:
+            m.success.labels("abort").inc(max(0, self.choices - self.timing.finished))
 
 
 def _emitter(events: asyncio.Queue, shift=lambda ev: ev):
@@ -128,7 +145,7 @@ def _emitter(events: asyncio.Queue, shift=lambda ev: ev):
 
 def _submit_work(body: SamplingFields, prompts: list[list[int]], max_tokens: Optional[int], stop_ids: frozenset,
                  limits: Limits, batcher: Batcher, *, logprobs: Optional[int] = None,
-                 score_top: Optional[int] = None) -> Work:
+                 score_top: Optional[int] = None, metrics: Optional[Metrics] = None) -> Work:
     """Queue each prompt's generation (none if max_tokens is 0) and, with `score_top` set, a scoring job for
     the prompts (top `score_top` per token) that answers the generations of max_tokens 1 from its forward."""
     if body.n > batcher.max_seqs:
@@ -154,6 +171,7 @@ def _submit_work(body: SamplingFields, prompts: list[list[int]], max_tokens: Opt
             batcher.submit(*([work.job] if work.job else work.reqs))
     except QueueFull as e:
         raise ApiError(429, str(e), code="server_busy") from None
+    work.timing = Timing(metrics, sum(map(len, prompts)))  # queued: from here on, it is timed and counted
     return work
 
 
@@ -213,8 +231,10 @@ def _one_prompt(tok, p, where: str) -> tuple[list[int], str]:
 # Responses
 
 
-def _usage(prompt_len: int, tokens: list[int]) -> dict[str, int]:
-    return {"prompt_tokens": prompt_len, "completion_tokens": sum(tokens), "total_tokens": prompt_len + sum(tokens)}
+def _usage(work: "Work", prompt_len: int, tokens: list[int]) -> dict[str, Any]:
+    """OpenAI's usage; prompt_tokens_details.cached_tokens: prompt tokens the prefix cache held (not prefilled)."""
+    return {"prompt_tokens": prompt_len, "completion_tokens": sum(tokens), "total_tokens": prompt_len + sum(tokens),
+            "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in work.reqs)}}
 
 
 @dataclass
@@ -255,6 +275,7 @@ async def _collect(work: Work, choices: int, http: Request) -> Collected:
                 if await http.is_disconnected():
                     raise asyncio.CancelledError from None
                 continue
+            work.observe(ev)
             _take(got, ev)
     finally:
         if any(r is None for r in got.reasons) or len(got.scores) < work.scored:
@@ -279,6 +300,7 @@ async def _stream(work: Work, prompt_len: int, include_usage: bool, head: dict, 
             yield _sse({**head, "choices": [c], **extra})
         while left or scores:
             ev = await work.events.get()
+            work.observe(ev)
             if isinstance(ev, Scores) and ev.scored is None or isinstance(ev, Event) and ev.finish_reason == "error":
                 yield _sse(error_body("the model failed while answering this request", "server_error",
                                       code="engine_error"))
@@ -291,11 +313,16 @@ async def _stream(work: Work, prompt_len: int, include_usage: bool, head: dict, 
             for c in chunks(ev):
                 yield _sse({**head, "choices": [c], **extra})
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(prompt_len, tokens)})
+            yield _sse({**head, "choices": [], "usage": _usage(work, prompt_len, tokens)})
         yield "data: [DONE]\n\n"
     finally:
         if left or scores:
             work.cancel()
+
+
+def _log_tokens(http: Request, work: Work, prompt_len: int) -> None:
+    """The access log's token counts for this request, read once its reply has gone (a stream's too)."""
+    http.state.tokens = lambda: (prompt_len, work.cached, work.timing.generated)
 
 
 def _streaming(gen: AsyncIterator[str]) -> StreamingResponse:
@@ -307,10 +334,14 @@ def _streaming(gen: AsyncIterator[str]) -> StreamingResponse:
 # The app
 
 
-def create_app(batcher: Batcher, tokenizer, model_name: str, limits: Limits, *, api_key: Optional[str] = None,
+def create_app(batcher: Batcher, tokenizer, served: "Served | str", limits: Limits, *, api_key: Optional[str] = None,
                cors: Optional[list[str]] = None) -> FastAPI:
+    """The app for `batcher` (started) and the model `served` describes (a name: nothing more is known of it)."""
     app = FastAPI(title="gptforge", docs_url=None, redoc_url=None, openapi_url=None)
-    created = int(time.time())
+    served = Served(served) if isinstance(served, str) else served
+    model_name, created = served.name, int(time.time())
+    metrics = app.state.metrics = Metrics(batcher, served)
+    app.state.served = served
     _install_error_handlers(app)
     app.add_middleware(_BodyLimit, limit=limits.max_request_bytes)
     if cors:
@@ -318,6 +349,7 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, limits: Limits, *, 
 
         app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(Observed, metrics=metrics)  # added last: outermost, so it sees every request
 
     async def check_key(request: Request) -> None:
         if api_key is None:
@@ -327,23 +359,44 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, limits: Limits, *, 
             raise ApiError(401, "a valid API key is required: send it as 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
 
+    async def open_for_work() -> None:
+        if served.draining:
+            raise ApiError(503, "the server is shutting down: it finishes the requests it has and takes no new ones",
+                           code="shutting_down")
+
     auth = [Depends(check_key)]
+    work_auth = [Depends(check_key), Depends(open_for_work)]
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: the same headers, no body (uvicorn drops it)
     async def health():
-        return {"status": "ok", "model": model_name, "running": batcher.active}
+        p = batcher.prefix
+        return {"status": "draining" if served.draining else "ok", "model": model_name, "step": served.step,
+                "follow": served.follow, "context_length": limits.context_length, "running": batcher.active,
+                "waiting": batcher.waiting, "max_seqs": batcher.max_seqs, "max_queue": batcher.max_queue,
+                "prefix_cache": {"entries": len(p), "bytes": p.nbytes, "max_bytes": p.max_bytes}}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/run", dependencies=auth)
+    async def run_info():
+        if served.curve is not None:
+            await asyncio.to_thread(served.curve.refresh)  # a long metrics.jsonl is read off the event loop
+        return served.run_info()
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"], dependencies=auth)
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "gptforge", "max_model_len": limits.context_length}]}
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=work_auth)
     async def chat_completions(body: ChatCompletionRequest, http: Request):
         prompt = _chat_prompt(tokenizer, body)
         stop_ids = tokenizer.chat.stop_ids(tokenizer.eot_id)
         work = _submit_work(body, [prompt], body.max_completion_tokens or body.max_tokens, stop_ids, limits,
-                            batcher, logprobs=body.logprobs_top)
+                            batcher, logprobs=body.logprobs_top, metrics=metrics)
+        _log_tokens(http, work, len(prompt))
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
         def logprobs(entries: list[TokenLogprob]) -> Optional[dict]:
@@ -365,23 +418,24 @@ def create_app(batcher: Batcher, tokenizer, model_name: str, limits: Limits, *, 
         got = await _collect(work, body.n, http)
         choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": logprobs(lp),
                     "finish_reason": r} for i, (t, r, lp) in enumerate(zip(got.texts, got.reasons, got.logprobs))]
-        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(prompt), got.tokens)}
+        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(work, len(prompt), got.tokens)}
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=work_auth)
     async def completions(body: CompletionRequest, http: Request):
         prompts = _completion_prompts(tokenizer, body)
         stop_ids = frozenset({tokenizer.eot_id} if tokenizer.eot_id is not None else ())
         scoring = body.echo and body.logprobs is not None  # the prompt's own logprobs: a scoring job
         work = _submit_work(body, [ids for ids, _ in prompts], body.max_tokens, stop_ids, limits, batcher,
-                            logprobs=body.logprobs, score_top=body.logprobs if scoring else None)
+                            logprobs=body.logprobs, score_top=body.logprobs if scoring else None, metrics=metrics)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
         shape = _Completions(tokenizer, body, [text for _, text in prompts], scoring)
         prompt_len = sum(len(ids) for ids, _ in prompts)
+        _log_tokens(http, work, prompt_len)
         if body.stream:
             return _streaming(_stream(work, prompt_len, body.include_usage, head, shape.chunks, shape.first()))
         got = await _collect(work, shape.choices, http)
-        return {**head, "choices": shape.whole(got), "usage": _usage(prompt_len, got.tokens)}
+        return {**head, "choices": shape.whole(got), "usage": _usage(work, prompt_len, got.tokens)}
 
     _add_tokenizer_routes(app, tokenizer, limits, auth)
     _add_page(app)

@@ -30,6 +30,7 @@ import torch
 
 from gptforge.device import autocast, check_memory, format_bytes
 from gptforge.infer.engine import KVCache, new_kv_cache, step
+from gptforge.infer.prefix_cache import PrefixCache
 from gptforge.infer.sampling import SamplingParams, sample_rows
 from gptforge.infer.scoring import Scored, TokenLogprob, rank_tokens, score
 from gptforge.infer.text import TextStreamer
@@ -65,6 +66,7 @@ class Request:
     stop_ids: frozenset = frozenset()
     logprobs: Optional[int] = None  # report each generated token's logprob and this many top ones (None: off)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (set before the first event)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -158,8 +160,9 @@ class Batcher:
     """The decode loop over `model` (a gptforge GPT in eval mode) in a background thread."""
 
     def __init__(self, model, tokenizer, device: torch.device, dtype: torch.dtype, *, max_seqs: int = 16,
-                 max_queue: int = 64, prefill_chunk: int = 256):
+                 max_queue: int = 64, prefill_chunk: int = 256, prefix_cache_bytes: int = 0):
         self.model, self.tok, self.device, self.dtype = model, tokenizer, device, dtype
+        self.prefix = PrefixCache(prefix_cache_bytes)  # KV of earlier prompts and replies, reused by later ones
         self.block_size = model.config.block_size
         self.max_seqs, self.max_queue, self.prefill_chunk = max_seqs, max_queue, prefill_chunk
         self._waiting: "queue.Queue[Request]" = queue.Queue()
@@ -169,6 +172,7 @@ class Batcher:
         # tokens per scoring forward: a prefill chunk, or one whole context (the longest prompt), if larger
         self.score_tokens = max(prefill_chunk, self.block_size)
         self._rows: list[Sequence] = []  # row b of the batch cache decodes _rows[b]
+        self._next: Optional[tuple[torch.nn.Module, Callable[[], None]]] = None  # weights to switch to (swap)
         self._stop = threading.Event()
         with torch.inference_mode(), autocast(device, dtype):
             self._scratch = new_kv_cache(model, 1, device)
@@ -183,9 +187,13 @@ class Batcher:
         cfg = self.model.config
         per_row = KVCache.nbytes(1, cfg, itemsize) + 3 * 4 * cfg.vocab_size
         scoring = self.score_tokens * cfg.vocab_size * (itemsize + 2 * 4)
-        check_memory(max(self.max_seqs * per_row, self.max_seqs * KVCache.nbytes(1, cfg, itemsize) + scoring),
-                     self.device, f"a batch of {self.max_seqs} sequences (--max-seqs)",
-                     f"lower --max-seqs: each sequence takes about {format_bytes(per_row)}")
+        need = max(self.max_seqs * per_row, self.max_seqs * KVCache.nbytes(1, cfg, itemsize) + scoring)
+        what, fix = f"a batch of {self.max_seqs} sequences (--max-seqs)", "lower --max-seqs"
+        if self.prefix.max_bytes:
+            what += f" and a prefix cache of {format_bytes(self.prefix.max_bytes)} (--prefix-cache-mb)"
+            fix = "lower --max-seqs or --prefix-cache-mb"
+        check_memory(need + self.prefix.max_bytes, self.device, what,
+                     f"{fix}: each sequence takes about {format_bytes(per_row)}")
 
     def start(self) -> "Batcher":
         self._thread.start()
@@ -198,7 +206,20 @@ class Batcher:
 
     @property
     def active(self) -> int:
+        """Sequences decoding now."""
         return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        """Requests not yet decoding: queued, taken but not prefilled, prefilling, or scoring jobs."""
+        return self._waiting.qsize() + len(self._pending) + bool(self._prefilling) + len(self._scoring)
+
+    def swap(self, model: torch.nn.Module, on_switch: Callable[[], None] = lambda: None) -> None:
+        """Decode with `model` (the same shape and tokenizer) from now on, never mid-answer: the batch takes no new
+        prompt until every running sequence and scoring job has finished on the old weights, then switches, empties
+        the prefix cache (its KV is the old weights') and calls `on_switch` on its thread."""
+        self._next = (model, on_switch)
+        self._waiting.put(None)  # wake the loop if it is idle
 
     def submit(self, *reqs: "Request | ScoreJob") -> None:
         """Queue `reqs`, all or none; raises QueueFull when they do not fit beside the max_queue waiting."""
@@ -216,6 +237,7 @@ class Batcher:
                 self._take_new(block=not (self._rows or self._pending or self._prefilling or self._scoring))
                 with torch.inference_mode(), autocast(self.device, self.dtype):
                     self._drop_cancelled()
+                    self._switch_when_idle()
                     self._score_step()
                     self._prefill_step()
                     if self._rows:
@@ -223,6 +245,17 @@ class Batcher:
             except Exception:  # a bug outside any one request's work: fail what is in flight, keep serving
                 log.exception("batcher step failed; ending the requests in flight")
                 self._fail_all()
+
+    def _switch_when_idle(self) -> None:
+        """Switch to the weights `swap` gave once nothing is decoding or scoring on the old ones."""
+        if self._next is None or self._rows or self._prefilling or (self._scoring and self._scoring[0].done):
+            return
+        (self.model, on_switch), self._next = self._next, None
+        self.prefix.clear()
+        try:
+            on_switch()
+        except Exception:
+            log.exception("the callback after switching weights failed")
 
     def _take_new(self, block: bool) -> None:
         try:
@@ -255,10 +288,9 @@ class Batcher:
         """One chunk of one waiting prompt; once it is all in, its choices join the batch. Whatever fails here
         (its forward, its seeds, its first tokens) is this request's alone: it ends with an error, the rest go on."""
         if self._prefilling is None:
-            if not self._pending or self._pending[0].n + len(self._rows) > self.max_seqs:
-                return  # wait until enough rows are free
-            self._prefilling = (self._pending.pop(0), 0)
-            self._scratch.reset()
+            if not self._pending or self._pending[0].n + len(self._rows) > self.max_seqs or self._next is not None:
+                return  # wait until enough rows are free (or the weights have switched)
+            self._start_prefill(self._pending.pop(0))
         req, done = self._prefilling
         try:
             chunk = req.prompt[done:done + self.prefill_chunk]
@@ -273,8 +305,18 @@ class Batcher:
             self._prefilling = None
             self._fail(req, "while starting (its prefill, seeds or first tokens)")
 
+    def _start_prefill(self, req: Request) -> None:
+        """req's prompt starts going in, after the longest prefix of it the prefix cache holds."""
+        self._scratch.reset()
+        n, kv = self.prefix.match(req.prompt)
+        if kv is not None:
+            self._scratch.load(*kv)
+        req.cached_tokens = n
+        self._prefilling = (req, n)
+
     def _admit(self, req: Request, logits: torch.Tensor) -> None:
         """Give req's choices their first tokens from the prompt's logits (1, V) and rows of the batch."""
+        self.prefix.put(req.prompt, *self._scratch.row_kv(0, len(req.prompt)))
         seqs = self._first_tokens(req, logits)
         if seqs:
             self._cache.add(self._scratch, len(seqs))
@@ -290,7 +332,7 @@ class Batcher:
     def _score_step(self) -> None:
         """Score the next prompts of the first scoring job, as many as fit one forward of score_tokens tokens.
         A failure ends that job (its scores and its generations) alone."""
-        if not self._scoring:
+        if not self._scoring or (self._next is not None and not self._scoring[0].done):  # one begun is finished
             return
         job = self._scoring[0]
         take = self._next_prompts(job)
@@ -342,8 +384,19 @@ class Batcher:
                     self._fail(s.req, "while decoding its text")
         # descending, so the last row that _free_row moves into a freed place is never one still to free
         for b in reversed(range(len(self._rows))):
-            if self._rows[b].finished or self._rows[b].req.cancelled.is_set():
+            s = self._rows[b]
+            if s.finished and not s.req.cancelled.is_set():
+                self._keep_prefix(b)
+            if s.finished or s.req.cancelled.is_set():
                 self._free_row(b)
+
+    def _keep_prefix(self, b: int) -> None:
+        """Row b's prompt and reply, as far as its cache holds them (the last token drawn was never fed), go
+        into the prefix cache: the conversation's next turn starts with them."""
+        if not self.prefix.max_bytes:
+            return
+        s, n = self._rows[b], self._cache.lengths[b]
+        self.prefix.put(s.req.prompt + s.ids[:n - len(s.req.prompt)], *self._cache.row_kv(b, n))
 
     def _sample(self, logits: torch.Tensor) -> list[Optional[int]]:
         """Every row's next token; if the batched draw fails, row by row, so only the failing rows' requests
