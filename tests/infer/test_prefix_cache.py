@@ -9,7 +9,7 @@ import torch
 
 from gptforge.chat_template import add_chat_template, render_conversation
 from gptforge.infer import prefix_cache as pc
-from gptforge.infer.prefix_cache import BLOCK, PrefixCache
+from gptforge.infer.prefix_cache import PrefixCache
 from gptforge.serve.batcher import Batcher, Event
 from gptforge.tokenizer import CharTokenizer
 from tiny import CHARS, request, tiny_chat_model
