@@ -178,16 +178,30 @@ def new_kv_cache(model: torch.nn.Module, rows: int, device: torch.device, *, use
 # fast as two here (AMD EPYC, 2 threads: a one-row product reads 13.8 GB/s with 1 thread or 2). A second
 # OpenMP thread only adds a hand-off to each of the ~200 small ops of a step, and while anything else runs
 # on the machine every hand-off waits for the OS to schedule the helper: GPT-2 124M decoded 3.2 tok/s with
-# 2 threads and 14 with 1 at load average 4 (same run). Bigger batches have real arithmetic to share.
+# 2 threads and 14 with 1 at load average 4 (same run). Bigger batches have real arithmetic to share, unless
+# the model is so small that even many rows make every product tiny: the server's 16-row batch of a 4 x 128
+# model decoded 3,371 tok/s with one thread and 2,078 with two, GPT-2 124M's 99 with two and 86 with one (batcher
+# alone, greedy, same run). The same holds for a short prefill of a small model (the 4 x 128 model's 16-token
+# prompt took 4.3 ms on two threads beside 2.1 ms for a 16-row decode step), and a helper thread that just ran
+# a parallel region keeps spinning on the other core for a while after it. So a forward stays on one thread
+# while its tokens (rows x new tokens) are at most DECODE_ONE_THREAD_ROWS or its tokens x the block matrices'
+# weights (12 L C^2, the multiply-adds per token) at most DECODE_ONE_THREAD_WORK.
 DECODE_ONE_THREAD_ROWS = 4
+DECODE_ONE_THREAD_WORK = 1 << 26
+
+
+def _matrix_weights(config: Optional[GPTConfig]) -> int:
+    return 0 if config is None else 12 * config.n_layer * config.n_embd ** 2
 
 
 @contextmanager
-def decode_threads(device: torch.device, rows: int):
-    """Run a decode step of `rows` rows single-threaded on a CPU (see DECODE_ONE_THREAD_ROWS); the caller's
-    thread count is back on exit, so prefill, training and the caller's own code keep theirs."""
+def decode_threads(device: torch.device, rows: int, config: Optional[GPTConfig] = None):
+    """Run a forward of `rows` tokens of a model of `config` single-threaded on a CPU when it is small enough
+    (see DECODE_ONE_THREAD_ROWS); the caller's thread count is back on exit, so longer prefills, training and the
+    caller's own code keep theirs."""
     n = torch.get_num_threads()
-    if device.type != "cpu" or rows > DECODE_ONE_THREAD_ROWS or n == 1:
+    few = rows <= DECODE_ONE_THREAD_ROWS or rows * _matrix_weights(config) <= DECODE_ONE_THREAD_WORK
+    if device.type != "cpu" or not few or n == 1:
         yield
         return
     torch.set_num_threads(1)  # 0.3 us a switch, nothing next to a step
@@ -202,14 +216,12 @@ def step(model: torch.nn.Module, idx: torch.Tensor, cache: KVCache) -> torch.Ten
     """Write the keys and values of idx (B, T), the new tokens of each row in use, onto `cache` after the
     tokens it holds, and return the logits (B, V) that follow the last of them. T > 1 is a prefill (a
     conversation's next turn goes onto the cache of the turns before it instead of re-running them); T == 1
-    is a decode step, single-threaded on a CPU for a few rows."""
+    is a decode step. Single-threaded on a CPU for a few tokens or a small model (`decode_threads`)."""
     B, T = idx.shape
     if cache.pos + T > cache.block_size:
         raise SamplingError(f"{T} new tokens do not fit after the {cache.pos} in the cache "
                             f"(block_size {cache.block_size})")
-    if T > 1:
-        return model(idx, kv_cache=cache, last_only=True)[:, -1]
-    with decode_threads(idx.device, B):
+    with decode_threads(idx.device, B * T, getattr(model, "config", None)):
         return model(idx, kv_cache=cache, last_only=True)[:, -1]
 
 

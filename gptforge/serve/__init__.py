@@ -10,6 +10,7 @@ are imported only here and below, so the rest of gptforge works without the `ser
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -179,15 +180,23 @@ def _uvicorn_server(config, served: Served, drain_timeout: float):
     return DrainingServer(config)
 
 
-def _configure_logging(level: str) -> None:
-    """gptforge's server logs (the access log at info, failures at warning and above) on stderr."""
+@contextlib.contextmanager
+def _server_logging(level: str):
+    """gptforge's server logs (the access log at info, failures at warning and above) on stderr, while serving:
+    the logger is as it was afterwards (an in-process caller keeps no handler on a stream it may close)."""
     logger = logging.getLogger("gptforge.serve")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        logger.addHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    was = logger.level, logger.propagate
+    logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(was[0])
+        logger.propagate = was[1]
 
 
 def serve_checkpoint(run, *, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
@@ -205,7 +214,6 @@ def serve_checkpoint(run, *, host: str = "127.0.0.1", port: int = 8000, api_key:
         raise UserError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     _check_limits(timeout_keep_alive=timeout_keep_alive, read_timeout=read_timeout, max_connections=max_connections,
                   drain_timeout=drain_timeout)
-    _configure_logging(log_level)
     sock = _bind(host, port)  # before loading the model: a busy port fails in a second, not after the load
     try:
         server = build_server(run, api_key=api_key, cors=cors, **server_kw)
@@ -227,7 +235,8 @@ def serve_checkpoint(run, *, host: str = "127.0.0.1", port: int = 8000, api_key:
     config = server_config(server.app, timeout_keep_alive=timeout_keep_alive, read_timeout=read_timeout,
                            max_connections=max_connections, log_level=uv_level)
     try:
-        _uvicorn_server(config, server.served, drain_timeout).run(sockets=[sock])
+        with _server_logging(log_level):
+            _uvicorn_server(config, server.served, drain_timeout).run(sockets=[sock])
     finally:
         server.close()
         sock.close()

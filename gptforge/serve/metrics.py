@@ -116,7 +116,7 @@ class Timing:
 
 class Observed:
     """ASGI middleware (outermost): counts every HTTP request by method, route and status and writes its access-log
-    line once its reply has been sent, a stream's included. A route may put `tokens` (prompt, cached, generated:
+    line as its reply's last bytes are sent, a stream's included. A route may put `tokens` (prompt, cached, generated:
     a callable, read at the end) in the request's state."""
 
     def __init__(self, app, metrics: Metrics):
@@ -125,17 +125,24 @@ class Observed:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), [500]
+        t0, status, recorded = time.perf_counter(), [500], [False]
+
+        def record():
+            if not recorded[0]:
+                recorded[0] = True
+                self._record(scope, status[0], time.perf_counter() - t0)
 
         async def sending(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                record()  # before the last bytes leave: a client that has its answer finds it counted
             await send(message)
 
         try:
             await self.app(scope, receive, sending)
         finally:
-            self._record(scope, status[0], time.perf_counter() - t0)
+            record()  # a reply that never finished (a disconnect, a failure)
 
     def _record(self, scope, status: int, seconds: float) -> None:
         route = getattr(scope.get("route"), "path", None) or scope["path"]

@@ -206,15 +206,26 @@ def _threads_in_forwards(model, run):
 
 
 @pytest.mark.parametrize("B", [1, 8])
-def test_few_row_decode_steps_run_single_threaded_and_restore_the_thread_count(B):
+def test_few_token_forwards_run_single_threaded_and_restore_the_thread_count(B):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        model = tiny_model()
+        model = tiny_model(n_layer=4, n_head=8, n_embd=512)  # 8 rows x 12 L C^2 is past DECODE_ONE_THREAD_WORK
         seen = _threads_in_forwards(model, lambda: generate(model, prompt(B, 3), 5, temperature=0.0))
-        assert seen[0] == (torch.Size([B, 3]), 2)  # prefill keeps the caller's threads
+        assert seen[0] == (torch.Size([B, 3]), 1 if B * 3 <= 4 else 2)  # a prefill of 3 tokens, or of 24
         assert {n for _, n in seen[1:]} == {1 if B <= 4 else 2}  # decode steps
         assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_small_model_stays_single_threaded_at_any_batch():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = tiny_model()  # 2 x 32: even 16 rows' products are too small to share between threads
+        seen = _threads_in_forwards(model, lambda: generate(model, prompt(16, 3), 5, temperature=0.0))
+        assert {n for _, n in seen} == {1} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 
