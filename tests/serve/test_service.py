@@ -283,3 +283,16 @@ def test_the_curve_reads_whole_lines_as_the_file_grows(tmp_path):
     curve.refresh()
     snap = curve.snapshot()
     assert len(snap["train"]) <= 501 and snap["train"][0] == [1, 5.0] and snap["train"][-1] == [1999, 1.0]
+
+
+def test_a_stream_merges_what_piled_up_into_fewer_chunks_with_the_same_text():
+    from gptforge.serve.app import _merged
+
+    evs = [Event(0, "a", completion_tokens=1), Event(0, "b", completion_tokens=2), Event(1, "x", completion_tokens=1),
+           Event(1, "y", completion_tokens=2), Event(1, "z", finish_reason="length", completion_tokens=3),
+           Event(0, "c", completion_tokens=3)]
+    out = _merged(evs)
+    assert [(e.index, e.text, e.finish_reason, e.completion_tokens) for e in out] == [
+        (0, "ab", None, 2), (1, "xyz", "length", 3), (0, "c", None, 3)]
+    with_lp = [Event(0, "a", logprobs=[object()]), Event(0, "b")]
+    assert len(_merged(with_lp)) == 2  # log-probabilities stay one chunk per token
