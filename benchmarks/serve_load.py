@@ -112,7 +112,8 @@ async def round_of(url: str, clients: int, prompts: Prompts, new_tokens: int) ->
     return {"clients": clients, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
             "itl_p50_ms": 1e3 * pct(gaps, 50), "itl_p99_ms": 1e3 * pct(gaps, 99),
-            "one_client_decode_tokens_per_s": statistics.median(1 / statistics.mean(r["gaps"]) for r in results)}
+            "one_client_decode_tokens_per_s": statistics.median([len(r["gaps"]) / sum(r["gaps"]) for r in results
+                                                                if sum(r["gaps"]) > 0] or [float("nan")])}
 
 
 async def conversation(url: str, tok: CharTokenizer, seed: int, turns: int, user_len: int, reply_len: int) -> dict:
