@@ -14,6 +14,7 @@ User mistakes end in one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 import typing
@@ -60,12 +61,18 @@ def flag(name: str) -> str:
 
 class _HelpFormatter(DefaultHelpFormatter):
     """jsonargparse's help, less the "(required)" it gives the verb list, printed alone on a line under
-    "Available subcommands:" (the verbs are listed right below; a missing one is an error of its own)."""
+    "Available subcommands:" (the verbs are listed right below; a missing one is an error of its own), and
+    less its "default: X" where the help already says the default in words ("(default: this machine only)")."""
 
     def _get_help_string(self, action) -> str:
         if isinstance(action, ActionSubCommands):
             return action.help or ""
-        return super()._get_help_string(action)
+        text = super()._get_help_string(action)
+        own = action.help or ""
+        if "default" not in own or not text.startswith(own):
+            return text
+        tail = re.sub(r"(, )?default: %\(default\)s", "", text[len(own):]).replace("(, ", "(")
+        return own + ("" if tail.strip() == "()" else tail)
 
 
 class _VerbParser(ArgumentParser):
@@ -103,7 +110,7 @@ def _verb_parser(verb: str, defaults: dict[str, Any]) -> ArgumentParser:
     fn, sections = VERBS[verb][0], CONFIG_FLAGS.get(verb, ())
     doc = docstring_parser.parse(fn.__doc__ or "")
     description = " ".join(filter(None, (doc.short_description, doc.long_description)))
-    p = _VerbParser(exit_on_error=False, description=" ".join(description.split()))
+    p = _VerbParser(exit_on_error=False, description=" ".join(description.split()), formatter_class=_HelpFormatter)
     p.verb = verb
     skip = {*sections, "base"} if sections else set()  # base: the layered defaults, handed over by main
     p.hints = {k: v for k, v in typing.get_type_hints(fn).items() if k not in skip and k != "return"}
@@ -162,6 +169,36 @@ def _arguments(verb: str, ns, argv: list[str], defaults: Optional[dict[str, Any]
 # Errors
 
 
+def _did_you_mean(word: str, options: list[str]) -> Optional[str]:
+    """The option (or verb) the user probably meant: `--model.nlayer` -> `--model.n_layer`, `--lr` ->
+    `--optim.lr` (a config field's name without its section), `trian` -> `train`."""
+    tails = {"--" + o.split(".", 1)[1]: o for o in options if o.startswith("--") and "." in o}
+    if word in tails:
+        return tails[word]
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    close = difflib.get_close_matches(word, list(tails), n=1, cutoff=0.75)
+    return tails[close[0]] if close else None
+
+
+def _suggestion(msg: str, parser: Optional[ArgumentParser], verb: str) -> str:
+    """' (did you mean --model.n_layer?)' for an unknown flag or verb, else ''."""
+    if parser is None:
+        return ""
+    unknown = re.match(r"unrecognized arguments: (\S+)", msg)
+    choice = re.match(r"argument verb: invalid choice: '([^']*)'", msg)
+    if unknown and verb in VERBS:
+        flags = [o for o in parser._subcommands_action.choices[verb]._option_string_actions if o.startswith("--")]
+        word, options = unknown.group(1).split("=", 1)[0], flags
+    elif choice:
+        word, options = choice.group(1), list(VERBS)
+    else:
+        return ""
+    guess = _did_you_mean(word, options)
+    return f" (did you mean {guess}?)" if guess else ""
+
+
 def _argument_error(msg: str) -> str:
     """jsonargparse's type errors, said as a user would: `--model.n_layer expects int, got 'abc'`."""
     msg = one_line(msg)
@@ -181,13 +218,15 @@ def _argument_error(msg: str) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = None
     try:
         defaults = None
         if argv[:1] == ["train"]:
             defaults = train_defaults(argv)
         elif argv[:1] == ["bench"]:  # the same layering; bench has no --resume, so the parser refuses one
             defaults = train_defaults([x for x in argv if not x.startswith("--resume")])
-        args = build_parser(defaults).parse_args(argv)
+        parser = build_parser(defaults)
+        args = parser.parse_args(argv)
         return VERBS[args.verb][0](**_arguments(args.verb, args, argv, defaults))
     except UserError as e:
         print(f"gptforge: error: {one_line(e)}", file=sys.stderr)
@@ -205,7 +244,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         from argparse import ArgumentError
 
         if isinstance(e, ArgumentError) or type(e).__name__ == "ArgumentError":
-            print(f"gptforge: error: {_argument_error(str(e))}", file=sys.stderr)
+            msg = _argument_error(str(e))
+            print(f"gptforge: error: {msg}{_suggestion(msg, parser, argv[0] if argv else '')}", file=sys.stderr)
             return 2
         raise
 

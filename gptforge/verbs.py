@@ -44,9 +44,11 @@ def prepare(source: str, *, out: str, tokenizer: Literal["char", "gpt2", "bpe"] 
     """Tokenize a corpus into train/val(/test) token files plus a manifest.
 
     Args:
-        source: a text file (.txt/.md/.txt.gz), a .jsonl(.gz) or .parquet file, a folder of them,
-            hf:NAME[:CONFIG][@SPLIT] (a Hugging Face dataset, streamed; needs gptforge[hf]), or a built-in
-            corpus: shakespeare (downloaded once), pydoc (offline)
+        source: a text file (.txt/.md/.txt.gz), a .jsonl(.gz) or .parquet file (the --text-field of each
+            row), a folder of them, hf:NAME[:CONFIG][@SPLIT] (a Hugging Face dataset, streamed; needs
+            gptforge[hf]), or a built-in corpus: shakespeare (downloaded once), pydoc (offline); with --chat,
+            conversations in .jsonl(.gz), .json(.gz) (a JSON array, as Alpaca's file) or .parquet files, a
+            folder of them, or hf:NAME
         out: data directory to write
         tokenizer: char: one token per character; gpt2: GPT-2's BPE (tiktoken); bpe: a BPE trained on this corpus
         vocab_size: vocabulary size (bpe only), 258 to 1,048,576

@@ -358,6 +358,12 @@ def test_the_command_ends_bad_input_in_one_line(tmp_path, tiny_run, args, messag
     (["bench", "--batch-sizes", "1"], "--batch-sizes applies to --generate"),
     (["presets", "x"], "unrecognized arguments: x"),
     (["presets", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", "--model.nlayer", "3"], "unrecognized arguments: --model.nlayer 3 (did you mean --model.n_layer?)"),
+    (["train", "--lr", "3"], "unrecognized arguments: --lr 3 (did you mean --optim.lr?)"),
+    (["train", "--train.max-iters=3"], "(did you mean --train.max_iters?)"),
+    (["serve", "r", "--prot", "1"], "unrecognized arguments: --prot 1 (did you mean --port?)"),
+    (["trian"], "invalid choice: 'trian' (choose from 'prepare', 'train',"),
+    (["trian"], "(did you mean train?)"),
 ])
 def test_every_verb_says_a_flag_mistake_in_one_line(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)

@@ -35,3 +35,19 @@ def test_every_flag_has_a_description(capsys, verb):
         if not description or description.startswith("("):
             bare.append(flag)
     assert bare == [], f"gptforge {verb} --help: no description for {bare}"
+
+
+@pytest.mark.parametrize("verb", ["prepare", "train", "eval", "sample", "chat", "serve", "export", "quickstart", "bench"])
+def test_a_default_is_said_once(capsys, verb):
+    """A flag whose description says its default in words ("(default: this machine only)") does not get
+    jsonargparse's "(default: 127.0.0.1)" after it as well."""
+    out = help_text(capsys, verb)
+    entries = re.split(r"\n(?=  -)", out.split("\noptions:\n", 1)[1])
+    twice = [entry.split()[0] for entry in entries if " ".join(entry.split()).count("default") > 1]
+    assert twice == [], f"gptforge {verb} --help says a default twice for {twice}"
+
+
+def test_prepare_help_names_the_json_conversations():
+    from gptforge.verbs import prepare
+
+    assert ".json(.gz) (a JSON array" in prepare.__doc__

@@ -40,7 +40,8 @@ from gptforge.errors import UserError, one_line
 from gptforge.files import atomic_path, check_apart, check_output_dir, path_problem
 from gptforge.modelio.checkpoint import (Checkpoint, model_from_state, model_state, open_checkpoint, read_config,
                                         resolve_checkpoint, write_checkpoint)
-from gptforge.modelio.hf import check_fits, first_unmapped, hf_chat_template, merges_from_ranks
+from gptforge.modelio.hf import (check_fits, exportable_with, first_unmapped, hf_chat_template, merges_from_ranks,
+                                 rope_architecture)
 from gptforge.tokenizer import EOT_TEXT, Tokenizer, byte_level_spelling, tokenizer_from_dict
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -71,36 +72,33 @@ def require_gguf():
 
 def gguf_architecture(cfg: GPTConfig) -> str:
     """The llama.cpp architecture that computes exactly what `cfg` does (gpt2, llama, qwen3 or arcee), or a
-    UserError naming what none of them computes."""
-    def refuse(why: str):
-        return UserError(f"cannot export to GGUF: {why}")
+    UserError naming what none of them computes (and the one-flag change that would give one that does)."""
+    try:
+        return _gguf_architecture(cfg)
+    except UserError as e:
+        raise UserError(f"cannot export to GGUF: {e}{exportable_with(cfg, _gguf_architecture)}") from None
 
+
+def _gguf_architecture(cfg: GPTConfig) -> str:
     for name, why in _NO_COUNTERPART.items():
         if getattr(cfg, name) not in (None, False):
-            raise refuse(f"model.{name}: {why}")
+            raise UserError(f"model.{name}: {why}")
     if unmapped := first_unmapped(cfg, _NO_COUNTERPART):  # a rung added after this module: refuse, never drop it
-        raise refuse(f"model.{unmapped} is not mapped to a llama.cpp architecture")
+        raise UserError(f"model.{unmapped} is not mapped to a llama.cpp architecture")
     if cfg.pos == "learned":
         why = [w for bad, w in ((cfg.norm != "layernorm", "rmsnorm with learned positions (gpt2 has layernorm)"),
                                 (cfg.mlp not in ("gelu", "gelu_tanh"),
                                  f"a {cfg.mlp} MLP with learned positions (gpt2 has a gelu MLP)"),
                                 (cfg.qk_norm, "qk_norm with learned positions (gpt2 has none)")) if bad]
         if why:
-            raise refuse("; ".join(why))
+            raise UserError("; ".join(why))
         return "gpt2"
-    if cfg.norm != "rmsnorm":
-        raise refuse("rope with layernorm (llama.cpp's RoPE architectures have rmsnorm)")
-    if cfg.mlp == "swiglu":
-        arch = "qwen3" if cfg.qk_norm else "llama"
-    elif cfg.mlp == "relu2" and not cfg.qk_norm:
-        arch = "arcee"
-    else:
-        what = "qk_norm with a relu2 MLP" if cfg.mlp == "relu2" else f"rope with a {cfg.mlp} MLP"
-        raise refuse(f"{what}: no llama.cpp architecture computes it (llama has swiglu, qwen3 swiglu with "
-                     "qk_norm, arcee relu2 without qk_norm)")
+    arch, why = rope_architecture(cfg)
+    if arch is None:
+        raise UserError(why)
     if cfg.bias and arch != "llama":
-        raise refuse(f"biases with {'qk_norm' if arch == 'qwen3' else 'a relu2 MLP'}: llama.cpp's {arch} "
-                     "architecture has none (train with --model.bias false)")
+        raise UserError(f"biases with {'qk_norm' if arch == 'qwen3' else 'a relu2 MLP'}: llama.cpp's {arch} "
+                        "architecture has none (train with --model.bias false)")
     return arch
 
 

@@ -1,8 +1,10 @@
 """Hugging Face interop: GPT-2 and Llama-family weights in, `transformers` model directories out.
 
-This module owns the translation between our `GPT` and two `transformers` architectures:
+This module owns the translation between our `GPT` and four `transformers` architectures:
   classic block (learned positions, LayerNorm, GELU, n_kv_head == n_head)  <->  GPT2LMHeadModel
   modern block (RoPE, RMSNorm, SwiGLU, any n_kv_head)                        <->  LlamaForCausalLM
+  the modern block with QK-norm (no biases)                                  <->  Qwen3ForCausalLM
+  RoPE, RMSNorm, a squared-ReLU MLP, no QK-norm                              <->  ArceeForCausalLM
 - `load_pretrained(name_or_dir)`: a GPT-2 name (gpt2 ... gpt2-xl), a hub id or a local HF directory as
   (GPT, GPTConfig, Tokenizer); what `train --init-from` and `sample gpt2` use.
 - `import_hf(src, out_dir)`: the same, written as a gptforge checkpoint directory.
@@ -167,28 +169,74 @@ def first_unmapped(cfg: GPTConfig, also: Collection[str] = ()) -> Optional[str]:
                  if f.name not in MAPPED_FIELDS and f.name not in also and getattr(cfg, f.name) != f.default), None)
 
 
+# the RoPE blocks transformers and llama.cpp both compute: (mlp, qk_norm) -> architecture
+ROPE_FAMILY = {("swiglu", False): "llama", ("swiglu", True): "qwen3", ("relu2", False): "arcee"}
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+              "arcee": "ArceeForCausalLM"}
+# one-field changes tried when a model cannot be exported, to say which flag gives one that can
+_NEAR_CHANGES = (("qk_norm", False), ("mlp", "swiglu"), ("mlp", "relu2"), ("mlp", "gelu"), ("norm", "rmsnorm"),
+                 ("norm", "layernorm"), ("bias", False), ("n_kv_head", None))
+
+
+def rope_architecture(cfg: GPTConfig) -> tuple[Optional[str], str]:
+    """The architecture (llama, qwen3 or arcee) computing `cfg`'s RoPE block, or (None, why none does)."""
+    if cfg.norm != "rmsnorm":
+        return None, "rope with layernorm (Llama, Qwen3 and Arcee have rmsnorm)"
+    arch = ROPE_FAMILY.get((cfg.mlp, cfg.qk_norm))
+    if arch is None:
+        what = "qk_norm with a relu2 MLP" if cfg.mlp == "relu2" else f"rope with a {cfg.mlp} MLP"
+        return None, f"{what}: no architecture computes it (llama has swiglu, qwen3 swiglu with qk_norm, arcee " \
+                     "relu2 without qk_norm)"
+    return arch, ""
+
+
+def exportable_with(cfg: GPTConfig, architecture: Callable[[GPTConfig], str]) -> str:
+    """'; a model trained with --model.qk_norm false (arcee) would export': the one-flag changes that give a model
+    `architecture` accepts, to end a refusal with ('' when none does). A different model: it must be trained."""
+    found = []
+    for field, value in _NEAR_CHANGES:
+        value = cfg.n_head if field == "n_kv_head" else value
+        if getattr(cfg, field) == value:
+            continue
+        try:
+            arch = architecture(dataclasses.replace(cfg, **{field: value}))
+        except UserError:
+            continue
+        found.append(f"--model.{field} {str(value).lower()} ({arch})")
+    return f"; a model trained with {' or '.join(found)} would export" if found else ""
+
+
 def hf_architecture(cfg: GPTConfig) -> str:
-    """'gpt2' or 'llama': the `transformers` architecture that computes exactly what `cfg` does, or a
-    UserError naming what has no counterpart there."""
+    """'gpt2', 'llama', 'qwen3' or 'arcee': the `transformers` architecture that computes exactly what `cfg`
+    does, or a UserError naming what has no counterpart there (and the one-flag change that would have one)."""
     if unmapped := first_unmapped(cfg):  # a rung added to the ladder after this module was written: refuse it
         raise UserError(f"cannot export to Hugging Face: model.{unmapped} is not mapped to transformers")
-    if cfg.qk_norm:
-        raise UserError("cannot export to Hugging Face: qk_norm has no counterpart in GPT2LMHeadModel "
-                        "or LlamaForCausalLM")
+    arch, why = _hf_architecture(cfg)
+    if arch is None:
+        raise UserError(f"cannot export to Hugging Face: {why}{exportable_with(cfg, _hf_or_refuse)}")
+    return arch
+
+
+def _hf_or_refuse(cfg: GPTConfig) -> str:
+    arch, why = _hf_architecture(cfg)
+    if arch is None or first_unmapped(cfg):
+        raise UserError(why)
+    return arch
+
+
+def _hf_architecture(cfg: GPTConfig) -> tuple[Optional[str], str]:
     if cfg.pos == "learned":
         why = [w for bad, w in ((cfg.norm != "layernorm", "rmsnorm with learned positions (GPT-2 has layernorm)"),
                                 (cfg.mlp not in ("gelu", "gelu_tanh"),
                                  f"{cfg.mlp} with learned positions (GPT-2 has a gelu MLP)"),
+                                (cfg.qk_norm, "qk_norm with learned positions (GPT-2 has none)"),
                                 (cfg.n_kv_head != cfg.n_head, "grouped-query attention with learned positions "
                                  "(GPT-2 has n_kv_head == n_head)")) if bad]
-        arch = "gpt2"
-    else:
-        why = [w for bad, w in ((cfg.norm != "rmsnorm", "rope with layernorm (Llama has rmsnorm)"),
-                                (cfg.mlp != "swiglu", f"rope with a {cfg.mlp} MLP (Llama has swiglu)")) if bad]
-        arch = "llama"
-    if why:
-        raise UserError(f"cannot export to Hugging Face: {'; '.join(why)}")
-    return arch
+        return (None, "; ".join(why)) if why else ("gpt2", "")
+    arch, why = rope_architecture(cfg)
+    if arch == "qwen3" and cfg.bias:
+        return None, "biases with qk_norm (Qwen3's MLP has none; train with --model.bias false)"
+    return arch, why
 
 
 def _gpt2_keys(cfg: GPTConfig) -> list[str]:
@@ -202,16 +250,19 @@ def _gpt2_keys(cfg: GPTConfig) -> list[str]:
 
 
 def _llama_pairs(cfg: GPTConfig) -> list[tuple[str, list[str]]]:
-    """(our key, LlamaForCausalLM keys): one key, or the parts our fused tensor concatenates on dim 0."""
+    """(our key, Llama/Qwen3/Arcee keys): one key, or the parts our fused tensor concatenates on dim 0."""
     pairs = [("transformer.wte.weight", ["model.embed_tokens.weight"])]
+    fc = [f"mlp.{x}_proj" for x in (("gate", "up") if cfg.mlp == "swiglu" else ("up",))]
     for i in range(cfg.n_layer):
         ours, hf = f"transformer.h.{i}.", f"model.layers.{i}."
         pairs += [(ours + "ln_1.weight", [hf + "input_layernorm.weight"]),
                   (ours + "ln_2.weight", [hf + "post_attention_layernorm.weight"])]
+        if cfg.qk_norm:
+            pairs += [(ours + f"attn.{x}_norm.weight", [hf + f"self_attn.{x}_norm.weight"]) for x in "qk"]
         for s in ("weight", "bias") if cfg.bias else ("weight",):
             pairs += [(ours + f"attn.c_attn.{s}", [hf + f"self_attn.{x}_proj.{s}" for x in "qkv"]),
                       (ours + f"attn.c_proj.{s}", [hf + f"self_attn.o_proj.{s}"]),
-                      (ours + f"mlp.c_fc.{s}", [hf + f"mlp.{x}_proj.{s}" for x in ("gate", "up")]),
+                      (ours + f"mlp.c_fc.{s}", [hf + f"{x}.{s}" for x in fc]),
                       (ours + f"mlp.c_proj.{s}", [hf + f"mlp.down_proj.{s}"])]
     pairs.append(("transformer.ln_f.weight", ["model.norm.weight"]))
     return pairs + ([] if cfg.tie_embeddings else [("lm_head.weight", ["lm_head.weight"])])
@@ -268,25 +319,34 @@ def _config_from_hf(c: Any) -> tuple[GPTConfig, str]:
                         norm="layernorm", norm_eps=c.layer_norm_epsilon, mlp=mlp,
                         tie_embeddings=bool(c.tie_word_embeddings))
         return cfg, "gpt2"
-    if c.model_type == "llama":
-        rope = getattr(c, "rope_parameters", None) or {"rope_theta": getattr(c, "rope_theta", 10000.0),
-                                                       **(getattr(c, "rope_scaling", None) or {})}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            refuse(f"rope_type {rope.get('rope_type')!r} (only plain RoPE, rope_type 'default', is supported)")
-        if c.hidden_act != "silu":
-            refuse(f"hidden_act {c.hidden_act!r} (the SwiGLU MLP needs silu)")
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        if head_dim * c.num_attention_heads != c.hidden_size:
-            refuse("head_dim * num_attention_heads != hidden_size")
-        if bool(c.attention_bias) != bool(getattr(c, "mlp_bias", False)):
-            refuse("attention_bias and mlp_bias differ (gptforge's bias covers both)")
-        cfg = GPTConfig(block_size=c.max_position_embeddings, vocab_size=c.vocab_size, n_layer=c.num_hidden_layers,
-                        n_head=c.num_attention_heads, n_kv_head=c.num_key_value_heads or c.num_attention_heads,
-                        n_embd=c.hidden_size, mlp_hidden=c.intermediate_size, bias=bool(c.attention_bias),
-                        pos="rope", rope_theta=float(rope["rope_theta"]), norm="rmsnorm", norm_eps=c.rms_norm_eps,
-                        mlp="swiglu", tie_embeddings=bool(c.tie_word_embeddings))
-        return cfg, "llama"
-    raise UserError(f"cannot import model_type {c.model_type!r}: gptforge reads GPT-2 (gpt2) and Llama (llama) models")
+    if c.model_type in ("llama", "qwen3", "arcee"):
+        return _rope_config_from_hf(c, refuse), c.model_type
+    raise UserError(f"cannot import model_type {c.model_type!r}: gptforge reads GPT-2 (gpt2), Llama (llama), "
+                    "Qwen3 (qwen3) and Arcee (arcee) models")
+
+
+def _rope_config_from_hf(c: Any, refuse: Callable[[str], Any]) -> GPTConfig:
+    """A Llama, Qwen3 or Arcee config as ours: the RoPE block, with qk_norm (Qwen3) or a relu2 MLP (Arcee)."""
+    rope = getattr(c, "rope_parameters", None) or {"rope_theta": getattr(c, "rope_theta", 10000.0),
+                                                   **(getattr(c, "rope_scaling", None) or {})}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        refuse(f"rope_type {rope.get('rope_type')!r} (only plain RoPE, rope_type 'default', is supported)")
+    act = "relu2" if c.model_type == "arcee" else "silu"
+    if c.hidden_act != act:
+        refuse(f"hidden_act {c.hidden_act!r} (its MLP needs {act})")
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if head_dim * c.num_attention_heads != c.hidden_size:
+        refuse("head_dim * num_attention_heads != hidden_size")
+    if bool(c.attention_bias) != bool(getattr(c, "mlp_bias", False)):
+        refuse("attention_bias and mlp_bias differ (gptforge's bias covers both)")
+    if getattr(c, "use_sliding_window", False):
+        refuse("sliding-window attention (gptforge attends to the whole context)")
+    return GPTConfig(block_size=c.max_position_embeddings, vocab_size=c.vocab_size, n_layer=c.num_hidden_layers,
+                     n_head=c.num_attention_heads, n_kv_head=c.num_key_value_heads or c.num_attention_heads,
+                     n_embd=c.hidden_size, mlp_hidden=c.intermediate_size, bias=bool(c.attention_bias),
+                     pos="rope", rope_theta=float(rope["rope_theta"]), norm="rmsnorm", norm_eps=c.rms_norm_eps,
+                     mlp="relu2" if c.model_type == "arcee" else "swiglu", qk_norm=c.model_type == "qwen3",
+                     tie_embeddings=bool(c.tie_word_embeddings))
 
 
 def _hf_config(cfg: GPTConfig, arch: str, eot_id: Optional[int]):
@@ -301,12 +361,15 @@ def _hf_config(cfg: GPTConfig, arch: str, eot_id: Optional[int]):
                              layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
                              attn_pdrop=cfg.dropout, **common, **extra)
     # rope_theta as a keyword: transformers 5 files it under rope_parameters, 4.x kept it as is
-    return tf.LlamaConfig(architectures=["LlamaForCausalLM"], hidden_size=cfg.n_embd,
-                          intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
-                          num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
-                          hidden_act="silu", max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
-                          rope_theta=cfg.rope_theta, attention_bias=cfg.bias, mlp_bias=cfg.bias,
-                          attention_dropout=cfg.dropout, **common)
+    rope = dict(architectures=[HF_CLASSES[arch]], hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden,
+                num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
+                rope_theta=cfg.rope_theta, attention_bias=cfg.bias, attention_dropout=cfg.dropout, **common)
+    if arch == "qwen3":  # no MLP biases (hf_architecture refuses biases here), no sliding window
+        return tf.Qwen3Config(hidden_act="silu", use_sliding_window=False, **rope)
+    if arch == "arcee":
+        return tf.ArceeConfig(hidden_act="relu2", mlp_bias=cfg.bias, **rope)
+    return tf.LlamaConfig(hidden_act="silu", mlp_bias=cfg.bias, **rope)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -547,7 +610,7 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
     else:
         notes.append(f"No Hugging Face tokenizer: gptforge's {tok.kind} tokenizer has no transformers counterpart. "
                      f"Encode and decode with gptforge.tokenizer.load_tokenizer('{OWN_TOKENIZER}').")
-    name = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[arch]
+    name = HF_CLASSES[arch]
 
     def write(tmp: Path) -> None:
         hf_config.save_pretrained(tmp)
@@ -577,7 +640,7 @@ def to_hf_model(model: torch.nn.Module, eot_id: Optional[int] = None):
     cfg = model.config
     arch = hf_architecture(cfg)
     weights = _to_hf(cfg, arch, {k: v.float() for k, v in model_state(model).items()})
-    hf = (tf.GPT2LMHeadModel if arch == "gpt2" else tf.LlamaForCausalLM)(_hf_config(cfg, arch, eot_id))
+    hf = getattr(tf, HF_CLASSES[arch])(_hf_config(cfg, arch, eot_id))
     missing, unexpected = hf.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]  # tied to the embedding
     if missing or unexpected:  # the mapping is ours: a mismatch is a bug, not the user's mistake

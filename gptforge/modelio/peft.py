@@ -28,7 +28,7 @@ from gptforge.errors import UserError
 from gptforge.files import check_output_dir
 from gptforge.modelio.checkpoint import (is_adapter, read_adapter, read_config, read_state, resolve_checkpoint,
                                          umask_mode, write_dir_atomically)
-from gptforge.modelio.hf import HF_TOKENIZER_KINDS, OWN_TOKENIZER, hf_architecture, write_hf_tokenizer
+from gptforge.modelio.hf import HF_CLASSES, HF_TOKENIZER_KINDS, OWN_TOKENIZER, hf_architecture, write_hf_tokenizer
 from gptforge.tokenizer import load_tokenizer
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", OWN_TOKENIZER,
@@ -40,7 +40,7 @@ _HF_MODULE = {
              "mlp_fc": "mlp.c_fc", "mlp_proj": "mlp.c_proj"},
     "llama": {"query": "self_attn.q_proj", "key": "self_attn.k_proj", "value": "self_attn.v_proj",
               "attn_proj": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-              "mlp_proj": "mlp.down_proj"},
+              "mlp_fc": "mlp.up_proj", "mlp_proj": "mlp.down_proj"},  # mlp_fc: Arcee's relu2 MLP (no gate)
 }
 _BLOCKS = {"gpt2": "base_model.model.transformer.h", "llama": "base_model.model.model.layers"}
 _EMBED = {"gpt2": ("wte", "base_model.model.transformer.wte"), "llama": ("embed_tokens", "base_model.model.model.embed_tokens")}
@@ -50,6 +50,7 @@ def peft_tensors(cfg: RunConfig, arch: str, adapters: dict[str, torch.Tensor]) -
     """PEFT's tensors for our adapter state dict, and the adapter_config.json fields they need."""
     m, r, alpha = cfg.model, cfg.lora.rank, cfg.lora.alpha
     fused = arch == "gpt2"
+    arch = "gpt2" if fused else "llama"  # Qwen3 and Arcee name their modules as Llama does
     groups: dict[str, list[lora.Part]] = {}
     for p in lora.parts(m, cfg.lora.target_list):
         groups.setdefault(_HF_MODULE[arch][p.name], []).append(p)
@@ -127,7 +128,7 @@ def export_peft(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: st
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
         write_hf_tokenizer(tmp, tok, cfg.model.block_size)
         (tmp / "README.md").write_text(f"# LoRA adapters exported by gptforge {__version__}\n\nFrom `{ckpt}`, for "
-                                       f"`{base}` (a `{'GPT2LMHeadModel' if arch == 'gpt2' else 'LlamaForCausalLM'}`)."
+                                       f"`{base}` (a `{HF_CLASSES[arch]}`)."
                                        "\n\n" + "\n\n".join(notes) + "\n")
 
     write_dir_atomically(out, write, PEFT_FILES)

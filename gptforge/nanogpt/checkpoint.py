@@ -160,7 +160,8 @@ def load_init(path: Union[str, Path], data_dir_or_tokenizer: Union[None, str, Pa
     cfg, sd = ck.config, dict(ck.weights)
     if block_size is not None and block_size != cfg.block_size:
         if block_size > cfg.block_size:
-            raise UserError(f"block_size {block_size} exceeds the {cfg.block_size} positions {path} learned")
+            raise UserError(f"block_size {block_size} exceeds the {cfg.block_size} positions {path} learned; add "
+                            f"--model.block_size {cfg.block_size} (or less) to train with the context it has")
         sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:block_size]
     changes = {k: v for k, v in (("block_size", block_size), ("dropout", dropout), ("attention", attention))
                if v is not None}

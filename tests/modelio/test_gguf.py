@@ -175,7 +175,8 @@ def test_unsupported_variants_are_refused_in_one_line(why, tmp_path, capsys):
 def test_the_speedrun_cpu_preset_is_refused_with_its_reason():
     from gptforge.config import preset
 
-    with pytest.raises(UserError, match="qk_norm with a relu2 MLP: no llama.cpp architecture"):
+    with pytest.raises(UserError, match="qk_norm with a relu2 MLP: no architecture computes it.*"
+                                        "trained with --model.qk_norm false \\(arcee\\) or --model.mlp swiglu"):
         gguf_architecture(GPTConfig(**preset("speedrun-cpu")["model"], vocab_size=128))
 
 

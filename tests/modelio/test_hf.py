@@ -232,6 +232,10 @@ EXPORTS = {  # name: (model fields, tokenizer fixture, HF class, HF activation o
                         "bpe", "LlamaForCausalLM", None),
     "modern-gqa-untied-bias": (dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, tie_embeddings=False,
                                     vocab_size=64, norm_eps=1e-6), "char", "LlamaForCausalLM", None),
+    "qk-norm-gqa": (dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, n_kv_head=2, bias=False,
+                         vocab_size=320), "bpe", "Qwen3ForCausalLM", None),
+    "relu2-untied-bias": (dict(pos="rope", norm="rmsnorm", mlp="relu2", tie_embeddings=False, vocab_size=64),
+                          "char", "ArceeForCausalLM", None),
 }
 
 
@@ -290,7 +294,9 @@ def test_export_padded_ids_are_never_generated(tmp_path, char_tok):
     (dict(n_kv_head=2), "grouped-query attention with learned positions"),
     (dict(pos="rope", mlp="swiglu"), "rope with layernorm"),
     (dict(pos="rope", norm="rmsnorm", mlp="gelu"), "rope with a gelu MLP"),
-    (dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True), "qk_norm has no counterpart"),
+    (dict(pos="rope", norm="rmsnorm", mlp="relu2", qk_norm=True), "qk_norm with a relu2 MLP: no architecture"),
+    (dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=True), "biases with qk_norm"),
+    (dict(qk_norm=True), "qk_norm with learned positions"),
 ])
 def test_export_refuses_what_transformers_cannot_compute(fields, reason, tmp_path, char_tok):
     cfg = GPTConfig(n_layer=1, n_head=4, n_embd=16, block_size=8, vocab_size=64, **fields)

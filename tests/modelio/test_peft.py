@@ -21,6 +21,8 @@ SHAPES = {
     "gpt2": dict(vocab_size=64),
     "llama": dict(vocab_size=64, pos="rope", n_kv_head=2, norm="rmsnorm", mlp="swiglu", bias=False,
                   tie_embeddings=False),
+    "qwen3": dict(vocab_size=64, pos="rope", n_kv_head=2, norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False),
+    "arcee": dict(vocab_size=64, pos="rope", norm="rmsnorm", mlp="relu2", bias=False, tie_embeddings=False),
 }
 
 
@@ -95,7 +97,7 @@ def test_what_is_not_a_lora_run_is_refused(tmp_path, capsys):
     assert main(["export", str(tmp_path / "base"), "--to", "peft", str(tmp_path / "out")]) == 2
     assert "not LoRA adapters" in capsys.readouterr().err and not (tmp_path / "out").exists()
     assert main(["export", str(tmp_path / "base"), "--to", "peft", str(tmp_path / "out"), "--dtype", "f16"]) == 2
-    qk = tiny_gpt(vocab_size=64, pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False)
+    qk = tiny_gpt(vocab_size=64, pos="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, bias=False)
     save_run(tmp_path / "qk", qk, CharTokenizer(CHARS, eot=True))
     save_adapter_run(tmp_path / "qk-lora", tmp_path / "qk", LoRAConfig())
     assert main(["export", str(tmp_path / "qk-lora"), "--to", "peft", str(tmp_path / "out")]) == 2
