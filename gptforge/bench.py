@@ -26,12 +26,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from gptforge.config import ConfigError, GPTConfig, RunConfig, preset
-from gptforge.device import (autocast, measure_matmul_flops, peak_flops, pick_device, pick_dtype, seed_everything,
-                             setup_backends, synchronize)
+from gptforge.device import (autocast, busy_note, measure_matmul_flops, peak_flops, pick_device, pick_dtype,
+                             seed_everything, setup_backends, synchronize)
 from gptforge.errors import UserError
 from gptforge.infer.engine import decode_threads, generate, stream
 from gptforge.model import GPT
-from gptforge.modelio.hf import hf_architecture, require_transformers, to_hf_model
+from gptforge.modelio.hf import HF_CLASSES, hf_architecture, require_transformers, to_hf_model
 from gptforge.modelio.load import use_decode_layout
 from gptforge.optim import build_optimizer
 from gptforge.train import apply_gradients
@@ -177,7 +177,7 @@ def bench_train(cfg: RunConfig, *, steps: int = 10, warmup: int = 2, vocab_note:
         "peak_flops_measured": measured_peak, "mfu": achieved / measured_peak,
         "peak_flops_table": table_peak, "mfu_table": achieved / table_peak if table_peak else None,
         "peak_memory_bytes": memory, "peak_memory_kind": memory_kind,
-        "loss": final_loss,
+        "loss": final_loss, "busy": busy_note(device, measured_peak, dtype),
     }
 
 
@@ -213,6 +213,8 @@ def format_train(r: dict[str, Any]) -> str:
         lines.append(f"          {r['mfu_table'] * 100:.1f}% of {r['peak_flops_table'] / 1e12:,.0f} TFLOP/s, "
                      f"the data-sheet peak of {r['device_name']}")
     lines.append(f"  memory  {r['peak_memory_bytes'] / 1e9:.2f} GB peak, {r['peak_memory_kind']}")
+    if r.get("busy"):
+        lines.append(f"  note    {r['busy']}")
     lines.append(f"  loss    {r['loss']:.3f} after the last step (on random tokens it stays near ln(vocab) = "
                  f"{math.log(m.vocab_size):.2f})")
     return "\n".join(lines)
@@ -422,6 +424,7 @@ def bench_generate(shapes: dict[str, GPTConfig], *, batch_sizes: Sequence[int] =
     setup_backends(dev)
     log(f"measuring memory bandwidth ({bandwidth_mb} MB copy) ...")
     bandwidth = measure_bandwidth(dev, bandwidth_mb)
+    busy = busy_note(dev, measure_matmul_flops(dev, torch.float32, seconds=0.15) if dev.type == "cpu" else None)
     out_shapes = []
     for name, cfg, P, N in plans:
         seed_everything(seed)
@@ -445,7 +448,7 @@ def bench_generate(shapes: dict[str, GPTConfig], *, batch_sizes: Sequence[int] =
         del model
     return {"mode": "generate", "device": str(dev), "device_name": _device_name(dev), "dtype": _dtype_name(dt),
             "threads": torch.get_num_threads(), "decode_layout": dev.type == "cpu",
-            "bandwidth_bytes_per_s": bandwidth, "bandwidth_mb": bandwidth_mb, "shapes": out_shapes}
+            "bandwidth_bytes_per_s": bandwidth, "bandwidth_mb": bandwidth_mb, "shapes": out_shapes, "busy": busy}
 
 
 def _compare_hf(model, cfg: GPTConfig, P: int, N: int, dev: torch.device, g, repeats: int, min_time: float,
@@ -469,7 +472,7 @@ def _compare_hf(model, cfg: GPTConfig, P: int, N: int, dev: torch.device, g, rep
     differ = (ours_tokens[:, :n] != hf_tokens[:, :n]).nonzero()[:, 1].tolist()
     differ += [n] if ours_tokens.shape != hf_tokens.shape else []  # one of them stopped early
     del hf
-    return {"architecture": "GPT2LMHeadModel" if cfg.pos == "learned" else "LlamaForCausalLM",
+    return {"architecture": HF_CLASSES[hf_architecture(cfg)],
             "batch_size": 1, "dtype": "float32", "prompt_len": P, "new_tokens": N, "runs": len(pairs),
             "hf_prefill_tokens_per_s": P / hf_prefill, "hf_decode_tokens_per_s": (N - 1) / hf_decode,
             "hf_total_tokens_per_s": N / (hf_prefill + hf_decode),
@@ -488,6 +491,8 @@ def format_generate(r: dict[str, Any]) -> str:
              f"memory bandwidth: {bw / 1e9:.1f} GB/s ({r['bandwidth_mb']} MB tensor copy, read + write bytes, median)"]
     if r.get("vocab_note"):
         lines.append(f"vocabulary: {r['vocab_note']} (--model.vocab_size to change)")
+    if r.get("busy"):
+        lines.append(f"note: {r['busy']}")
     for s in r["shapes"]:
         m = GPTConfig(**s["model"])
         lines += ["", f"{s['name']}: {_shape(m)}, {s['params'] / 1e6:.2f}M parameters | prompt {s['prompt_len']} "

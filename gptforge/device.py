@@ -158,6 +158,31 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, rounds: int = 3
     return _measured_peak[key]
 
 
+def busy_note(device: torch.device, measured: Optional[float] = None,
+              dtype: torch.dtype = torch.float32) -> Optional[str]:
+    """'this machine is busy (...)' when speeds measured now will read low, else None: on a CPU, a load
+    average above its cores, or `measured` (a matmul's FLOP/s just taken) under half the best this machine's
+    cache holds. MFU against the cached best then reads low too: the cores are shared, not slower."""
+    if device.type != "cpu":
+        return None
+    import os
+
+    reasons = []
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # no load average on this platform
+        load = None
+    if load is not None and load > cores + 0.5:
+        reasons.append(f"load average {load:.1f} on {cores} cores")
+    best = _cached_peaks().get(_peak_cache_key(dtype))
+    if measured and isinstance(best, (int, float)) and measured < 0.5 * best:
+        reasons.append(f"a matmul ran at {measured / 1e9:.1f} GFLOP/s now, {best / 1e9:.1f} at best here")
+    if not reasons:
+        return None
+    return f"this machine is busy ({'; '.join(reasons)}): speeds and MFU measured now read low"
+
+
 PEAK_CACHE_NAME = "cpu_peak_flops.json"
 
 

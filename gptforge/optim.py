@@ -241,12 +241,16 @@ def describe_schedule(cfg: OptimConfig, max_iters: int, time_budget: Optional[fl
         end = cfg.decay_iters
     else:
         end = cfg.decay_iters if cfg.decay_iters is not None else max_iters
-        text = f"lr {cfg.lr:g} -> {cfg.min_lr:g} ({cfg.schedule}) from step {warmup} to {end} after {warmup} warmup steps"
+        text = (f"lr rises to {cfg.lr:g} over {warmup} warmup steps, then falls to {cfg.min_lr:g} ({cfg.schedule}) "
+                f"by step {end}")
     warning = None
     final = lr_at(max(0, max_iters - 1), cfg, max_iters)
     if warmup >= max_iters and max_iters > 0:
-        warning = (f"the warmup ({warmup} steps) is as long as the run ({max_iters} steps): the lr never reaches "
-                   f"its peak {cfg.lr:g}; lower --optim.warmup_iters")
+        text = (f"lr rises toward {cfg.lr:g} over {warmup} warmup steps, but the run ends at step {max_iters} "
+                f"with the lr at {final:.2g}")
+        warning = (f"the warmup ({warmup} steps) is as long as the run ({max_iters} steps): the lr never passes "
+                   f"{final:.2g} of its peak {cfg.lr:g} and the model will barely learn; give --optim.warmup_iters "
+                   f"{max(1, max_iters // 10)} (or --optim.warmup_frac 0.1)")
     elif cfg.schedule != "constant" and end > max_iters:
         warning = (f"optim.decay_iters is {end} but the run ends at step {max_iters}: the lr ends at {final:.3g}, "
                    f"not min_lr {cfg.min_lr:g}; drop --optim.decay_iters to decay over the run")

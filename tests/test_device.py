@@ -53,3 +53,21 @@ def test_a_damaged_or_unwritable_cache_means_measuring(monkeypatch, tmp_path):
     monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "file"))
     (tmp_path / "file").write_text("a file where the cache directory should be")
     assert device.peak_flops(torch.device("cpu"), torch.float32) == 5e10  # measured; the write failure is ignored
+
+
+def test_a_busy_machine_is_noticed(monkeypatch, tmp_path):
+    """bench and train say when speeds will read low: a load average above the cores, or a matmul measured now
+    under half the best the cache holds for this machine."""
+    _fresh(monkeypatch, tmp_path, measured=1.14e11)
+    cpu = torch.device("cpu")
+    device.peak_flops(cpu, torch.float32)  # caches 114 GFLOP/s as this machine's best
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    assert device.busy_note(cpu, 1.0e11) is None and device.busy_note(cpu) is None
+    note = device.busy_note(cpu, 1.79e10)
+    assert note.startswith("this machine is busy (a matmul ran at 17.9 GFLOP/s now, 114.0 at best here)")
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.2, 8.0, 5.0))
+    assert "load average 9.2 on 2 cores" in device.busy_note(cpu)
+    assert device.busy_note(torch.device("meta")) is None  # a GPU's figures are not judged by the CPU's load

@@ -53,6 +53,7 @@ class ChatSession:
         self.max_new_tokens, self.device, self.dtype, self.note = max_new_tokens, device, dtype, note
         self.generator = params.generator(device)
         self.stop_ids = self.template.stop_ids(tok.eot_id)
+        self.cut: Optional[str] = None  # why the last reply was cut short (no marker ended it), or None
         with torch.inference_mode(), autocast(device, dtype):  # the keys' dtype; written only in inference mode
             self.cache = new_kv_cache(model, 1, device)
         self.exchanges: list[list[int]] = []
@@ -128,6 +129,7 @@ class ChatSession:
         new = torch.tensor([prompt[self.cache.pos:]], dtype=torch.long, device=self.device)  # (1, T_new)
         n = min(self.max_new_tokens, self.block_size - len(prompt))
         answer: list[int] = []
+        self.cut = None
         streamer = TextStreamer(self.tok.decode)
         try:
             with autocast(self.device, self.dtype):
@@ -139,6 +141,10 @@ class ChatSession:
                     answer.append(token)
                     if write is not None:
                         write(streamer(answer))
+                else:  # no marker: the reply was cut at its limit
+                    self.cut = (f"reply cut at {n} tokens, the --max-new-tokens limit" if n == self.max_new_tokens
+                                else f"reply cut: the conversation filled the model's context of {self.block_size} "
+                                "tokens")
         finally:
             # every token of `answer` was yielded before the next was fed, so the cache still holds a prefix
             self.exchanges.append(turn + answer + [self.template.end_id])
@@ -197,7 +203,7 @@ def repl(session: ChatSession, *, read: Callable[[str], str] = input, out=None) 
                     return 0
                 continue
             session.reply(line, write)
-            say("")
+            say(f" [...]\n({session.cut})" if session.cut else "")
         except KeyboardInterrupt:
             say("\n(stopped)")
         except ChatError as e:
@@ -227,6 +233,8 @@ def chat_checkpoint(run, *, prompt: Optional[str] = None, system: Optional[str] 
         session.reply(prompt, lambda text: (out.write(text), out.flush()))
         out.write("\n")
         out.flush()
+        if session.cut:  # on stderr: a script reading the reply from stdout gets the reply alone
+            print(f"({session.cut})", file=sys.stderr, flush=True)
         return 0
     if read is input:
         try:

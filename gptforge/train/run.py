@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 from gptforge import dist, lora
 from gptforge.config import RunConfig
-from gptforge.device import peak_flops, pick_dtype, setup_backends
+from gptforge.device import busy_note, peak_flops, pick_dtype, setup_backends
 from gptforge.hellaswag import load_for_training
 from gptforge.loggers import make_logger
 from gptforge.optim import build_optimizer, describe_schedule, eager_optimizers
@@ -128,6 +128,8 @@ def _log_start(trainer: Trainer, rd: RunDir, tokenizer) -> None:
     if warning:
         say(f"note: {warning}")
     if trainer.log.verbosity < 1:
+    if trainer.log.verbosity >= 1 and (busy := busy_note(c.device)):  # the load average only: free to read
+        say(f"note: {busy}")
         return
     if trainer.log.verbosity >= 2:
         say(json.dumps(cfg.to_dict(), indent=2))

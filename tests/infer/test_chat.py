@@ -350,3 +350,21 @@ def test_a_decode_that_would_overflow_a_given_cache_is_refused(tok):
         next(stream(model, torch.tensor([[2, 3]]), 6, 0.0, kv_cache=cache))  # 10 + 2 + 6 - 1 > 16
     assert cache.pos == 10  # nothing was written past what it held
     assert len(list(stream(model, torch.tensor([[2, 3]]), 5, 0.0, kv_cache=cache))) == 5  # 10 + 2 + 5 - 1 = 16
+
+
+def test_a_reply_cut_at_its_limit_says_so(tok, capsys):
+    model = tiny_model(tok)
+    stops = list(tok.chat.ids.values()) + [tok.eot_id]
+
+    ids = torch.tensor(stops)
+    model.lm_head.register_forward_hook(lambda m, i, out: out.index_fill(-1, ids, -1e9))  # a marker never wins
+    s = session(model, tok, max_new_tokens=5)
+    repl(s, read=scripted_input(["hi"]))
+    out = capsys.readouterr().out
+    assert " [...]\n(reply cut at 5 tokens, the --max-new-tokens limit)" in out
+    s = session(model, tok, max_new_tokens=500)  # the context (64) ends it first
+    repl(s, read=scripted_input(["hi"]))
+    assert "(reply cut: the conversation filled the model's context of 64 tokens)" in capsys.readouterr().out
+    s = session(tiny_model(tok), tok, max_new_tokens=500)  # a reply a marker ends has no note
+    s.reply("hi")
+    assert s.cut is None or "context" in s.cut

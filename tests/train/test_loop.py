@@ -201,4 +201,8 @@ def test_schedule_summary_says_when_it_cannot_decay_within_the_run():
     assert "2000" in text and "ends at step 300" in warning
     cfg.decay_iters = None
     text, warning = describe_schedule(cfg, 300)
-    assert warning is None and "from step 100 to 300" in text
+    assert warning is None and "rises to 0.001 over 100 warmup steps, then falls to 0.0001 (cosine) by step 300" in text
+    cfg.warmup_iters = 700  # longer than the run: said in the summary, and a warning with the flag to give
+    text, warning = describe_schedule(cfg, 50)
+    assert "ends at step 50 with the lr at 7.1e-05" in text
+    assert "never passes 7.1e-05" in warning and "--optim.warmup_iters 5" in warning
