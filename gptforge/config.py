@@ -456,6 +456,9 @@ def _toygpt(n_layer: int, n_head: int, n_embd: int) -> dict:
 # of the command (imports, prepare, the final whole-split val loss, two samples) took 10 s on a 2-core machine that
 # others were not saturating, so the whole command stays within ~100 s there; README.md gives the measured figures.
 QUICKSTART_TIME_BUDGET_S = 75.0
+# Steps `gptforge quickstart --chat` trains its tiny chat model for (a step count, not seconds, so the held-out
+# exact match it reaches does not depend on how busy the machine is); gptforge.quickstart has the recipe.
+QUICKSTART_CHAT_MAX_ITERS = 2500
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "gpt2": _gpt2(12, 12, 768),

@@ -19,7 +19,8 @@ from json import dumps
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from gptforge.config import PRESETS, QUICKSTART_TIME_BUDGET_S, GPTConfig, RunConfig, layered_defaults, merge_sections
+from gptforge.config import (PRESETS, QUICKSTART_CHAT_MAX_ITERS, QUICKSTART_TIME_BUDGET_S, GPTConfig, RunConfig,
+                             layered_defaults, merge_sections)
 from gptforge.errors import UserError
 
 
@@ -443,23 +444,35 @@ def import_(source: str, *, data: Optional[str] = None, out: str, overwrite: boo
     return 0
 
 
-@_fill(budget=f"{QUICKSTART_TIME_BUDGET_S:g}")
-def quickstart(out: str = "gptforge-quickstart", time_budget: Optional[float] = None,
+@_fill(budget=f"{QUICKSTART_TIME_BUDGET_S:g}", chat_iters=f"{QUICKSTART_CHAT_MAX_ITERS:,}")
+def quickstart(out: Optional[str] = None, chat: bool = False, time_budget: Optional[float] = None,
                max_iters: Optional[int] = None, device: str = "auto", overwrite: bool = False) -> int:
     """Prepare CPython's bundled documentation at character level, train the speedrun-cpu recipe on it for a
-    time budget, and print samples, the val loss and the next commands. Needs no network.
+    time budget, and print samples, the val loss and the next commands. With --chat: a tiny chat model
+    instead, trained from scratch on synthetic instruction conversations, with its held-out exact match.
+    Needs no network.
 
     Args:
-        out: folder for the data and the run
+        out: folder for the data and the run (default gptforge-quickstart; with --chat gptforge-quickstart-chat)
+        chat: train a tiny chat model on conversations made up by code (arithmetic on 0..9, reversing,
+            upper-casing and counting words, a table of facts, greetings, follow-up questions) for
+            {chat_iters} steps, then print the exact match on held-out questions and the commands to chat
+            with it and serve it
         time_budget: seconds of training, evaluations included (default {budget}: about 100 s for the whole
-            command on a 2-core CPU)
+            command on a 2-core CPU; --chat counts steps unless this is given)
         max_iters: train exactly this many steps instead of a time budget
         device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
         overwrite: replace a previous quickstart in --out
     """
     from gptforge.quickstart import quickstart as run_quickstart
+    from gptforge.quickstart import quickstart_chat
 
-    run_quickstart(out, time_budget=time_budget, max_iters=max_iters, device=device, overwrite=overwrite)
+    if chat:
+        quickstart_chat(out or "gptforge-quickstart-chat", time_budget=time_budget, max_iters=max_iters,
+                        device=device, overwrite=overwrite)
+    else:
+        run_quickstart(out or "gptforge-quickstart", time_budget=time_budget, max_iters=max_iters, device=device,
+                       overwrite=overwrite)
     return 0
 
 
