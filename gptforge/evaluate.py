@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from gptforge.data.loader import RandomBatches, to_device
 from gptforge.device import autocast
 from gptforge.errors import UserError
-from gptforge.progress import eval_bar, is_terminal
+from gptforge.progress import Progress, eval_bar
 from gptforge.chat_template import chat_of, render_conversation
 from gptforge.data.conversations import read_conversations
 from gptforge.data.loader import open_data
@@ -26,6 +26,7 @@ from gptforge.dist import all_reduce_sum
 from gptforge.infer.engine import stream
 from gptforge.modelio.load import load
 
+EXAMPLES = 3  # `eval --task chat` shows this many answers, decoded as far as a match could need
 EVAL_SEED = 0xE7A1  # the periodic evaluation reads the same batches every time, so evals compare
 
 
@@ -73,24 +74,36 @@ def target_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float,
 
 @dataclass
 class EvalResult:
+    """A split's loss: `tokens` is how many targets it averages, `masked` whether those are only the assistant's
+    (a chat split's loss mask, as SFT trains and validates), `whole` whether the split was read to its end."""
     loss: float
     perplexity: float
     bits_per_byte: Optional[float]
     tokens: int
     bytes: Optional[int]
+    masked: bool = False
+    whole: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def counted(self, split: str) -> str:
+        """What the loss counted, in words: two losses of one model differ by what they count, so every line
+        that prints one says it (`train`'s whole-val pass and `eval` print this)."""
+        where = f"the whole {split} split" if self.whole else f"the start of the {split} split (--max-tokens)"
+        which = "assistant tokens only (the loss mask)" if self.masked else "every token"
+        return f"{where}, {which}: {self.tokens:,} tokens"
 
 
 @torch.no_grad()
 def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, *, block_size: int, batch_size: int,
                     device: torch.device, dtype: torch.dtype, token_bytes: Optional[np.ndarray] = None,
-                    max_tokens: Optional[int] = None, progress: bool = False) -> EvalResult:
+                    max_tokens: Optional[int] = None, progress: bool = False, desc: str = "eval") -> EvalResult:
     """Mean next-token loss over the whole split in non-overlapping windows of block_size.
 
     Every token after the first is predicted exactly once (the last window may be shorter).
-    `max_tokens` caps the number of predicted tokens (from the start of the split).
+    `max_tokens` caps the number of predicted tokens (from the start of the split). `progress` shows the
+    progress on stderr (gptforge.progress: a bar on a terminal, periodic lines off one).
     """
     n = len(tokens) - 1  # number of predictions
     if max_tokens is not None:
@@ -101,7 +114,7 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, *, block_size: i
     model.eval()
     starts = list(range(0, n, block_size))
     loss_sum, byte_sum = 0.0, 0
-    with eval_bar(-(-len(starts) // batch_size), "eval", progress) as bar:
+    with eval_bar(-(-len(starts) // batch_size), desc, progress) as bar:
         for i in range(0, len(starts), batch_size):
             group = starts[i:i + batch_size]
             lengths = [min(block_size, n - s) for s in group]
@@ -123,13 +136,15 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, *, block_size: i
     if token_bytes is not None and byte_sum > 0:
         bpb = loss_sum / math.log(2) / byte_sum
     return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), bits_per_byte=bpb, tokens=n,
-                      bytes=byte_sum if token_bytes is not None else None)
+                      bytes=byte_sum if token_bytes is not None else None, whole=n == len(tokens) - 1)
 
 
 def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "val", max_tokens: Optional[int] = None,
                         batch_size: int = 8, which: str = "latest", device: str = "auto",
                         progress: bool = False) -> dict:
-    """`gptforge eval`: loss, perplexity and bits per byte of a checkpoint on a split of its (or another) data dir."""
+    """`gptforge eval`: loss, perplexity and bits per byte of a checkpoint on a split of its (or another) data dir.
+    On chat data the loss is over the assistant's tokens only (the loss mask), the measure `train` validates
+    SFT with, so the two figures compare; `masked` and `tokens` in the result say what was counted."""
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -144,12 +159,19 @@ def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "v
     if td.tokenizer().fingerprint() != ck.tokenizer.fingerprint():
         raise UserError(f"{data_dir} was prepared with a different tokenizer than the checkpoint's; "
                         "prepare the data with the same tokenizer")
-    result = evaluate_tokens(ck.model, td.tokens(split), block_size=ck.config.model.block_size, batch_size=batch_size,
-                             device=dev, dtype=pick_dtype(ck.config.train.dtype, dev),
-                             token_bytes=ck.tokenizer.token_bytes(), max_tokens=max_tokens,
-                             progress=progress and is_terminal())
+    dtype, block = pick_dtype(ck.config.train.dtype, dev), ck.config.model.block_size
+    if td.kind == "chat":  # (a chat data dir's tokenizer has the template: open_data checks)
+        from gptforge.train.task import masked_split_loss  # train.task imports this module
+
+        result = masked_split_loss(ck.model, td.tokens(split), td.mask(split), bos_id=td.tokenizer().chat.bos_id,
+                                   block_size=block, batch_size=batch_size, device=dev, dtype=dtype,
+                                   max_tokens=max_tokens, progress=progress, desc=f"eval {split}")
+    else:
+        result = evaluate_tokens(ck.model, td.tokens(split), block_size=block, batch_size=batch_size, device=dev,
+                                 dtype=dtype, token_bytes=ck.tokenizer.token_bytes(), max_tokens=max_tokens,
+                                 progress=progress, desc=f"eval {split}")
     return {"checkpoint": str(ck.path), "data": str(data_dir), "split": split, "step": ck.state.get("step"),
-            **result.to_dict()}
+            **result.to_dict(), "counted": result.counted(split)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,78 +180,125 @@ def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "v
 
 @torch.no_grad()
 def chat_loss(model: torch.nn.Module, rows: list[tuple[list[int], list[int]]], *, batch_size: int,
-              device: torch.device, dtype: torch.dtype) -> tuple[float, int]:
+              device: torch.device, dtype: torch.dtype, progress: bool = False) -> tuple[float, int]:
     """Mean next-token loss over the masked-in targets of (ids, mask) rows, and how many there were.
     Rows longer than the context are cut to their first block_size + 1 tokens. Rows in a batch are padded
     at the end with ignored targets, which causal attention keeps from touching the real positions."""
     block = model.config.block_size
     loss_sum, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        group = [(ids[:block + 1], mask[:block + 1]) for ids, mask in rows[i:i + batch_size]]
-        T = max(len(ids) for ids, _ in group) - 1
-        x = torch.zeros(len(group), T, dtype=torch.long)
-        y = torch.full((len(group), T), -1, dtype=torch.long)  # -1: not a target
-        for b, (ids, mask) in enumerate(group):
-            x[b, :len(ids) - 1] = torch.tensor(ids[:-1])
-            y[b, :len(ids) - 1] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
-        with autocast(device, dtype):
-            logits = model(x.to(device))
-        batch_sum, batch_count = target_loss_sum(logits, y.to(device))
-        loss_sum, count = loss_sum + batch_sum, count + batch_count
+    with eval_bar(-(-len(rows) // batch_size), "chat loss", progress) as bar:
+        for i in range(0, len(rows), batch_size):
+            group = [(ids[:block + 1], mask[:block + 1]) for ids, mask in rows[i:i + batch_size]]
+            T = max(len(ids) for ids, _ in group) - 1
+            x = torch.zeros(len(group), T, dtype=torch.long)
+            y = torch.full((len(group), T), -1, dtype=torch.long)  # -1: not a target
+            for b, (ids, mask) in enumerate(group):
+                x[b, :len(ids) - 1] = torch.tensor(ids[:-1])
+                y[b, :len(ids) - 1] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+            with autocast(device, dtype):
+                logits = model(x.to(device))
+            batch_sum, batch_count = target_loss_sum(logits, y.to(device))
+            loss_sum, count = loss_sum + batch_sum, count + batch_count
+            bar.update()
     return loss_sum / max(count, 1), count
 
 
 def greedy_answers(model: torch.nn.Module, tok, prompts: list[list[int]], max_new_tokens: list[int], *,
-                   batch_size: int, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """The greedy answer to each prompt (which ends with <|assistant|>): the text before the first
-    <|end|>, other marker or end-of-text. Prompts of equal length decode together."""
+                   batch_size: int, device: torch.device, dtype: torch.dtype, progress: bool = False,
+                   references: Optional[list[Optional[str]]] = None) -> list[tuple[str, str]]:
+    """(answer, how it ended) for each prompt (which ends with <|assistant|>): the text before the first <|end|>,
+    other marker or end-of-text ("ended"), or of its `max_new_tokens` tokens when none came ("cut"). With a
+    `references[i]`, decoding stops once the answer can no longer equal it, surrounding whitespace aside
+    ("wrong": the text so far). Prompts of equal length decode together, until every row is done.
+    `progress` counts the decode steps of every batch."""
 
-    stops = tok.chat.stop_ids(tok.eot_id)
-    answers: list[Optional[str]] = [None] * len(prompts)
+    refs = references or [None] * len(prompts)
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
-    for group in by_len.values():
-        for j in range(0, len(group), batch_size):
-            rows = group[j:j + batch_size]
-            idx = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)
-            out: list[list[int]] = [[] for _ in rows]
-            with autocast(device, dtype):
-                steps = [s.tolist() for s in stream(model, idx, max(max_new_tokens[i] for i in rows), 0.0,
-                                                    eot_id=tok.chat.end_id, vocab_size=tok.vocab_size)]
-            for b, i in enumerate(rows):
-                for step in steps:
-                    if step[b] in stops:
-                        break
-                    out[b].append(step[b])
-                answers[i] = tok.decode(out[b])
-    return answers  # type: ignore[return-value]
+    batches = [group[j:j + batch_size] for group in by_len.values() for j in range(0, len(group), batch_size)]
+    answers: list[tuple[str, str]] = [("", "cut")] * len(prompts)
+    total = sum(max(max_new_tokens[i] for i in rows) for rows in batches)
+    with Progress(total, "chat answers", unit="token", enabled=progress) as bar:
+        for rows in batches:
+            done = _decode_batch(model, tok, [prompts[i] for i in rows], [max_new_tokens[i] for i in rows],
+                                 [refs[i] for i in rows], device, dtype, bar)
+            for i, (ids, how) in zip(rows, done):
+                answers[i] = (tok.decode(ids), how)
+    return answers
+
+
+def _may_match(text: str, reference: str) -> bool:
+    """Whether an answer that begins with `text` can still equal `reference` once both are stripped."""
+    # a trailing U+FFFD is a character not all of whose byte tokens are out yet
+    a, r = text.lstrip().rstrip("\ufffd"), reference.strip()
+    return r.startswith(a) or (a.startswith(r) and not a[len(r):].strip())
+
+
+def _decode_batch(model: torch.nn.Module, tok, prompts: list[list[int]], budgets: list[int],
+                  refs: list[Optional[str]], device: torch.device, dtype: torch.dtype,
+                  bar: Progress) -> list[tuple[list[int], str]]:
+    """(greedy ids, how each ended: see greedy_answers) of equal-length prompts. The stream is left as soon as
+    every row is done: a model that never ends its replies costs a row its budget (or less, once it is wrong),
+    not the longest row's, and never more."""
+    stops, n = tok.chat.stop_ids(tok.eot_id), max(budgets)
+    out: list[list[int]] = [[] for _ in prompts]
+    how: list[Optional[str]] = [None] * len(prompts)  # None: still decoding
+    idx = torch.tensor(prompts, dtype=torch.long, device=device)
+    steps = 0
+    with autocast(device, dtype):
+        for step in stream(model, idx, n, 0.0, eot_id=tok.chat.end_id, vocab_size=tok.vocab_size):
+            steps += 1
+            for b, t in enumerate(step.tolist()):
+                if how[b] is not None:
+                    continue
+                if t in stops:
+                    how[b] = "ended"
+                    continue
+                out[b].append(t)
+                if refs[b] is not None and not _may_match(tok.decode(out[b]), refs[b]):
+                    how[b] = "wrong"
+                elif len(out[b]) == budgets[b]:  # its budget spent on text: no stop within it
+                    how[b] = "cut"
+            bar.update(1)
+            if all(h is not None for h in how):
+                break
+    bar.update(n - steps)  # the steps a batch that was done early did not need
+    return [(ids, h or "cut") for ids, h in zip(out, how)]
 
 
 def evaluate_chat(model: torch.nn.Module, tok, conversations: list[list[dict]], *, batch_size: int = 8,
-                  device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> dict:
+                  device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                  progress: bool = False) -> dict:
     """Loss on the assistant's tokens of whole conversations, and the exact-match rate of greedy answers to
-    each conversation's last user turn against its last assistant turn (surrounding whitespace ignored)."""
+    each conversation's last user turn against its last assistant turn (surrounding whitespace ignored).
+
+    An answer gets the reference's tokens plus one: the reference and its <|end|>, all the model needs to match
+    it as it was trained to say it. An answer still going then cannot be the reference: it counts as a miss
+    (`unfinished`) without decoding the rest; and past the first EXAMPLES answers (the `examples`, decoded
+    that far to be shown), one stops as soon as it cannot be the reference. A model that never ends its replies
+    spent most of the time on what came after (past the context each token recomputes the whole window)."""
 
     chat_of(tok)  # a tokenizer without a template: one line saying so
     rows = [render_conversation(tok, c) for c in conversations]
-    loss, count = chat_loss(model, rows, batch_size=batch_size, device=device, dtype=dtype)
+    loss, count = chat_loss(model, rows, batch_size=batch_size, device=device, dtype=dtype, progress=progress)
     prompts = [render_conversation(tok, c[:-1], for_generation=True)[0] for c in conversations]
     refs = [c[-1]["content"] for c in conversations]
-    # room for the reference twice over: a longer answer is wrong anyway, however it is tokenized
-    budgets = [2 * len(tok.encode(r)) + 8 for r in refs]
-    answers = greedy_answers(model, tok, prompts, budgets, batch_size=batch_size, device=device, dtype=dtype)
-    matched = sum(a.strip() == r.strip() for a, r in zip(answers, refs))
+    budgets = [len(tok.encode(r)) + 1 for r in refs]
+    answers = greedy_answers(model, tok, prompts, budgets, batch_size=batch_size, device=device, dtype=dtype,
+                             progress=progress, references=[None] * EXAMPLES + refs[EXAMPLES:])
+    matched = sum(how == "ended" and a.strip() == r.strip() for (a, how), r in zip(answers, refs))
     block = model.config.block_size
     return {"loss": loss, "assistant_tokens": count, "exact_match": matched / len(conversations),
             "matched": matched, "conversations": len(conversations),
+            "unfinished": sum(how == "cut" for _, how in answers),
             "too_long": sum(len(ids) > block + 1 for ids, _ in rows),
-            "examples": [{"prompt": c[-2]["content"], "reference": r, "answer": a}
-                         for c, r, a in list(zip(conversations, refs, answers))[:3]]}
+            "examples": [{"prompt": c[-2]["content"], "reference": r, "answer": a, "finished": how == "ended"}
+                         for c, r, (a, how) in list(zip(conversations, refs, answers))[:EXAMPLES]]}
 
 
 def evaluate_chat_checkpoint(run: str, file: str, *, limit: Optional[int] = None, batch_size: int = 8,
-                             which: str = "latest", device: str = "auto") -> dict:
+                             which: str = "latest", device: str = "auto", progress: bool = False) -> dict:
     """`gptforge eval RUN --task chat --file CONVS.jsonl`: `evaluate_chat` on the file's conversations (the
     first `limit`), with the checkpoint and the number of unusable rows skipped."""
 
@@ -247,5 +316,5 @@ def evaluate_chat_checkpoint(run: str, file: str, *, limit: Optional[int] = None
         raise UserError(f"{run} has no chat template (it was not fine-tuned on conversations); "
                         "--task chat needs a model trained on data from `gptforge prepare FILE --chat`")
     out = evaluate_chat(ck.model, ck.tokenizer, conversations, batch_size=batch_size, device=dev,
-                        dtype=pick_dtype(ck.config.train.dtype, dev))
+                        dtype=pick_dtype(ck.config.train.dtype, dev), progress=progress)
     return {"checkpoint": str(ck.path), "file": str(file), "step": ck.state.get("step"), "skipped_rows": bad, **out}

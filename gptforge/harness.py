@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
-from tqdm import tqdm
 
 from gptforge.errors import UserError
 
@@ -59,6 +58,7 @@ from gptforge.infer.sampling import SamplingParams
 from gptforge.infer.scoring import SCORE_BATCH_TOKENS, score
 from gptforge.modelio.checkpoint import Checkpoint
 from gptforge.modelio.load import load
+from gptforge.progress import Progress
 from gptforge.tokenizer import MARKERS
 
 MODEL_NAME = "gptforge"
@@ -103,7 +103,7 @@ class GptforgeLM(TemplateLM):
     """
 
     backend = "causal"  # TemplateLM._encode_pair: encode context + continuation whole, then split
-    progress = True  # the request-level progress bars (lm-eval's disable_tqdm turns them off too)
+    progress = True  # the request-level progress (gptforge.progress; lm-eval's disable_tqdm turns it off too)
 
     def __init__(self, pretrained: Union[str, Path, Checkpoint, None] = None, which: str = "latest",
                  device: Optional[str] = None, dtype: Optional[str] = None, batch_size: Union[int, str, None] = None,
@@ -192,7 +192,8 @@ class GptforgeLM(TemplateLM):
         todo = [i for i in order if starts[i] < len(seqs[i])]  # an empty continuation has probability 1
         out: list[tuple[float, bool]] = [(0.0, True)] * len(seqs)
         per_call = self.batch_size or AUTO_CHUNK
-        with tqdm(total=len(requests), desc="gptforge loglikelihood", disable=self._quiet(disable_tqdm)) as bar:
+        with Progress(len(requests), "gptforge loglikelihood", unit="req",
+                      enabled=not self._quiet(disable_tqdm)) as bar:
             bar.update(len(seqs) - len(todo))
             for k in range(0, len(todo), per_call):
                 chunk = todo[k:k + per_call]
@@ -265,7 +266,8 @@ class GptforgeLM(TemplateLM):
                 ids = [self.eot_token_id]
             groups.setdefault((tuple(until), n, params, len(ids)), []).append((r, ids))
         rows = self.batch_size or GEN_ROWS
-        with tqdm(total=len(requests), desc="gptforge generate_until", disable=self._quiet(disable_tqdm)) as bar:
+        with Progress(len(requests), "gptforge generate_until", unit="req",
+                      enabled=not self._quiet(disable_tqdm)) as bar:
             for (until, n, params, _), members in groups.items():
                 for k in range(0, len(members), rows):
                     chunk = members[k:k + rows]

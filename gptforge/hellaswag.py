@@ -39,6 +39,7 @@ from gptforge.errors import UserError, one_line
 from gptforge.device import pick_device, pick_dtype
 from gptforge.dist import all_reduce_sum
 from gptforge.infer.scoring import score
+from gptforge.progress import Progress
 from gptforge.modelio.load import load
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -223,22 +224,20 @@ def evaluate_hellaswag(model: torch.nn.Module, tokenizer, examples: Sequence[dic
                        dtype: torch.dtype = torch.float32, batch_size: int = 8,
                        progress: bool = False) -> dict[str, Any]:
     """Accuracy over `examples`: {acc, acc_norm, acc_norm_char, n, correct, correct_norm, correct_norm_char};
-    `progress` draws a progress bar."""
+    `progress` shows the progress on stderr (a bar on a terminal, periodic lines off one: gptforge.progress)."""
     if not examples:
         raise UserError("no HellaSwag examples to evaluate")
     for i, ex in enumerate(examples):  # a tokenizer that cannot encode them (a char run) fails before the bar
         _encode(tokenizer, validate_example(ex, f"example {i}"))
     correct = correct_norm = correct_norm_char = done = 0
-    from tqdm import tqdm
-
-    with tqdm(total=len(examples), desc="hellaswag", unit="ex", disable=not progress) as bar:
+    with Progress(len(examples), "hellaswag", unit="ex", enabled=progress) as bar:
         for batch in _iter_scores(model, tokenizer, examples, device, dtype, batch_size):
             correct += sum(r["pred"] == r["label"] for r in batch)
             correct_norm += sum(r["pred_norm"] == r["label"] for r in batch)
             correct_norm_char += sum(r["pred_norm_char"] == r["label"] for r in batch)
             done += len(batch)
+            bar.set_postfix_str(f"acc_norm {correct_norm / done:.4f}")
             bar.update(len(batch))
-            bar.set_postfix(acc_norm=f"{correct_norm / done:.4f}", refresh=False)
     n = len(examples)
     return {"acc": correct / n, "acc_norm": correct_norm / n, "acc_norm_char": correct_norm_char / n, "n": n,
             "correct": correct, "correct_norm": correct_norm, "correct_norm_char": correct_norm_char}
@@ -246,7 +245,7 @@ def evaluate_hellaswag(model: torch.nn.Module, tokenizer, examples: Sequence[dic
 
 def hellaswag_during_training(model: torch.nn.Module, tokenizer, examples: Sequence[dict[str, Any]],
                               device: torch.device, dtype: torch.dtype, batch_size: int = 8, *,
-                              rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+                              rank: int = 0, world_size: int = 1, progress: bool = False) -> dict[str, Any]:
     """The trainer's periodic HellaSwag over examples loaded once at start-up: {acc, acc_norm, n, ...}.
 
     Every rank calls it; rank r scores examples[r::world_size] and the counts are summed over ranks, so
@@ -254,6 +253,7 @@ def hellaswag_during_training(model: torch.nn.Module, tokenizer, examples: Seque
     (FSDP's collectives need that): a short shard is topped up with copies of an example that are not
     counted. Pass the evaluation model (the plain one, or the FSDP module), not a DDP wrapper; a model
     whose blocks are compiled recompiles once or twice for the varying lengths. Train/eval mode is restored.
+    `progress` shows this rank's progress (gptforge.progress).
     """
 
     if not examples:
@@ -261,7 +261,12 @@ def hellaswag_during_training(model: torch.nn.Module, tokenizer, examples: Seque
     shard = list(examples[rank::world_size])
     per_rank = -(-len(examples) // world_size)
     padded = shard + [examples[0]] * (per_rank - len(shard))
-    results = score_examples(model, tokenizer, padded, device, dtype, batch_size)[:len(shard)]
+    results: list[dict[str, Any]] = []
+    with Progress(len(padded), "hellaswag", unit="ex", enabled=progress) as bar:
+        for batch in _iter_scores(model, tokenizer, padded, device, dtype, batch_size):
+            results += batch
+            bar.update(len(batch))
+    results = results[:len(shard)]
     correct = sum(r["pred"] == r["label"] for r in results)
     correct_norm = sum(r["pred_norm"] == r["label"] for r in results)
     totals = all_reduce_sum(torch.tensor([correct, correct_norm, len(shard)], dtype=torch.float64, device=device))

@@ -70,7 +70,7 @@ def prepare(source: str, *, out: str, tokenizer: Literal["char", "gpt2", "bpe"] 
 
     manifest = prepare_data(source, out, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
                             test_fraction=test_fraction, text_field=text_field, overwrite=overwrite,
-                            progress=not json, num_proc=num_proc, shard_tokens=shard_tokens, val_tokens=val_tokens,
+                            progress=True, num_proc=num_proc, shard_tokens=shard_tokens, val_tokens=val_tokens,
                             test_tokens=test_tokens, chat=chat)
     if json:
         print(dumps(manifest))
@@ -173,18 +173,19 @@ def eval_(run: str, data: Optional[str] = None, split: str = "val",
             model directory, or a .gguf file
         data: data directory (default: the one the run trained on)
         split: split to evaluate: val, test or train
-        task: loss: loss, perplexity, bits per byte on --data; hellaswag: accuracy on HellaSwag val (the
+        task: loss: loss, perplexity, bits per byte on --data (on chat data the assistant's tokens only, the
+            loss mask, as train's val loss); hellaswag: accuracy on HellaSwag val (the
             official file, downloaded once into ~/.cache/gptforge, or --file); chat: loss on the assistant's
             tokens and exact match of greedy answers on the conversations of --file
         file: hellaswag, --harness hellaswag_local: a local hellaswag_val.jsonl instead of the download; chat:
             a JSONL file of {"messages": [...]} conversations (the last assistant turn is the reference)
         limit: hellaswag, chat, --harness: only the first N examples (of each task)
-        max_tokens: evaluate at most this many tokens
+        max_tokens: evaluate at most this many tokens (chat data: the first conversations that hold them)
         batch_size: sequences (loss), examples (hellaswag, 4 rows each) or lm-eval requests (--harness) per
             forward pass
         best: use the best-val checkpoint instead of the latest
         device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
-        json: print one JSON object
+        json: print one JSON object (the progress of a long evaluation goes to stderr)
         harness: lm-eval tasks, comma-separated (lm-eval's names, those of --include-path, or hellaswag_local:
             HellaSwag from --file with this verb's --task hellaswag prompt), printed as lm-eval's table
         include_path: --harness: a folder of lm-eval task YAML files
@@ -197,7 +198,7 @@ def eval_(run: str, data: Optional[str] = None, split: str = "val",
             raise UserError("--harness runs lm-eval tasks: leave out --task, --data and --max-tokens")
         results = evaluate_harness(run, harness, file=file, include_path=include_path, limit=limit,
                                    num_fewshot=num_fewshot, batch_size=batch_size, which=_which(best),
-                                   device=device, progress=not json)
+                                   device=device, progress=True)
         if json:
             print(dumps(results_summary(results, run)))
         else:
@@ -209,7 +210,7 @@ def eval_(run: str, data: Optional[str] = None, split: str = "val",
         from gptforge.hellaswag import evaluate_hellaswag_checkpoint
 
         out = evaluate_hellaswag_checkpoint(run, file=file, limit=limit, batch_size=batch_size, which=_which(best),
-                                            device=device, progress=not json)
+                                            device=device, progress=True)
         print(dumps(out) if json else f"hellaswag: acc {out['acc']:.4f} | acc_norm {out['acc_norm']:.4f} (per token) "
               f"| acc_norm_char {out['acc_norm_char']:.4f} (per character: lm-eval's acc_norm) "
               f"| {out['n']:,} examples | {out['checkpoint']}")
@@ -220,24 +221,31 @@ def eval_(run: str, data: Optional[str] = None, split: str = "val",
         if not file:
             raise UserError("--task chat needs --file CONVS.jsonl (rows of {\"messages\": [...]})")
         out = evaluate_chat_checkpoint(run, file, limit=limit, batch_size=batch_size, which=_which(best),
-                                       device=device)
-        print(dumps(out) if json else f"chat: loss {out['loss']:.4f} on {out['assistant_tokens']:,} assistant "
-              f"tokens | exact match {out['exact_match']:.4f} ({out['matched']}/{out['conversations']}) "
-              f"| {out['checkpoint']}")
+                                       device=device, progress=True)
+        print(dumps(out) if json else _chat_line(out))
         return 0
     if file or limit is not None:
         raise UserError("--file and --limit apply to --task hellaswag and --task chat, and to --harness")
     from gptforge.evaluate import evaluate_checkpoint
 
     out = evaluate_checkpoint(run, data=data, split=split, max_tokens=max_tokens, batch_size=batch_size,
-                              which=_which(best), device=device, progress=not json)
+                              which=_which(best), device=device, progress=True)
     if json:
         print(dumps(out))
     else:
         bpb = f" | bits/byte {out['bits_per_byte']:.4f}" if out["bits_per_byte"] is not None else ""
         print(f"{out['split']}: loss {out['loss']:.4f} | perplexity {out['perplexity']:.3f}{bpb} "
-              f"| {out['tokens']:,} tokens | {out['checkpoint']}")
+              f"| over {out['counted']} | {out['checkpoint']}")
     return 0
+
+
+def _chat_line(out: dict) -> str:
+    """`eval --task chat`'s result in words: what the loss counted, and why answers missed when they ran on."""
+    unfinished = (f"; {out['unfinished']} unfinished: no end of the reply within the reference's tokens + 1"
+                  if out["unfinished"] else "")
+    return (f"chat: loss {out['loss']:.4f} over the {out['assistant_tokens']:,} assistant tokens (the loss mask) "
+            f"of {out['conversations']:,} conversations | exact match {out['exact_match']:.4f} "
+            f"({out['matched']}/{out['conversations']}{unfinished}) | {out['checkpoint']}")
 
 
 def report(run: str, json: bool = False) -> int:

@@ -161,6 +161,23 @@ def test_training_helper_restores_mode_and_shards(sample, char_tok):
     assert sum(p["correct_norm"] for p in parts) == full["correct_norm"]
 
 
+def test_progress_off_a_terminal_is_lines_without_carriage_returns(sample, char_tok, capsys, monkeypatch):
+    """`eval --task hellaswag | tee log` once got tqdm's carriage-return bar: now a line a period (stderr)."""
+    from tiny import tick_progress
+
+    tick_progress(monkeypatch)
+    model = tiny_gpt(char_tok.vocab_size)
+    examples = load_examples(sample, limit=6)
+    evaluate_hellaswag(model, char_tok, examples, torch.device("cpu"), batch_size=3, progress=True)
+    hellaswag_during_training(model, char_tok, examples, torch.device("cpu"), torch.float32, batch_size=3,
+                              progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert lines[0].startswith("hellaswag: 3/6 examples (50%), 30s, ~30s left | acc_norm ")
+    assert lines[2].startswith("hellaswag: 3/6 examples (50%)") and len(lines) == 4
+
+
 def test_checkpoint_entry_point(tmp_path, sample, char_tok):
     model = tiny_gpt(char_tok.vocab_size)
     write_checkpoint(tmp_path / "ck", model_state(model), RunConfig(model=model.config), char_tok, state={"step": 7})

@@ -178,3 +178,17 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.built.close()
+
+
+def tick_progress(monkeypatch) -> None:
+    """gptforge.progress.CLOCK moving a whole period at every reading, so that a long step driven from a test
+    writes its off-terminal progress line at every update, without sleeping."""
+    from gptforge import progress
+
+    now = [0.0]
+
+    def tick() -> float:
+        now[0] += progress.EVERY_S
+        return now[0]
+
+    monkeypatch.setattr(progress, "CLOCK", tick)

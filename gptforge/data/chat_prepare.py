@@ -6,8 +6,8 @@ gptforge.data.shards.write_data_dir) with, per split, a uint8 loss-mask file bes
 (NAME.mask.bin, 1 = learned) and manifest kind "chat". Splits are cut between conversations: val (then
 test) are the last fractions of the conversations, in order. SOURCE is read twice, row by row: once to
 count the conversations and build the tokenizer, once to render and write them, so memory holds a row
-and the tokenizer, not the data; on a terminal a progress bar shows each read. Not resumable (conversation data is
-small next to pretraining corpora); the output is a pure function of the input and the options.
+and the tokenizer, not the data; the progress of each read shows on stderr (gptforge.progress). Not
+resumable (conversation data is small next to pretraining corpora); the output is a pure function of the input and the options.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from gptforge.data.conversations import (BadRows, Messages, check_format, conver
                                          open_conversations)
 from gptforge.data.sources import check_outputs, read_bar, total_bytes
 from gptforge.errors import UserError
-from gptforge.progress import is_terminal
 from gptforge.tokenizer import Tokenizer, check_tokenizer_args, train_tokenizer
 
 
@@ -37,11 +36,9 @@ def prepare_chat(source: str, out: str | Path, *, fmt: str = "auto", tokenizer: 
                  vocab_size: Optional[int] = None, val_fraction: Optional[float] = None,
                  test_fraction: Optional[float] = None, overwrite: bool = False, progress: bool = True
                  ) -> dict[str, Any]:
-    """Conversations of SOURCE -> data directory `out` of kind "chat"; returns its manifest. `progress`: draw
-    a bar for each of the two reads, when stderr is a terminal."""
+    """Conversations of SOURCE -> data directory `out` of kind "chat"; returns its manifest. `progress`: show
+    the progress of each of the two reads (a bar on a terminal, periodic lines off one: gptforge.progress)."""
     source = os.fspath(source)
-    # Only on a terminal (gptforge.progress's rule): what a script or a log reads on stderr stays the lines it was.
-    progress = progress and is_terminal()
     check_tokenizer_args(tokenizer, vocab_size)
     check_format(fmt)
     val_fraction, test_fraction = shards.check_splits(val_fraction, test_fraction, None, None)

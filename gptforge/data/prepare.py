@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
+from tqdm import tqdm  # its number formatting only: gptforge.progress draws the progress
 
 from gptforge import __version__
 from gptforge.data import chunks, shards, sources

@@ -13,20 +13,17 @@ gptforge.data.chunks; gptforge.data.conversations lists a conversation SOURCE's 
     shakespeare, pydoc                                 gptforge.data.builtin_sources
 
 and walking a corpus's inputs from any (input, chunk) position with `read`, which is how an interrupted
-`prepare` skips what it already encoded without tokenizing it again; `read_bar` is the progress bar over
+`prepare` skips what it already encoded without tokenizing it again; `read_bar` is the progress over
 the source bytes read, for both paths.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 from gptforge.data.builtin_sources import BUILTINS, open_builtin
 from gptforge.data.chunks import FileInput, Input, Tally
@@ -35,6 +32,7 @@ from gptforge.data.parquet_files import ParquetFile
 from gptforge.data.text_files import JsonlFile, TextFile
 from gptforge.errors import UserError
 from gptforge.files import check_apart, path_problem
+from gptforge.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -104,11 +102,10 @@ def read(corpus: Corpus, tally: Tally, start: tuple[int, int] = (0, 0),
             yield text, doc_start, index, n
 
 
-def read_bar(total: int | None, desc: str, progress: bool, initial: int = 0, unit: str = "B") -> tqdm:
-    """A bar over the source bytes read, or another `unit` (conversations), on stderr; drawn only with
-    `progress`."""
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=True,
-                unit_divisor=1024 if unit == "B" else 1000, disable=not progress, file=sys.stderr, dynamic_ncols=True)
+def read_bar(total: int | None, desc: str, progress: bool, initial: int = 0, unit: str = "B") -> Progress:
+    """The progress over the source bytes read, or another `unit` (conversations), on stderr: a bar on a
+    terminal, periodic lines off one (gptforge.progress); shown only with `progress`."""
+    return Progress(total, desc, unit=unit, unit_scale=True, enabled=progress, initial=initial, leave=True)
 
 
 def _file_input(path: Path, name: str, display: str, readers: Readers) -> FileInput:

@@ -32,7 +32,7 @@ from gptforge.device import autocast
 from gptforge.errors import UserError
 from gptforge.optim import lr_at, lr_at_progress, set_lr
 from gptforge.train.checkpointer import Checkpointer
-from gptforge.train.metrics import RunLog
+from gptforge.train.metrics import EvalWork, RunLog
 from gptforge.train.state import TrainResult, TrainState
 from gptforge.train.task import BatchSource, Task
 from gptforge.train.validate import Validator
@@ -181,12 +181,30 @@ class Trainer:
         self.t_start = time.perf_counter() - self.state.elapsed_s
         self.log.start(self.t_start, tokens_per_step=self.tokens_per_step,
                        flops_per_step=lora.training_flops_per_token(self.raw) * tokens, peak=compute.peak_flops,
-                       device=compute.device, dtype=compute.dtype)
+                       device=compute.device, dtype=compute.dtype, work=self._work(tokens))
         self.elapsed = time.perf_counter() - self.t_start  # under a time budget, every rank's is the slowest's:
         if cfg.train.time_budget is not None and world.is_distributed:  # the same clock, so the same lr
             self.elapsed = dist.max_over_ranks([self.elapsed], compute.device)[0]
         self.last_train_loss: Optional[float] = None
         self.stopper: Optional[StopOnSignal] = None  # while `fit` runs
+
+    def _work(self, step_tokens: int) -> EvalWork:
+        """What the run does besides its steps, for the time estimate (this process's share)."""
+        t, world = self.cfg.train, self.compute.world
+        return EvalWork(eval_tokens=-(-self.task.eval_tokens(t.eval_iters) // world.world_size),
+                        full_val_tokens=self.task.full_val_tokens() if t.full_val_at_end else 0,
+                        step_tokens=step_tokens, save_bytes=self._checkpoint_bytes())
+
+    def _checkpoint_bytes(self) -> int:
+        """About what a save writes: the weights it keeps (a LoRA run's adapters only) and AdamW's two fp32
+        moments of every trained weight (Muon keeps fewer: the estimate errs long)."""
+        if not self.checkpointer.enabled:
+            return 0
+        params = list(self.raw.parameters())
+        trained = sum(p.numel() for p in params if p.requires_grad)
+        kept = (sum(p.numel() * p.element_size() for p in params) if self.checkpointer.base is None
+                else trained * 4)
+        return kept + 8 * trained
 
     def abortable(self):
         """Where a signal may abandon the work (evaluations, which change nothing) in a single process; under
@@ -224,7 +242,7 @@ class Trainer:
         """Train and val loss on the fixed eval batches, kept in the state (the last evaluation, the best val loss)."""
         st = self.state
         with self.abortable():
-            tr, va = self.validator.losses(progress=self.log.live)
+            tr, va = self.validator.losses(progress=self.log.show_progress)
         check_eval_finite(tr, va, st.step)
         st.last_eval_step, st.val_loss = st.step, va
         if st.best_val_loss is None or va < st.best_val_loss:
@@ -313,7 +331,7 @@ class Trainer:
     def _hellaswag(self) -> None:
         with self.log.between_steps() as seconds:
             with self.abortable():
-                hs = self.validator.hellaswag()
+                hs = self.validator.hellaswag(progress=self.log.show_progress)
             self.state.last_hellaswag_step = self.state.step
             self.log.hellaswag(self.state.step, hs, seconds())
 
@@ -327,7 +345,7 @@ class Trainer:
             return None
         with self.log.between_steps() as seconds:
             with self.abortable():
-                result = self.validator.full_val(progress=self.log.live)
+                result = self.validator.full_val(progress=self.log.show_progress)
             self.log.full_val(st.step, result, seconds())
         return result.loss
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -24,18 +25,26 @@ from gptforge.progress import StepProgress, duration
 
 ESTIMATE_AFTER = 3  # steps measured (the first is warm-up) before the time estimate is logged
 LONG_RUN_S = 3600.0  # on a CPU, a run estimated longer than this gets a hint
+# A checkpoint save is not timed before the estimate is due (the first comes with the first evaluation after step
+# 0), so its time is its size at a write speed a laptop SSD sustains with fsync: a guess that errs long.
+SAVE_BYTES_PER_S = 500e6
+FORWARD_SHARE = 1 / 3  # a forward's share of a training step's FLOPs (backward ~2x): eval speed before one is timed
 
 
 class RunLog:
     """A run's reports. `say` prints a line; `metrics_path` (None: none) gets every row, and so does `tracker`;
-    `progress` is the live line (set once the start-up summary is out). `verbosity` 0 logs only notes, 1 also
-    the time estimate and a line every train.log_interval steps, 2 every step.
+    `progress` is the live line (set once the start-up summary is out; a terminal only) and `show_progress`
+    whether evaluations show theirs (gptforge.progress: a bar on a terminal, periodic lines off one).
+    `verbosity` 0 logs only notes, 1 also the time estimate and a line every train.log_interval steps, 2 every
+    step.
 
     `start` tells it the run's clock and what a step is worth (tokens, FLOPs, the device's peak FLOP/s)."""
 
     def __init__(self, train: TrainConfig, *, say: Callable[[str], None] = print, verbosity: int = 1,
-                 metrics_path: Optional[Path] = None, tracker=None, progress: Optional[StepProgress] = None):
+                 metrics_path: Optional[Path] = None, tracker=None, progress: Optional[StepProgress] = None,
+                 show_progress: bool = False):
         self.train, self._say, self.verbosity, self.progress = train, say, verbosity, progress
+        self.show_progress = show_progress or progress is not None
         self.file = open(metrics_path, "a", buffering=1) if metrics_path is not None else None
         self.tracker = tracker or NoLogger()
         self.step_times: list[float] = []
@@ -43,15 +52,18 @@ class RunLog:
         self.t_start = self.t_last = time.perf_counter()
         self.tokens_per_step, self.flops_per_step, self.peak = 0, 0.0, None
         self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.work = EvalWork()
         self._remeasured = False
 
     def start(self, t_start: float, *, tokens_per_step: int, flops_per_step: float, peak: Optional[float],
-              device: torch.device, dtype: torch.dtype) -> None:
+              device: torch.device, dtype: torch.dtype, work: Optional["EvalWork"] = None) -> None:
         """The run's clock (`t_start`: perf_counter at its step 0, counting the time before a resume), the tokens
-        of a step over every process, this process's FLOPs per step, and the peak they are set against."""
+        of a step over every process, this process's FLOPs per step, the peak they are set against, and the
+        work besides the steps (`work`), for the time estimate."""
         self.t_start, self.t_last = t_start, time.perf_counter()
         self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
         self.device, self.dtype = device, dtype
+        self.work = work or EvalWork()
 
     # ---- the sinks
 
@@ -67,11 +79,6 @@ class RunLog:
         if self.file is not None:
             self.file.write(json.dumps(row) + "\n")
         self.tracker.log(row, row["step"])
-
-    @property
-    def live(self) -> bool:
-        """Whether a live line is drawn (evaluations then draw their transient bars too)."""
-        return self.progress is not None
 
     def close(self) -> None:
         if self.file is not None:
@@ -133,8 +140,7 @@ class RunLog:
 
     def full_val(self, step: int, result: EvalResult, seconds: float) -> None:
         self.row({"step": step, "val_loss_full": result.loss, "val_tokens": result.tokens, "time_s": self._time_s()})
-        self.say(f"whole val split at step {step}: loss {result.loss:.4f} over {result.tokens} tokens "
-                 f"({seconds:.1f} s)")
+        self.say(f"val loss at step {step}: {result.loss:.4f} over {result.counted('val')} ({seconds:.1f} s)")
 
     def stopped(self, step: int, saved_in: Optional[Path]) -> None:
         """The run stopped early, at `step`; `saved_in` is the run directory its checkpoint went to (None: none)."""
@@ -177,20 +183,57 @@ class RunLog:
                  f"{row['dt_ms']:.1f} ms | {row['tokens_per_s'] / 1000:.1f}k tok/s{mfu}")
 
     def time_estimate(self, step: int, elapsed: float) -> str:
-        """After the first few steps: the measured time per step, the whole run's estimate, and a hint when that
-        is hours on a CPU. `step`: steps taken; `elapsed`: seconds of the run so far."""
-        t = self.train
+        """After the first few steps: the measured time per step, the whole run's estimate (the end included: the
+        last evaluation, the checkpoint saves and the whole-val pass), and a hint when that is hours on a CPU.
+        `step`: steps taken; `elapsed`: seconds of the run so far."""
+        t, w = self.train, self.work
         per_step = sorted(self.step_times[1:])[len(self.step_times[1:]) // 2]  # median, the first step is warm-up
         measured = f"time: {per_step:.3g} s/step measured over steps {step - ESTIMATE_AFTER + 2}-{step}"
+        eval_s, save_s = self._eval_s(per_step), w.save_bytes / SAVE_BYTES_PER_S
+        full_s = w.full_val_tokens * self._forward_s_per_token(per_step)
+        full = [f"the whole val split at the end ({w.full_val_tokens:,} tokens)"] if w.full_val_tokens else []
         if t.time_budget is not None:
             steps = int(max(0.0, t.time_budget - elapsed) / per_step) + step
-            return f"{measured}, so about {steps:,} steps in the {t.time_budget:g} s budget"
+            end = ["the last evaluation"] * bool(eval_s) + ["its checkpoint save"] * bool(save_s) + full
+            then = f", then about {duration(eval_s + save_s + full_s)} for {_and(end)}" if end else ""
+            return f"{measured}, so about {steps:,} steps in the {t.time_budget:g} s budget{then}"
         left = max(0, t.max_iters - step)
-        evals = left // t.eval_interval + 1
-        total = left * per_step + evals * (self.eval_s or 0.0)
-        line = (f"{measured}; the {left:,} steps left{f' and {evals} evaluations' if self.eval_s else ''} take about "
-                f"{duration(total)} on this machine ({self.device.type})")
+        evals = left // t.eval_interval + 1  # the last step's included
+        saves = evals if save_s else 0
+        parts = ([f"the {left:,} steps left"] + [f"{evals} evaluations"] * bool(eval_s)
+                 + [f"{saves} checkpoint saves ({w.save_bytes / 1e9:.2g} GB each)"] * bool(saves) + full)
+        total = left * per_step + evals * eval_s + saves * save_s + full_s
+        line = f"{measured}; {_and(parts)} take about {duration(total)} on this machine ({self.device.type})"
         if total > LONG_RUN_S and self.device.type != "cuda":
             line += ("; this recipe is meant for a GPU: on a CPU try --preset speedrun-cpu or "
                      "--preset shakespeare-char-cpu, or fewer --train.max_iters")
         return line
+
+    def _eval_s(self, per_step: float) -> float:
+        """One periodic evaluation: the first one's time, or before there was one, its tokens at the speed of
+        `_forward_s_per_token` (0 when neither is known)."""
+        if self.eval_s is not None:
+            return self.eval_s
+        return self.work.eval_tokens * self._forward_s_per_token(per_step)
+
+    def _forward_s_per_token(self, per_step: float) -> float:
+        """Seconds of an evaluation's forward per token on this process: measured on the first evaluation, else
+        a forward's share of a training step per token."""
+        if self.eval_s is not None and self.work.eval_tokens:
+            return self.eval_s / self.work.eval_tokens
+        return per_step * FORWARD_SHARE / self.work.step_tokens if self.work.step_tokens else 0.0
+
+
+def _and(parts: list[str]) -> str:
+    return ", ".join(parts[:-1]) + f" and {parts[-1]}" if len(parts) > 1 else parts[0]
+
+
+@dataclass
+class EvalWork:
+    """What a run does besides its steps, for the time estimate: the tokens one periodic evaluation forwards on
+    this process (train and val), those of the whole-val pass at the end (0: none), the tokens of a training
+    step on this process, and the bytes of a checkpoint save (0: none is written)."""
+    eval_tokens: int = 0
+    full_val_tokens: int = 0
+    step_tokens: int = 0
+    save_bytes: int = 0

@@ -43,7 +43,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     called after every optimizer step; a truthy return value stops the run as a signal would (a
     checkpoint is written), which is how tests interrupt a run at an exact step. `verbosity` 0 logs only
     notes and the end, 1 a start-up summary, the time estimate and a line every train.log_interval steps,
-    2 also the whole config and every step. `progress` draws a live line on a terminal (stderr). `cfg` itself
+    2 also the whole config and every step. `progress` draws a live line on a terminal (stderr) and shows the
+    progress of evaluations there (off a terminal, a line every 30 s: gptforge.progress). `cfg` itself
     is left as it is; config.json and the checkpoints hold the resolved config (vocabulary, --init-from's shape).
     """
     run_dir = Path(run_dir)
@@ -55,7 +56,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
             check_inputs_apart(run_dir, cfg)
             rd = open_run_dir(run_dir, resume=resume, overwrite=overwrite, world=world, stack=stack)
             trainer = build_trainer(cfg, rd, world, device, log if world.is_main else _silent, on_step,
-                                    verbosity=verbosity, progress=progress and world.is_main and is_terminal())
+                                    verbosity=verbosity, progress=progress and world.is_main)
             result = trainer.fit()
         # Every rank is out of every collective before the group is torn down: without this, gloo under
         # FSDP sometimes aborted a rank at exit ("terminate called without an active exception"). Not on
@@ -104,7 +105,7 @@ def build_trainer(cfg: RunConfig, rd: RunDir, world: dist.DistInfo, device, log:
     # previous run (with --overwrite) is gone: RunDir.start puts it back.
     tracker = rd.start(cfg, lambda: make_logger(cfg.train.logger if world.is_main else "none", rd.path, cfg.to_dict(),
                                                 project=cfg.train.wandb_project, run_name=cfg.train.run_name))
-    run_log = RunLog(cfg.train, say=log, verbosity=verbosity, tracker=tracker,
+    run_log = RunLog(cfg.train, say=log, verbosity=verbosity, tracker=tracker, show_progress=progress,
                      metrics_path=rd.path / "metrics.jsonl" if world.is_main else None)
     eval_model = dist.eval_module(model, raw, mode)
     validator = Validator(task, eval_model, device, dtype, world, eval_iters=cfg.train.eval_iters, tokenizer=tokenizer,
@@ -115,7 +116,7 @@ def build_trainer(cfg: RunConfig, rd: RunDir, world: dist.DistInfo, device, log:
                       checkpointer=Checkpointer(rd.path, cfg, tokenizer, world, base=init.base if is_lora else None),
                       on_step=on_step)
     _log_start(trainer, rd, tokenizer)
-    if progress:  # after the summary, so the live line stays below it
+    if progress and is_terminal():  # after the summary, so the live line stays below it
         run_log.progress = StepProgress(max_iters=cfg.train.max_iters, time_budget=cfg.train.time_budget,
                                         initial_step=trainer.state.step, initial_elapsed=trainer.state.elapsed_s)
     return trainer
@@ -127,9 +128,9 @@ def _log_start(trainer: Trainer, rd: RunDir, tokenizer) -> None:
     schedule, warning = describe_schedule(cfg.optim, t.max_iters, t.time_budget)
     if warning:
         say(f"note: {warning}")
-    if trainer.log.verbosity < 1:
     if trainer.log.verbosity >= 1 and (busy := busy_note(c.device)):  # the load average only: free to read
         say(f"note: {busy}")
+    if trainer.log.verbosity < 1:
         return
     if trainer.log.verbosity >= 2:
         say(json.dumps(cfg.to_dict(), indent=2))

@@ -45,6 +45,14 @@ class Task:
     def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return model(x, y)
 
+    def eval_tokens(self, batches: int) -> int:
+        """Tokens one periodic evaluation (`eval_loss` of train and val) forwards, for the time estimate."""
+        return 2 * batches * self.batch_size * self.block_size
+
+    def full_val_tokens(self) -> int:
+        """Tokens `full_val` forwards, for the time estimate."""
+        return len(self.splits["val"])
+
 
 class LMTask(Task):
     """Next-token prediction on the train and val token streams of a data directory."""
@@ -71,7 +79,7 @@ class LMTask(Task):
         T = self.block_size
         batch = max(self.batch_size, min(64, 16384 // T))
         return evaluate_tokens(model, self.splits["val"], block_size=T, batch_size=batch, device=device, dtype=dtype,
-                               progress=progress)
+                               progress=progress, desc="eval val (whole split)")
 
 
 class ChatTask(Task):
@@ -103,31 +111,17 @@ class ChatTask(Task):
         return ChatBatches(tokens, mask, self.packed["train"].rows, window=self.window, batch_size=self.batch_size,
                            sampling=self.sampling, seed=seed, rank=rank, world_size=world_size, accum=accum)
 
-    @torch.no_grad()
     def _masked_loss(self, model: torch.nn.Module, split: str, rows: list, *, device: torch.device,
                      dtype: torch.dtype, rank: int, world_size: int, progress: bool, desc: str) -> tuple[float, int]:
-        """(mean loss over the learned targets of `rows`, their number); rows dealt round-robin over ranks in
-        batches, every rank running the same number of forwards, the sums reduced."""
-        tokens, mask = self.splits[split], self.masks[split]
-        groups = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-        per_rank = -(-len(groups) // world_size)
-        was_training = model.training
-        model.eval()
-        loss_sum, count = 0.0, 0
-        with eval_bar(per_rank, desc, progress) as bar:
-            for g in range(rank, per_rank * world_size, world_size):
-                x, y = batch_of(tokens, mask, groups[g % len(groups)], self.window, device)
-                with autocast(device, dtype):
-                    logits = model(x)
-                if g < len(groups):  # a surplus forward (uneven split over ranks) is weighted 0
-                    batch_sum, batch_count = target_loss_sum(logits, y)
-                    loss_sum, count = loss_sum + batch_sum, count + batch_count
-                bar.update()
-        model.train(was_training)
-        if world_size > 1:
-            total = all_reduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64, device=device))
-            loss_sum, count = total.tolist()
-        return loss_sum / max(count, 1), int(count)
+        return masked_loss(model, self.splits[split], self.masks[split], rows, window=self.window,
+                           batch_size=self.batch_size, device=device, dtype=dtype, rank=rank, world_size=world_size,
+                           progress=progress, desc=desc)
+
+    def eval_tokens(self, batches: int) -> int:
+        return sum(min(len(self.packed[s].rows), batches * self.batch_size) for s in ("train", "val")) * self.block_size
+
+    def full_val_tokens(self) -> int:
+        return len(self.packed["val"].rows) * self.block_size  # rows are padded to the window
 
     def eval_loss(self, model: torch.nn.Module, split: str, *, batches: int, device: torch.device,
                   dtype: torch.dtype, rank: int = 0, world_size: int = 1, progress: bool = False) -> float:
@@ -143,6 +137,56 @@ class ChatTask(Task):
                  progress: bool = False) -> EvalResult:
         """Every val conversation once; `tokens` is the number of learned (assistant) targets."""
         loss, count = self._masked_loss(model, "val", self.packed["val"].rows, device=device, dtype=dtype, rank=0,
-                                        world_size=1, progress=progress, desc="eval val")
-        return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), bits_per_byte=None, tokens=count,
-                          bytes=None)
+                                        world_size=1, progress=progress, desc="eval val (whole split)")
+        return masked_result(loss, count, whole=True)
+
+
+@torch.no_grad()
+def masked_loss(model: torch.nn.Module, tokens, mask, rows: list, *, window: int, batch_size: int,
+                device: torch.device, dtype: torch.dtype, rank: int = 0, world_size: int = 1, progress: bool = False,
+                desc: str = "eval") -> tuple[float, int]:
+    """(mean loss over the learned targets of packed `rows` of the stream, their number); rows dealt round-robin
+    over ranks in batches, every rank running the same number of forwards, the sums reduced."""
+    groups = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    per_rank = -(-len(groups) // world_size)
+    was_training = model.training
+    model.eval()
+    loss_sum, count = 0.0, 0
+    with eval_bar(per_rank, desc, progress) as bar:
+        for g in range(rank, per_rank * world_size, world_size):
+            x, y = batch_of(tokens, mask, groups[g % len(groups)], window, device)
+            with autocast(device, dtype):
+                logits = model(x)
+            if g < len(groups):  # a surplus forward (uneven split over ranks) is weighted 0
+                batch_sum, batch_count = target_loss_sum(logits, y)
+                loss_sum, count = loss_sum + batch_sum, count + batch_count
+            bar.update()
+    model.train(was_training)
+    if world_size > 1:
+        total = all_reduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64, device=device))
+        loss_sum, count = total.tolist()
+    return loss_sum / max(count, 1), int(count)
+
+
+def masked_result(loss: float, count: int, *, whole: bool) -> EvalResult:
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), bits_per_byte=None, tokens=count,
+                      bytes=None, masked=True, whole=whole)
+
+
+def masked_split_loss(model: torch.nn.Module, tokens, mask, *, bos_id: int, block_size: int, batch_size: int,
+                      device: torch.device, dtype: torch.dtype, max_tokens: Optional[int] = None,
+                      progress: bool = False, desc: str = "eval") -> EvalResult:
+    """A chat split's loss as a run's whole-val pass measures it (`ChatTask.full_val`): every conversation once,
+    packed whole into rows of block_size + 1 tokens, the assistant's tokens only. `max_tokens`: only the first
+    rows, as many as hold that many tokens of the split (at least one)."""
+    window = block_size + 1
+    rows = pack(tokens, mask, bos_id, window).rows
+    if not rows:
+        raise UserError(f"the split has no conversation with an assistant token inside {window} tokens")
+    kept = len(rows)
+    if max_tokens is not None:
+        sizes = np.cumsum([sum(length for _, length in row) for row in rows])
+        kept = max(1, int(np.searchsorted(sizes, max_tokens, side="right")))
+    loss, count = masked_loss(model, tokens, mask, rows[:kept], window=window, batch_size=batch_size, device=device,
+                              dtype=dtype, progress=progress, desc=desc)
+    return masked_result(loss, count, whole=kept == len(rows))

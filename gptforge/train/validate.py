@@ -38,11 +38,11 @@ class Validator:
     def has_hellaswag(self) -> bool:
         return self.hellaswag_examples is not None
 
-    def hellaswag(self) -> dict[str, Any]:
+    def hellaswag(self, progress: bool = False) -> dict[str, Any]:
         """{acc, acc_norm, n, ...} over every example (each rank scores its share; see hellaswag_during_training)."""
         return hellaswag_during_training(self.model, self.tokenizer, self.hellaswag_examples, self.device, self.dtype,
                                          self.hellaswag_batch_size, rank=self.world.rank,
-                                         world_size=self.world.world_size)
+                                         world_size=self.world.world_size, progress=progress)
 
     def full_val(self, progress: bool = False) -> EvalResult:
         """The loss over the whole val split (every rank computes it alone)."""

@@ -265,12 +265,12 @@ def test_parquet_and_hf_rows_give_the_conversations_of_the_jsonl(tmp_path, monke
 
 
 def test_progress_bars_are_drawn_on_a_terminal_only(tmp_path, capsys, monkeypatch):
-    from gptforge.data import chat_prepare
+    from gptforge import progress
 
     src = _write(tmp_path / "in.jsonl", _rows("messages"))
-    prepare(src, tmp_path / "quiet", chat="auto")  # stderr is not a terminal here: nothing is drawn
+    prepare(src, tmp_path / "quiet", chat="auto")  # not a terminal, and shorter than a line's period: nothing
     assert capsys.readouterr().err == ""
-    monkeypatch.setattr(chat_prepare, "is_terminal", lambda: True)
+    monkeypatch.setattr(progress, "is_terminal", lambda stream=None: True)
     prepare(src, tmp_path / "drawn", chat="auto")
     err = capsys.readouterr().err
     assert "char vocabulary" in err and f"{len(CONVS)} conversations" in err and "encode (char)" in err

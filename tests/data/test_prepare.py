@@ -533,7 +533,10 @@ def test_the_output_never_is_contains_or_lies_in_an_input(tmp_path):
                 assert snapshot(tmp_path) == before and leftovers(tmp_path) == [], (source, out, chat)
 
 
-def test_progress_goes_to_stderr_only_when_asked(tmp_path, capfd):
+def test_progress_goes_to_stderr_only_when_asked(tmp_path, capfd, monkeypatch):
+    from tiny import tick_progress
+
+    tick_progress(monkeypatch)  # every update a period later: off a terminal each writes its line
     src = write(tmp_path / "a.txt", "hello there\n" * 20)
     prepare(str(src), tmp_path / "quiet", progress=False)
     assert capfd.readouterr() == ("", "")
@@ -597,3 +600,26 @@ def test_cache_dir_defaults(tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert downloads.cache_dir() == tmp_path / "home" / ".cache" / "gptforge"
+
+
+def test_progress_off_a_terminal_is_lines_without_carriage_returns(tmp_path, capsys, monkeypatch):
+    """`prepare ... | tee log` once got tqdm's carriage-return bars: now a line a period on stderr, for the text
+    path's two reads and a chat file's two."""
+    from tiny import tick_progress
+
+    tick_progress(monkeypatch)
+    text = tmp_path / "t.txt"
+    text.write_text("some text to tokenize\n" * 200)
+    prepare(str(text), tmp_path / "d")  # progress is on by default
+    chat = tmp_path / "c.jsonl"
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    chat.write_text((json.dumps(row) + "\n") * 10)
+    prepare(str(chat), tmp_path / "c", chat="messages")
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    lines = err.splitlines()
+    assert lines[0] == "char vocabulary: 4.30kB/4.30kB (100%), 30s"  # the text file's two reads
+    assert lines[1].startswith("encode (char): 4.30kB/4.30kB (100%), 30s | 1 docs, ")
+    assert lines[2].startswith("char vocabulary: ")  # the chat file's: the bytes, then the conversations
+    assert lines[3] == "encode (char): 1/10 conversations (10%), 30s, ~4m30s left"
+    assert lines[-1] == "encode (char): 10/10 conversations (100%), 5m00s"

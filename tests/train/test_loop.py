@@ -206,3 +206,21 @@ def test_schedule_summary_says_when_it_cannot_decay_within_the_run():
     text, warning = describe_schedule(cfg, 50)
     assert "ends at step 50 with the lr at 7.1e-05" in text
     assert "never passes 7.1e-05" in warning and "--optim.warmup_iters 5" in warning
+
+
+def test_the_estimate_knows_the_whole_val_pass_and_off_a_terminal_it_shows_progress(capsys, monkeypatch):
+    from tiny import tick_progress
+
+    lines = []
+    tr = make_trainer(max_iters=8, full_val_at_end=True)
+    tr.log = RunLog(tr.cfg.train, say=lines.append, show_progress=True)  # what `gptforge train` asks for
+    tr.log.start(tr.t_start, tokens_per_step=tr.tokens_per_step, flops_per_step=1.0, peak=None,
+                 device=torch.device("cpu"), dtype=torch.float32, work=tr._work(32))
+    assert (tr.log.work.eval_tokens, tr.log.work.full_val_tokens) == (2 * 2 * 4 * 8, 400)  # 2 splits x 2 batches
+    tick_progress(monkeypatch)
+    tr.fit()
+    estimate = next(line for line in lines if line.startswith("time:"))
+    assert "and the whole val split at the end (400 tokens) take about" in estimate
+    err = capsys.readouterr().err
+    assert "\r" not in err and "eval val (whole split): 1/1 batches (100%), 30s" in err.splitlines()
+    assert any(line.startswith("eval val: 1/2 batches (50%)") for line in err.splitlines())  # the periodic ones

@@ -97,3 +97,44 @@ def test_the_line_on_stopping_says_what_was_kept(tmp_path):
     assert "nothing was saved" in lines[0]
     assert str(tmp_path / "latest") in lines[1] and f"--resume {tmp_path}" in lines[1]
     assert "save_checkpoints is off" in lines[2]
+
+
+def test_the_time_estimate_includes_the_saves_and_the_whole_val_pass_at_the_end():
+    """An SFT run's estimate once said 1m55s and the run took 5m09s: the whole-val pass at the end (133 s) and
+    the checkpoint saves were left out. Now they are in, the pass at the first evaluation's speed per token."""
+    from gptforge.train.metrics import SAVE_BYTES_PER_S, EvalWork
+
+    log, _ = make_log(max_iters=103, eval_interval=25, full_val_at_end=True)
+    log.work = EvalWork(eval_tokens=1000, full_val_tokens=50_000, step_tokens=100, save_bytes=int(SAVE_BYTES_PER_S))
+    log.step_times, log.eval_s = [9.0, 1.0, 1.0], 2.0
+    line = log.time_estimate(3, elapsed=11.0)
+    # 100 steps of 1 s, 5 evaluations of 2 s (at 25, 50, 75, 100 and the last step), 5 saves of 1 s, and
+    # 50,000 tokens at 2 s per 1,000: 100 s
+    assert line.endswith("the 100 steps left, 5 evaluations, 5 checkpoint saves (0.5 GB each) and the whole val "
+                         "split at the end (50,000 tokens) take about 3m35s on this machine (cpu)")
+
+    log.eval_s = None  # no evaluation before the first step (eval_at_start false): a forward's share of a step
+    line = log.time_estimate(3, elapsed=11.0)  # per token 1 s / 100 / 3: evaluations 3.3 s, the pass 167 s
+    assert "take about 4m48s" in line  # 100 + 5 * 3.33 + 5 + 166.7 = 288 s
+
+
+def test_the_time_estimate_under_a_budget_names_what_comes_after_it():
+    from gptforge.train.metrics import EvalWork
+
+    log, _ = make_log(time_budget=100.0, full_val_at_end=True)
+    log.work = EvalWork(eval_tokens=1000, full_val_tokens=30_000, step_tokens=100)
+    log.step_times, log.eval_s = [5.0, 2.0, 2.0], 1.0
+    assert log.time_estimate(3, elapsed=10.0).endswith(
+        "so about 48 steps in the 100 s budget, then about 31s for the last evaluation and the whole val split at "
+        "the end (30,000 tokens)")
+
+
+def test_the_whole_val_line_says_which_tokens_it_counted():
+    from gptforge.evaluate import EvalResult
+
+    log, lines = make_log()
+    log.full_val(150, EvalResult(2.3853, 10.9, None, 62_158, None, masked=True), 133.0)
+    log.full_val(150, EvalResult(2.4876, 12.0, 1.2, 186_378, 190_000), 20.0)
+    assert lines == ["val loss at step 150: 2.3853 over the whole val split, assistant tokens only (the loss mask): "
+                     "62,158 tokens (133.0 s)",
+                     "val loss at step 150: 2.4876 over the whole val split, every token: 186,378 tokens (20.0 s)"]
