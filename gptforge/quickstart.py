@@ -195,7 +195,8 @@ def _chat_finish(run_dir: Path, heldout_file: Path, heldout: dict[str, list], re
     matched, total = (sum(s[k] for s in scores.values()) for k in ("matched", "conversations"))
     # a reply that runs on past its answer is wrong however it starts: this says whether the model stops itself
     unfinished = sum(s.get("unfinished", 0) for s in scores.values())
-    ended = "every reply ended by itself" if not unfinished else f"{unfinished} replies did not end by themselves"
+    ended = ("every reply ended by itself" if not unfinished else "1 reply did not end by itself" if unfinished == 1
+             else f"{unfinished} replies did not end by themselves")
     steps = f"{result.step:,} step{'' if result.step == 1 else 's'}"
     log(f"held-out exact match {matched / total:.1%} ({matched}/{total}; {ended}) after {steps} in "
         f"{result.elapsed_s:.0f} s")
