@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gptforge.data.chat_loader import batch_of, pack
 from gptforge.data.loader import RandomBatches, to_device
 from gptforge.device import autocast
 from gptforge.errors import UserError
@@ -161,7 +162,6 @@ def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "v
                         "prepare the data with the same tokenizer")
     dtype, block = pick_dtype(ck.config.train.dtype, dev), ck.config.model.block_size
     if td.kind == "chat":  # (a chat data dir's tokenizer has the template: open_data checks)
-        from gptforge.train.task import masked_split_loss  # train.task imports this module
 
         result = masked_split_loss(ck.model, td.tokens(split), td.mask(split), bos_id=td.tokenizer().chat.bos_id,
                                    block_size=block, batch_size=batch_size, device=dev, dtype=dtype,
@@ -176,6 +176,57 @@ def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "v
 
 # ----------------------------------------------------------------------------------------------
 # Chat: the loss on what the assistant says, and greedy answers against the reference answers
+
+
+@torch.no_grad()
+def masked_loss(model: torch.nn.Module, tokens, mask, rows: list, *, window: int, batch_size: int,
+                device: torch.device, dtype: torch.dtype, rank: int = 0, world_size: int = 1, progress: bool = False,
+                desc: str = "eval") -> tuple[float, int]:
+    """(mean loss over the learned targets of packed `rows` of the stream, their number); rows dealt round-robin
+    over ranks in batches, every rank running the same number of forwards, the sums reduced."""
+    groups = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    per_rank = -(-len(groups) // world_size)
+    was_training = model.training
+    model.eval()
+    loss_sum, count = 0.0, 0
+    with eval_bar(per_rank, desc, progress) as bar:
+        for g in range(rank, per_rank * world_size, world_size):
+            x, y = batch_of(tokens, mask, groups[g % len(groups)], window, device)
+            with autocast(device, dtype):
+                logits = model(x)
+            if g < len(groups):  # a surplus forward (uneven split over ranks) is weighted 0
+                batch_sum, batch_count = target_loss_sum(logits, y)
+                loss_sum, count = loss_sum + batch_sum, count + batch_count
+            bar.update()
+    model.train(was_training)
+    if world_size > 1:
+        total = all_reduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64, device=device))
+        loss_sum, count = total.tolist()
+    return loss_sum / max(count, 1), int(count)
+
+
+def masked_result(loss: float, count: int, *, whole: bool) -> EvalResult:
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), bits_per_byte=None, tokens=count,
+                      bytes=None, masked=True, whole=whole)
+
+
+def masked_split_loss(model: torch.nn.Module, tokens, mask, *, bos_id: int, block_size: int, batch_size: int,
+                      device: torch.device, dtype: torch.dtype, max_tokens: Optional[int] = None,
+                      progress: bool = False, desc: str = "eval") -> EvalResult:
+    """A chat split's loss as a run's whole-val pass measures it (`ChatTask.full_val`): every conversation once,
+    packed whole into rows of block_size + 1 tokens, the assistant's tokens only. `max_tokens`: only the first
+    rows, as many as hold that many tokens of the split (at least one)."""
+    window = block_size + 1
+    rows = pack(tokens, mask, bos_id, window).rows
+    if not rows:
+        raise UserError(f"the split has no conversation with an assistant token inside {window} tokens")
+    kept = len(rows)
+    if max_tokens is not None:
+        sizes = np.cumsum([sum(length for _, length in row) for row in rows])
+        kept = max(1, int(np.searchsorted(sizes, max_tokens, side="right")))
+    loss, count = masked_loss(model, tokens, mask, rows[:kept], window=window, batch_size=batch_size, device=device,
+                              dtype=dtype, progress=progress, desc=desc)
+    return masked_result(loss, count, whole=kept == len(rows))
 
 
 @torch.no_grad()

@@ -9,19 +9,16 @@ ignores, through the same methods, so the loop has no branch for it; both take t
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
 
-from gptforge.data.chat_loader import ChatBatches, batch_of, pack
+from gptforge.data.chat_loader import ChatBatches, pack
 from gptforge.data.loader import RandomBatches, SlotLoader
-from gptforge.device import autocast
-from gptforge.dist import all_reduce_sum
 from gptforge.errors import UserError
-from gptforge.evaluate import EVAL_SEED, EvalResult, estimate_loss, evaluate_tokens, target_loss_sum
-from gptforge.progress import eval_bar
+from gptforge.evaluate import (EVAL_SEED, EvalResult, estimate_loss, evaluate_tokens, masked_loss,
+                               masked_result)
 
 
 class BatchSource(Protocol):
@@ -139,54 +136,3 @@ class ChatTask(Task):
         loss, count = self._masked_loss(model, "val", self.packed["val"].rows, device=device, dtype=dtype, rank=0,
                                         world_size=1, progress=progress, desc="eval val (whole split)")
         return masked_result(loss, count, whole=True)
-
-
-@torch.no_grad()
-def masked_loss(model: torch.nn.Module, tokens, mask, rows: list, *, window: int, batch_size: int,
-                device: torch.device, dtype: torch.dtype, rank: int = 0, world_size: int = 1, progress: bool = False,
-                desc: str = "eval") -> tuple[float, int]:
-    """(mean loss over the learned targets of packed `rows` of the stream, their number); rows dealt round-robin
-    over ranks in batches, every rank running the same number of forwards, the sums reduced."""
-    groups = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    per_rank = -(-len(groups) // world_size)
-    was_training = model.training
-    model.eval()
-    loss_sum, count = 0.0, 0
-    with eval_bar(per_rank, desc, progress) as bar:
-        for g in range(rank, per_rank * world_size, world_size):
-            x, y = batch_of(tokens, mask, groups[g % len(groups)], window, device)
-            with autocast(device, dtype):
-                logits = model(x)
-            if g < len(groups):  # a surplus forward (uneven split over ranks) is weighted 0
-                batch_sum, batch_count = target_loss_sum(logits, y)
-                loss_sum, count = loss_sum + batch_sum, count + batch_count
-            bar.update()
-    model.train(was_training)
-    if world_size > 1:
-        total = all_reduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64, device=device))
-        loss_sum, count = total.tolist()
-    return loss_sum / max(count, 1), int(count)
-
-
-def masked_result(loss: float, count: int, *, whole: bool) -> EvalResult:
-    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), bits_per_byte=None, tokens=count,
-                      bytes=None, masked=True, whole=whole)
-
-
-def masked_split_loss(model: torch.nn.Module, tokens, mask, *, bos_id: int, block_size: int, batch_size: int,
-                      device: torch.device, dtype: torch.dtype, max_tokens: Optional[int] = None,
-                      progress: bool = False, desc: str = "eval") -> EvalResult:
-    """A chat split's loss as a run's whole-val pass measures it (`ChatTask.full_val`): every conversation once,
-    packed whole into rows of block_size + 1 tokens, the assistant's tokens only. `max_tokens`: only the first
-    rows, as many as hold that many tokens of the split (at least one)."""
-    window = block_size + 1
-    rows = pack(tokens, mask, bos_id, window).rows
-    if not rows:
-        raise UserError(f"the split has no conversation with an assistant token inside {window} tokens")
-    kept = len(rows)
-    if max_tokens is not None:
-        sizes = np.cumsum([sum(length for _, length in row) for row in rows])
-        kept = max(1, int(np.searchsorted(sizes, max_tokens, side="right")))
-    loss, count = masked_loss(model, tokens, mask, rows[:kept], window=window, batch_size=batch_size, device=device,
-                              dtype=dtype, progress=progress, desc=desc)
-    return masked_result(loss, count, whole=kept == len(rows))
