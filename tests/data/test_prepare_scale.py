@@ -445,7 +445,10 @@ def test_partial_dir_with_other_options_needs_overwrite(corpus, tmp_path, monkey
     assert mine.read_text() == "mine"
 
 
-def test_progress_bar_shows_documents_and_token_rate(corpus, tmp_path, capfd):
+def test_progress_bar_shows_documents_and_token_rate(corpus, tmp_path, capfd, monkeypatch):
+    from tiny import tick_progress
+
+    tick_progress(monkeypatch)  # off a terminal, a line per update (every update a period later)
     prepare(str(corpus), tmp_path / "out", progress=True)
     err = capfd.readouterr().err
     assert "encode (char)" in err and "303 docs" in err and "tok/s" in err
