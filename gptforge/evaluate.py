@@ -162,7 +162,6 @@ def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "v
                         "prepare the data with the same tokenizer")
     dtype, block = pick_dtype(ck.config.train.dtype, dev), ck.config.model.block_size
     if td.kind == "chat":  # (a chat data dir's tokenizer has the template: open_data checks)
-
         result = masked_split_loss(ck.model, td.tokens(split), td.mask(split), bos_id=td.tokenizer().chat.bos_id,
                                    block_size=block, batch_size=batch_size, device=dev, dtype=dtype,
                                    max_tokens=max_tokens, progress=progress, desc=f"eval {split}")

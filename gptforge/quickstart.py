@@ -21,7 +21,6 @@ from gptforge.errors import UserError
 from gptforge.data import synthetic_chat
 from gptforge.data.prepare import prepare
 from gptforge.infer.sample import sample_checkpoint
-from gptforge.progress import is_terminal
 from gptforge.train import train
 
 RECIPE = "speedrun-cpu"
@@ -41,7 +40,7 @@ def quickstart(out: str | Path = "gptforge-quickstart", *, time_budget: Optional
     log(f"gptforge quickstart: a small GPT learns to write like CPython's own documentation (the help() topics "
         f"bundled with every Python, no download), character by character, for {length}.")
     log(f"[1/3] preparing the documentation at character level into {data_dir}")
-    prepare("pydoc", data_dir, tokenizer="char", overwrite=overwrite, progress=is_terminal())
+    prepare("pydoc", data_dir, tokenizer="char", overwrite=overwrite, progress=True)
     log(f"[2/3] training the {RECIPE} recipe ({_shape(cfg)}, RoPE, Muon) on it for {length} into {run_dir}")
     result = train(cfg, run_dir, overwrite=overwrite, log=log, verbosity=1, progress=True)
     if result.interrupted:
@@ -150,7 +149,7 @@ def quickstart_chat(out: str | Path = "gptforge-quickstart-chat", *, time_budget
     log(f"[1/4] {len(chats.train):,} training conversations in {files[0]}, {len(heldout)} held out in {files[1]}; "
         f"preparing them with the chat template at character level into {data_dir}")
     prepare(str(files[0]), data_dir, tokenizer="char", chat="messages", val_fraction=0.02, overwrite=overwrite,
-            progress=is_terminal())
+            progress=True)
     log(f"[2/4] training a new model ({_shape(cfg)}, context {cfg.model.block_size}, RoPE, Muon) on the "
         f"assistant's turns for {length} into {run_dir}")
     result = train(cfg, run_dir, overwrite=overwrite, log=log, verbosity=1, progress=True)
@@ -194,7 +193,7 @@ def _chat_finish(run_dir: Path, heldout_file: Path, heldout: dict[str, list], re
         log(f"  {skill:11s} {s['exact_match']:6.1%}  ({s['matched']}/{s['conversations']})")
     matched, total = (sum(s[k] for s in scores.values()) for k in ("matched", "conversations"))
     # a reply that runs on past its answer is wrong however it starts: this says whether the model stops itself
-    unfinished = sum(s.get("unfinished", 0) for s in scores.values())
+    unfinished = sum(s["unfinished"] for s in scores.values())
     ended = ("every reply ended by itself" if not unfinished else "1 reply did not end by itself" if unfinished == 1
              else f"{unfinished} replies did not end by themselves")
     steps = f"{result.step:,} step{'' if result.step == 1 else 's'}"
@@ -206,7 +205,7 @@ def _chat_finish(run_dir: Path, heldout_file: Path, heldout: dict[str, list], re
         earlier = "".join(f"  you: {m['content']}\n" if m["role"] == "user" else f"  bot: {m['content']}\n"
                           for m in conv[:-2])
         verdict = ("right" if ex["answer"].strip() == ex["reference"].strip() else f"wrong: {ex['reference']!r}")
-        verdict += "" if ex.get("finished", True) else "; it did not stop"
+        verdict += "" if ex["finished"] else "; it did not stop"
         log(f"{earlier}  you: {ex['prompt']}\n  bot: {ex['answer']}    ({verdict})\n")
     log(f"The run lives in {run_dir}; next:\n"
         f"  gptforge chat {run_dir}                      # talk to it (try: hi, what is 3 + 4?, and times 2?)\n"
