@@ -1,7 +1,7 @@
 """`gptforge serve` under load on the CPU: 1, 4 and 16 concurrent streaming clients, and a 10-turn conversation.
 
     python benchmarks/serve_load.py [--shapes tiny,124M] [--clients 1,4,16] [--rounds 2] [--prompts distinct]
-                                    [--turns 10] [--json]
+                                    [--turns 10] [--dtype auto|int8] [--json]
 
 For each model shape (random weights; the speed does not depend on them) a checkpoint is written to a temporary
 folder and served by `gptforge serve` in a subprocess on 127.0.0.1, as a user starts it (prefix cache on,
@@ -20,6 +20,8 @@ earlier user message and reply) plus a new message, as chat clients do; user mes
 block/40. Its time to first token at the last turn is measured on the server as started (prefix cache on: the
 earlier turns come from the cache) and on a second server started with --prefix-cache-mb 0 (all of it prefilled);
 the median over 3 conversations.
+
+With --dtype int8 the servers run `gptforge serve --dtype int8` and the baseline is bench at int8 as well.
 """
 
 from __future__ import annotations
@@ -55,11 +57,12 @@ def write_run(path: Path, shape: dict) -> tuple[Path, GPT, CharTokenizer]:
     return path, model, tok
 
 
-def baseline_tokens_per_s(shape: dict) -> float:
+def baseline_tokens_per_s(shape: dict, dtype: str = "auto") -> float:
     """Decode tokens/s at batch 1 from `gptforge bench --generate` (the same function) on this shape."""
     from gptforge.bench import bench_generate
 
-    out = bench_generate({"shape": GPTConfig(**shape)}, batch_sizes=(1,), device="cpu", repeats=3, min_time=1.0)
+    out = bench_generate({"shape": GPTConfig(**shape)}, batch_sizes=(1,), device="cpu", repeats=3, min_time=1.0,
+                         weights=dtype)
     return out["shapes"][0]["results"][0]["decode_tokens_per_s"]
 
 
@@ -153,7 +156,8 @@ def stop(proc) -> None:
     proc.wait(30)
 
 
-def bench_shape(name: str, clients: list[int], rounds: int, shared: bool, turns: int, workdir: Path) -> dict:
+def bench_shape(name: str, clients: list[int], rounds: int, shared: bool, turns: int, workdir: Path,
+                dtype: str = "auto") -> dict:
     shape = DEFAULT_DECODE_SHAPES[name]
     run, model, tok = write_run(workdir / name, shape)
     del model
@@ -161,7 +165,7 @@ def bench_shape(name: str, clients: list[int], rounds: int, shared: bool, turns:
     prompt_len = min(64, block // 4)
     new_tokens = min(64, block - prompt_len)
     prompts = Prompts(tok, prompt_len, shared)
-    url, proc = serving(run, "--max-seqs", str(max(clients)))
+    url, proc = serving(run, "--max-seqs", str(max(clients)), "--dtype", dtype)
     try:
         asyncio.run(round_of(url, 1, prompts, 4))  # warm-up
         rows = [max((asyncio.run(round_of(url, c, prompts, new_tokens)) for _ in range(rounds)),
@@ -171,23 +175,23 @@ def bench_shape(name: str, clients: list[int], rounds: int, shared: bool, turns:
         stop(proc)
     uncached = None
     if turns:
-        url, proc = serving(run, "--prefix-cache-mb", "0")
+        url, proc = serving(run, "--prefix-cache-mb", "0", "--dtype", dtype)
         try:
             uncached = turn_ttft(url, tok, block, turns)
         finally:
             stop(proc)
-    base = baseline_tokens_per_s(shape)  # after the servers have stopped: the two never share the CPU
+    base = baseline_tokens_per_s(shape, dtype)  # after the servers have stopped: the two never share the CPU
     one = rows[0]["tokens_per_s"] if rows[0]["clients"] == 1 else None
     for r in rows:
         r["speedup_vs_1_client"] = r["tokens_per_s"] / one if one else None
-    return {"shape": name, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "prompts": "shared" if shared
+    return {"shape": name, "dtype": dtype, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "prompts": "shared" if shared
             else "distinct", "baseline_batch1_decode_tokens_per_s": base, "rows": rows,
             "conversation": {"turns": turns, "with_prefix_cache": cached, "without": uncached} if turns else None}
 
 
 def format_table(results: list[dict]) -> str:
     lines = [f"CPU: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-             f"{results[0]['prompts']} prompts", "",
+             f"{results[0]['prompts']} prompts, --dtype {results[0]['dtype']}", "",
              "| shape | clients | tokens/s | x 1 client | TTFT p50 / p99 ms | ITL p50 / p99 ms | per-client decode tok/s "
              "(bench batch 1) |", "|---|---|---|---|---|---|---|"]
     for res in results:
@@ -216,11 +220,12 @@ def main() -> int:
     ap.add_argument("--prompts", choices=("distinct", "shared"), default="distinct",
                     help="a random prompt per request, or one prompt for all (read from the prefix cache)")
     ap.add_argument("--turns", type=int, default=10, help="turns of the conversation (0: none)")
+    ap.add_argument("--dtype", choices=("auto", "int8"), default="auto", help="serve --dtype (and the baseline's)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     clients = [int(x) for x in a.clients.split(",")]
     with tempfile.TemporaryDirectory() as d:
-        results = [bench_shape(s, clients, a.rounds, a.prompts == "shared", a.turns, Path(d))
+        results = [bench_shape(s, clients, a.rounds, a.prompts == "shared", a.turns, Path(d), a.dtype)
                    for s in a.shapes.split(",")]
     print(json.dumps(results) if a.json else format_table(results))
     return 0

@@ -34,6 +34,7 @@ from gptforge.model import GPT
 from gptforge.modelio.hf import HF_CLASSES, hf_architecture, require_transformers, to_hf_model
 from gptforge.modelio.load import use_decode_layout
 from gptforge.optim import build_optimizer
+from gptforge.quantize import Int8Linear, check_dtype, to_int8
 from gptforge.train import apply_gradients
 
 GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 64, as `gptforge train` pads them
@@ -266,9 +267,10 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: every parameter once, except embedding tables only
     looked up (the position table, and the token table unless the output layer shares it)."""
     looked_up = {id(model.transformer.wpe.weight)} if hasattr(model.transformer, "wpe") else set()
-    if model.lm_head.weight is not model.transformer.wte.weight:
-        looked_up.add(id(model.transformer.wte.weight))
-    seen, total = set(), 0
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    if getattr(model.lm_head, "weight", None) is not model.transformer.wte.weight:
+        looked_up.add(id(model.transformer.wte.weight))  # an int8 output layer has its own copy
+    seen, total = set(), sum(m.weight_bytes for m in int8)
     for p in model.parameters():  # parameters() yields a shared tensor once
         if id(p) not in looked_up and id(p) not in seen:
             seen.add(id(p))
@@ -291,13 +293,14 @@ def gemv_timer(model: torch.nn.Module, device: torch.device) -> Callable[[], flo
     with. What a step would cost with no attention, norms, Python or sampling around them."""
 
     layers = decode_matmuls(model)
-    rows = [torch.randn(1, 1, m.in_features, device=device, dtype=m.weight.dtype) for m in layers]
+    rows = [torch.randn(1, 1, m.in_features, device=device,
+                        dtype=torch.float32 if isinstance(m, Int8Linear) else m.weight.dtype) for m in layers]
 
     @torch.inference_mode()
     def once() -> float:
         synchronize(device)
         t0 = time.perf_counter()
-        with decode_threads(device, 1):
+        with decode_threads(device, 1, model.config, getattr(model, "int8", False)):
             for m, x in zip(layers, rows):
                 m(x)
         synchronize(device)
@@ -410,7 +413,7 @@ def _bandwidth_bound(model, cfg: GPTConfig, P: int, N: int, dt: torch.dtype, ban
 
 def bench_generate(shapes: dict[str, GPTConfig], *, batch_sizes: Sequence[int] = (1, 8),
                    prompt_len: Optional[int] = None, new_tokens: Optional[int] = None, compare_hf: bool = False,
-                   device: str = "auto", dtype: str = "auto", seed: int = 1337, repeats: int = 3,
+                   device: str = "auto", dtype: str = "auto", weights: str = "auto", seed: int = 1337, repeats: int = 3,
                    min_time: float = 1.0, bandwidth_mb: int = 256,
                    log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Greedy decoding speed of each named model shape: prefill and decode tokens/s at each batch size,
@@ -420,7 +423,10 @@ def bench_generate(shapes: dict[str, GPTConfig], *, batch_sizes: Sequence[int] =
 
     plans = _decode_plans(shapes, batch_sizes, prompt_len, new_tokens, compare_hf, repeats)
     dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
+    check_dtype(weights, dev)
+    if weights == "int8" and compare_hf:
+        raise UserError("--compare-hf checks float32 decoding token for token; leave out --dtype int8")
+    dt = pick_dtype("auto" if weights == "int8" else dtype, dev)
     setup_backends(dev)
     log(f"measuring memory bandwidth ({bandwidth_mb} MB copy) ...")
     bandwidth = measure_bandwidth(dev, bandwidth_mb)
@@ -429,7 +435,9 @@ def bench_generate(shapes: dict[str, GPTConfig], *, batch_sizes: Sequence[int] =
     for name, cfg, P, N in plans:
         seed_everything(seed)
         model = GPT(cfg).to(dev).eval()
-        if dev.type == "cpu":
+        if weights == "int8":
+            to_int8(model)  # as the loader gives it with --dtype int8
+        elif dev.type == "cpu":
             use_decode_layout(model)  # as the loader gives every model on a CPU
         g = torch.Generator(device=dev).manual_seed(seed)
         results = []
@@ -446,8 +454,9 @@ def bench_generate(shapes: dict[str, GPTConfig], *, batch_sizes: Sequence[int] =
         }
         out_shapes.append(entry)
         del model
-    return {"mode": "generate", "device": str(dev), "device_name": _device_name(dev), "dtype": _dtype_name(dt),
-            "threads": torch.get_num_threads(), "decode_layout": dev.type == "cpu",
+    return {"mode": "generate", "device": str(dev), "device_name": _device_name(dev),
+            "dtype": "int8 weights" if weights == "int8" else _dtype_name(dt),
+            "threads": torch.get_num_threads(), "decode_layout": dev.type == "cpu" and weights != "int8",
             "bandwidth_bytes_per_s": bandwidth, "bandwidth_mb": bandwidth_mb, "shapes": out_shapes, "busy": busy}
 
 

@@ -142,7 +142,7 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, *, block_size: i
 
 def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "val", max_tokens: Optional[int] = None,
                         batch_size: int = 8, which: str = "latest", device: str = "auto",
-                        progress: bool = False) -> dict:
+                        dtype: str = "auto", progress: bool = False) -> dict:
     """`gptforge eval`: loss, perplexity and bits per byte of a checkpoint on a split of its (or another) data dir.
     On chat data the loss is over the assistant's tokens only (the loss mask), the measure `train` validates
     SFT with, so the two figures compare; `masked` and `tokens` in the result say what was counted."""
@@ -152,7 +152,7 @@ def evaluate_checkpoint(run: str, *, data: Optional[str] = None, split: str = "v
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
     dev = pick_device(device)
-    ck = load(run, dev, which)
+    ck = load(run, dev, which, dtype)
     data_dir = data or ck.config.data.dir
     if not data_dir:
         raise UserError("the checkpoint does not say which data it trained on; pass --data DATA_DIR")
@@ -348,7 +348,8 @@ def evaluate_chat(model: torch.nn.Module, tok, conversations: list[list[dict]], 
 
 
 def evaluate_chat_checkpoint(run: str, file: str, *, limit: Optional[int] = None, batch_size: int = 8,
-                             which: str = "latest", device: str = "auto", progress: bool = False) -> dict:
+                             which: str = "latest", device: str = "auto", dtype: str = "auto",
+                             progress: bool = False) -> dict:
     """`gptforge eval RUN --task chat --file CONVS.jsonl`: `evaluate_chat` on the file's conversations (the
     first `limit`), with the checkpoint and the number of unusable rows skipped."""
 
@@ -361,7 +362,7 @@ def evaluate_chat_checkpoint(run: str, file: str, *, limit: Optional[int] = None
     conversations, bad, _ = read_conversations(str(file), "auto")
     conversations = conversations[:limit]
     dev = pick_device(device)
-    ck = load(run, dev, which)
+    ck = load(run, dev, which, dtype)
     if getattr(ck.tokenizer, "chat", None) is None:
         raise UserError(f"{run} has no chat template (it was not fine-tuned on conversations); "
                         "--task chat needs a model trained on data from `gptforge prepare FILE --chat`")

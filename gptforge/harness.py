@@ -98,7 +98,7 @@ class GptforgeLM(TemplateLM):
 
     model_args: pretrained (any source `gptforge.modelio.load` reads, or a loaded Checkpoint), which
     (latest or best), device (auto, cpu, cuda, cuda:N, mps), dtype (default: the run's train.dtype; auto,
-    float32, bfloat16, float16), batch_size (requests per forward, or auto: up to max_batch_tokens tokens per
+    float32, bfloat16, float16; int8: 8-bit Linear weights on a CPU, gptforge.quantize), batch_size (requests per forward, or auto: up to max_batch_tokens tokens per
     forward), max_batch_tokens, max_gen_toks (the default length of a generation, 256).
     """
 
@@ -126,9 +126,9 @@ class GptforgeLM(TemplateLM):
             self._device = next(pretrained.model.parameters()).device
         else:
             self._device = _device(device)
-            self.ck = load(str(pretrained), self._device, which)
+            self.ck = load(str(pretrained), self._device, which, "int8" if dtype == "int8" else "auto")
         self.model, self.tok = self.ck.model.eval(), self.ck.tokenizer
-        self.dtype = pick_dtype(dtype or self.ck.config.train.dtype, self._device)
+        self.dtype = pick_dtype("float32" if dtype == "int8" else dtype or self.ck.config.train.dtype, self._device)
         chat = getattr(self.tok, "chat", None)
         self._markers = None if chat is None else re.compile("(" + "|".join(map(re.escape, MARKERS)) + ")")
         # generation ends at end-of-text, and for a chat model at the end of its turn (any marker)
@@ -413,7 +413,7 @@ def task_manager(names: list[str], include_paths: list[str]):
 def evaluate_harness(run: Union[str, Checkpoint], tasks: str, *, file: Optional[str] = None,
                      include_path: Optional[str] = None, limit: Optional[int] = None,
                      num_fewshot: Optional[int] = None, batch_size: Union[int, str, None] = None,
-                     which: str = "latest", device: str = "auto", log_samples: bool = False,
+                     which: str = "latest", device: str = "auto", dtype: str = "auto", log_samples: bool = False,
                      progress: bool = True) -> dict[str, Any]:
     """lm-eval's `simple_evaluate` of a gptforge model (any source `load` reads) on comma-separated `tasks`:
     lm-eval's results dict. `hellaswag_local` is HellaSwag from `file` (default: the official val file), the
@@ -431,7 +431,8 @@ def evaluate_harness(run: Union[str, Checkpoint], tasks: str, *, file: Optional[
         if LOCAL_HELLASWAG in names:
             paths.append(str(write_local_hellaswag(file, tmp)))
         tm = task_manager(names, paths)  # before the model loads: a typo should not wait for it
-        lm = GptforgeLM(pretrained=run, which=which, device=str(dev), batch_size=batch_size)
+        lm = GptforgeLM(pretrained=run, which=which, device=str(dev), dtype=None if dtype == "auto" else dtype,
+                        batch_size=batch_size)
         lm.progress = progress
         results = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit,
                                           num_fewshot=num_fewshot, log_samples=log_samples)

@@ -276,13 +276,13 @@ def hellaswag_during_training(model: torch.nn.Module, tokenizer, examples: Seque
 
 def evaluate_hellaswag_checkpoint(run: str, *, file: Optional[str] = None, limit: Optional[int] = None,
                                   batch_size: int = 8, which: str = "latest", device: str = "auto",
-                                  progress: bool = True) -> dict[str, Any]:
+                                  dtype: str = "auto", progress: bool = True) -> dict[str, Any]:
     """`gptforge eval RUN --task hellaswag`: accuracy on HellaSwag val (or `file`) of a run or checkpoint
     directory, or, as for the loss evaluation, of GPT-2 (gpt2 ... gpt2-xl) or a Hugging Face model directory."""
 
     examples = load_examples(file, limit)  # first: a missing file should not wait for the model to load
     dev = pick_device(device)
-    ck = load(run, dev, which)
+    ck = load(run, dev, which, dtype)
     result = evaluate_hellaswag(ck.model, ck.tokenizer, examples, dev, pick_dtype(ck.config.train.dtype, dev),
                                 batch_size, progress=progress)
     source = str(Path(file).expanduser()) if file else HELLASWAG_URL

@@ -229,8 +229,9 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without the lookup tables that are not also a matmul: the position
-        embeddings (GPT-2's convention) and the value embeddings."""
-        n = sum(p.numel() for p in self.parameters())
+        embeddings (GPT-2's convention) and the value embeddings. Weights converted to int8 for decoding
+        (gptforge.quantize) count as the parameters they were."""
+        n = sum(p.numel() for p in self.parameters()) + sum(getattr(m, "int8_params", 0) for m in self.modules())
         if non_embedding and self.config.pos == "learned":
             n -= self.transformer.wpe.weight.numel()
         if non_embedding and self.config.value_embeds:

@@ -162,7 +162,8 @@ def train(data: Optional[str] = None, out: Optional[str] = None, preset: Optiona
 def eval_(run: str, data: Optional[str] = None, split: str = "val",
           task: Literal["loss", "hellaswag", "chat"] = "loss", file: Optional[str] = None,
           limit: Optional[int] = None, max_tokens: Optional[int] = None, batch_size: int = 8, best: bool = False,
-          device: str = "auto", json: bool = False, harness: Optional[str] = None,
+          device: str = "auto", dtype: Literal["auto", "int8"] = "auto", json: bool = False,
+          harness: Optional[str] = None,
           include_path: Optional[str] = None, num_fewshot: Optional[int] = None) -> int:
     """Loss, perplexity and bits per byte of a checkpoint on a data split (--task loss), its HellaSwag
     accuracy (--task hellaswag), a chat model's loss and exact match on conversations (--task chat), or
@@ -185,6 +186,8 @@ def eval_(run: str, data: Optional[str] = None, split: str = "val",
             forward pass
         best: use the best-val checkpoint instead of the latest
         device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
+        dtype: auto: as the model is (bf16 autocast on a GPU, fp32 on a CPU); int8: a CPU decodes with
+            8-bit Linear weights (per output channel): a quarter of fp32's bytes to read per token
         json: print one JSON object (the progress of a long evaluation goes to stderr)
         harness: lm-eval tasks, comma-separated (lm-eval's names, those of --include-path, or hellaswag_local:
             HellaSwag from --file with this verb's --task hellaswag prompt), printed as lm-eval's table
@@ -198,7 +201,7 @@ def eval_(run: str, data: Optional[str] = None, split: str = "val",
             raise UserError("--harness runs lm-eval tasks: leave out --task, --data and --max-tokens")
         results = evaluate_harness(run, harness, file=file, include_path=include_path, limit=limit,
                                    num_fewshot=num_fewshot, batch_size=batch_size, which=_which(best),
-                                   device=device, progress=True)
+                                   device=device, dtype=dtype, progress=True)
         if json:
             print(dumps(results_summary(results, run)))
         else:
@@ -210,7 +213,7 @@ def eval_(run: str, data: Optional[str] = None, split: str = "val",
         from gptforge.hellaswag import evaluate_hellaswag_checkpoint
 
         out = evaluate_hellaswag_checkpoint(run, file=file, limit=limit, batch_size=batch_size, which=_which(best),
-                                            device=device, progress=True)
+                                            device=device, dtype=dtype, progress=True)
         print(dumps(out) if json else f"hellaswag: acc {out['acc']:.4f} | acc_norm {out['acc_norm']:.4f} (per token) "
               f"| acc_norm_char {out['acc_norm_char']:.4f} (per character: lm-eval's acc_norm) "
               f"| {out['n']:,} examples | {out['checkpoint']}")
@@ -221,7 +224,7 @@ def eval_(run: str, data: Optional[str] = None, split: str = "val",
         if not file:
             raise UserError("--task chat needs --file CONVS.jsonl (rows of {\"messages\": [...]})")
         out = evaluate_chat_checkpoint(run, file, limit=limit, batch_size=batch_size, which=_which(best),
-                                       device=device, progress=True)
+                                       device=device, dtype=dtype, progress=True)
         print(dumps(out) if json else _chat_line(out))
         return 0
     if file or limit is not None:
@@ -229,7 +232,7 @@ def eval_(run: str, data: Optional[str] = None, split: str = "val",
     from gptforge.evaluate import evaluate_checkpoint
 
     out = evaluate_checkpoint(run, data=data, split=split, max_tokens=max_tokens, batch_size=batch_size,
-                              which=_which(best), device=device, progress=True)
+                              which=_which(best), device=device, dtype=dtype, progress=True)
     if json:
         print(dumps(out))
     else:
@@ -270,7 +273,7 @@ def report(run: str, json: bool = False) -> int:
 def sample(run: str, prompt: str = "\n", num_samples: int = 1, max_new_tokens: int = 500,
            temperature: float = 0.8, top_k: Optional[int] = 200, top_p: Optional[float] = None,
            greedy: bool = False, seed: int = 1337, no_kv_cache: bool = False, best: bool = False,
-           device: str = "auto", json: bool = False) -> int:
+           device: str = "auto", dtype: Literal["auto", "int8"] = "auto", json: bool = False) -> int:
     """Generate text from a checkpoint, streamed as it is produced.
 
     Args:
@@ -287,6 +290,8 @@ def sample(run: str, prompt: str = "\n", num_samples: int = 1, max_new_tokens: i
         no_kv_cache: recompute the full forward at every step
         best: use the best-val checkpoint instead of the latest
         device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
+        dtype: auto: as the model is (bf16 autocast on a GPU, fp32 on a CPU); int8: a CPU decodes with
+            8-bit Linear weights (per output channel): a quarter of fp32's bytes to read per token
         json: print the samples as one JSON object instead of streaming
     """
     from gptforge.infer.sample import read_prompt, sample_checkpoint
@@ -294,7 +299,7 @@ def sample(run: str, prompt: str = "\n", num_samples: int = 1, max_new_tokens: i
     text = read_prompt(prompt)
     samples = sample_checkpoint(run, text, num_samples=num_samples, max_new_tokens=max_new_tokens,
                                 temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                use_kv_cache=not no_kv_cache, which=_which(best), device=device,
+                                use_kv_cache=not no_kv_cache, which=_which(best), device=device, dtype=dtype,
                                 out=None if json else sys.stdout)
     if json:
         print(dumps({"prompt": text, "samples": samples}))
@@ -303,7 +308,7 @@ def sample(run: str, prompt: str = "\n", num_samples: int = 1, max_new_tokens: i
 
 def chat(run: str, prompt: Optional[str] = None, system: Optional[str] = None, max_new_tokens: int = 256,
          temperature: float = 0.8, top_k: Optional[int] = 200, top_p: Optional[float] = None, greedy: bool = False,
-         seed: int = 1337, best: bool = False, device: str = "auto") -> int:
+         seed: int = 1337, best: bool = False, device: str = "auto", dtype: Literal["auto", "int8"] = "auto") -> int:
     """Talk to a chat model (one fine-tuned on data from `gptforge prepare --chat`) in the terminal, turn after
     turn; replies are streamed. In the chat: /clear, /system TEXT, /quit; Ctrl-D ends, Ctrl-C stops a reply.
     With -p: one answer, then exit.
@@ -320,12 +325,14 @@ def chat(run: str, prompt: Optional[str] = None, system: Optional[str] = None, m
         seed: random seed: the same seed gives the same replies
         best: use the best-val checkpoint instead of the latest
         device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
+        dtype: auto: as the model is (bf16 autocast on a GPU, fp32 on a CPU); int8: a CPU decodes with
+            8-bit Linear weights (per output channel): a quarter of fp32's bytes to read per token
     """
     from gptforge.infer.chat import chat_checkpoint
 
     return chat_checkpoint(run, prompt=prompt, system=system, max_new_tokens=max_new_tokens,
                            temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p, seed=seed,
-                           which=_which(best), device=device)
+                           which=_which(best), device=device, dtype=dtype)
 
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
@@ -334,7 +341,7 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: Optional
           timeout_keep_alive: int = 5, max_connections: int = 256, prefill_chunk: int = 256,
           prefix_cache_mb: float = 256, follow: bool = False, best: bool = False,
           log_level: Literal["debug", "info", "warning", "error"] = "info", drain_timeout: float = 30.0,
-          device: str = "auto") -> int:
+          device: str = "auto", dtype: Literal["auto", "int8"] = "auto") -> int:
     """Serve a model over HTTP: OpenAI-compatible /v1/chat/completions, /v1/completions and /v1/models (any
     OpenAI client works with base_url http://HOST:PORT/v1), with continuous batching of concurrent requests,
     and a web chat page at /. Needs gptforge[serve].
@@ -365,13 +372,15 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: Optional
         log_level: debug, info (one access-log line per request), warning or error
         drain_timeout: on SIGTERM, seconds the running requests get to finish (no new ones are taken), then exit 0
         device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
+        dtype: auto: as the model is (bf16 autocast on a GPU, fp32 on a CPU); int8: a CPU decodes with
+            8-bit Linear weights (per output channel): a quarter of fp32's bytes to read per token
     """
     from gptforge.serve import serve_checkpoint
 
     return serve_checkpoint(run, host=host, port=port, api_key=api_key, cors=cors, context_length=context_length,
                             max_tokens=max_tokens, max_seqs=max_seqs, max_queue=max_queue,
                             max_request_bytes=max_request_bytes, prefill_chunk=prefill_chunk, which=_which(best),
-                            device=device, read_timeout=read_timeout, timeout_keep_alive=timeout_keep_alive,
+                            device=device, dtype=dtype, read_timeout=read_timeout, timeout_keep_alive=timeout_keep_alive,
                             max_connections=max_connections, prefix_cache_mb=prefix_cache_mb, follow=follow,
                             log_level=log_level, drain_timeout=drain_timeout)
 
@@ -500,8 +509,8 @@ def presets() -> int:
 def bench(preset: Optional[str] = None, config: Optional[str] = None, device: Optional[str] = None,
           steps: Optional[int] = None, warmup: Optional[int] = None, generate: bool = False,
           batch_sizes: Optional[str] = None, prompt_len: Optional[int] = None, new_tokens: Optional[int] = None,
-          compare_hf: bool = False, repeats: int = 3, min_time: float = 1.0, threads: Optional[int] = None,
-          json: bool = False, model: Optional[dict] = None, optim: Optional[dict] = None,
+          compare_hf: bool = False, dtype: Literal["auto", "int8"] = "auto", repeats: int = 3, min_time: float = 1.0,
+          threads: Optional[int] = None, json: bool = False, model: Optional[dict] = None, optim: Optional[dict] = None,
           train: Optional[dict] = None, *, base: Optional[dict] = None) -> int:
     """Measure this machine on random tokens and random weights (no data needed). By default the training
     step: ms/step, tokens/s, MFU against a matmul timed here, peak memory. With --generate: greedy decoding
@@ -522,6 +531,8 @@ def bench(preset: Optional[str] = None, config: Optional[str] = None, device: Op
         new_tokens: --generate: tokens generated per run (default: up to 64, within block_size)
         compare_hf: --generate: also run Hugging Face transformers' generate on the same weights (greedy,
             use_cache, float32, batch 1) and check it gives the same tokens; needs gptforge[hf]
+        dtype: --generate: int8 decodes with 8-bit Linear weights (a CPU; as sample --dtype int8); auto: as
+            --train.dtype says
         repeats: --generate: timed runs per figure, at least (median)
         min_time: --generate: keep repeating a figure's runs until this many seconds have passed
         threads: CPU threads for PyTorch (default: its own choice, usually the number of cores)
@@ -541,7 +552,7 @@ def bench(preset: Optional[str] = None, config: Optional[str] = None, device: Op
             raise UserError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     generate_only = {"--batch-sizes": batch_sizes, "--prompt-len": prompt_len, "--new-tokens": new_tokens,
-                     "--compare-hf": compare_hf or None}
+                     "--compare-hf": compare_hf or None, "--dtype": None if dtype == "auto" else dtype}
     misplaced = [f for f, v in ({"--steps": steps, "--warmup": warmup} if generate else generate_only).items()
                  if v is not None]
     if misplaced:
@@ -565,7 +576,8 @@ def bench(preset: Optional[str] = None, config: Optional[str] = None, device: Op
               {name: GPTConfig(**m) for name, m in benchmarks.DEFAULT_DECODE_SHAPES.items()})
     out = benchmarks.bench_generate(shapes, batch_sizes=benchmarks.parse_batch_sizes(batch_sizes or "1,8"),
                                     prompt_len=prompt_len, new_tokens=new_tokens, compare_hf=compare_hf,
-                                    device=cfg.train.device, dtype=cfg.train.dtype, seed=cfg.train.seed,
+                                    device=cfg.train.device, dtype=cfg.train.dtype, weights=dtype,
+                                    seed=cfg.train.seed,
                                     repeats=repeats, min_time=min_time, log=log)
     if shape_given and vocab_note:
         out["vocab_note"] = vocab_note

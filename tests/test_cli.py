@@ -442,7 +442,8 @@ def test_the_verbs_call_the_library_with_the_flags(monkeypatch, capsys):
     assert (kw["which"], kw["seed"], kw["top_k"], kw["out"]) == ("best", 3, 200, None)
     assert main(["chat", "r", "-p", "hi", "--system", "be brief", "--top-k", "null"]) == 0
     assert calls["chat"] == (("r",), {"prompt": "hi", "system": "be brief", "max_new_tokens": 256, "temperature": 0.8,
-                                      "top_k": None, "top_p": None, "seed": 1337, "which": "latest", "device": "auto"})
+                                      "top_k": None, "top_p": None, "seed": 1337, "which": "latest", "device": "auto",
+                                      "dtype": "auto"})
     assert main(["serve", "r", "--port", "0", "--cors", "http://x", "--max-queue", "5", "--best"]) == 0
     kw = calls["serve"][1]
     assert (kw["port"], kw["cors"], kw["max_queue"], kw["which"], kw["api_key"]) == (0, ["http://x"], 5, "best", None)

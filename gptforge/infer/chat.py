@@ -212,7 +212,7 @@ def repl(session: ChatSession, *, read: Callable[[str], str] = input, out=None) 
 
 def chat_checkpoint(run, *, prompt: Optional[str] = None, system: Optional[str] = None, max_new_tokens: int = 256,
                     temperature: float = 0.8, top_k: Optional[int] = 200, top_p: Optional[float] = None,
-                    seed: int = 1337, which: str = "latest", device: str = "auto", out=None,
+                    seed: int = 1337, which: str = "latest", device: str = "auto", dtype: str = "auto", out=None,
                     read: Callable[[str], str] = input) -> int:
     """`gptforge chat`: answer `prompt` and return, or talk in the terminal; the exit status."""
     out = out or sys.stdout
@@ -222,7 +222,7 @@ def chat_checkpoint(run, *, prompt: Optional[str] = None, system: Optional[str] 
         raise ChatError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     params = SamplingParams(temperature, top_k, top_p, seed).validate(seed_name="--seed")  # before the model loads
     dev = pick_device(device)
-    ck = load(run, dev, which)
+    ck = load(run, dev, which, dtype)
     if getattr(ck.tokenizer, "chat", None) is None:
         raise ChatError(f"{run} has no chat template (it was not fine-tuned on conversations): use "
                         f"`gptforge sample {run}` for plain text, or fine-tune it on data from "

@@ -186,6 +186,9 @@ def new_kv_cache(model: torch.nn.Module, rows: int, device: torch.device, *, use
 # a parallel region keeps spinning on the other core for a while after it. So a forward stays on one thread
 # while its tokens (rows x new tokens) are at most DECODE_ONE_THREAD_ROWS or its tokens x the block matrices'
 # weights (12 L C^2, the multiply-adds per token) at most DECODE_ONE_THREAD_WORK.
+# A model in 8-bit weights (gptforge.quantize) is judged by the work alone: its int8 products are arithmetic-
+# bound on one core, and GPT-2 124M's batch-1 step took 8.5 ms on two threads against 10.9 on one (10.1 with
+# only the int8 products on two; quiet machine, same run; fp32's is no faster on two).
 DECODE_ONE_THREAD_ROWS = 4
 DECODE_ONE_THREAD_WORK = 1 << 26
 
@@ -195,12 +198,13 @@ def _matrix_weights(config: Optional[GPTConfig]) -> int:
 
 
 @contextmanager
-def decode_threads(device: torch.device, rows: int, config: Optional[GPTConfig] = None):
+def decode_threads(device: torch.device, rows: int, config: Optional[GPTConfig] = None, int8: bool = False):
     """Run a forward of `rows` tokens of a model of `config` single-threaded on a CPU when it is small enough
-    (see DECODE_ONE_THREAD_ROWS); the caller's thread count is back on exit, so longer prefills, training and the
-    caller's own code keep theirs."""
+    (see DECODE_ONE_THREAD_ROWS; `int8`: a model in 8-bit weights, judged by the work alone); the caller's thread
+    count is back on exit, so longer prefills, training and the caller's own code keep theirs."""
     n = torch.get_num_threads()
-    few = rows <= DECODE_ONE_THREAD_ROWS or rows * _matrix_weights(config) <= DECODE_ONE_THREAD_WORK
+    few = ((rows <= DECODE_ONE_THREAD_ROWS and not int8)
+           or rows * _matrix_weights(config) <= DECODE_ONE_THREAD_WORK)
     if device.type != "cpu" or not few or n == 1:
         yield
         return
@@ -221,7 +225,7 @@ def step(model: torch.nn.Module, idx: torch.Tensor, cache: KVCache) -> torch.Ten
     if cache.pos + T > cache.block_size:
         raise SamplingError(f"{T} new tokens do not fit after the {cache.pos} in the cache "
                             f"(block_size {cache.block_size})")
-    with decode_threads(idx.device, B * T, getattr(model, "config", None)):
+    with decode_threads(idx.device, B * T, getattr(model, "config", None), getattr(model, "int8", False)):
         return model(idx, kv_cache=cache, last_only=True)[:, -1]
 
 

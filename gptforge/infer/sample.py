@@ -52,7 +52,7 @@ def _check_request(num_samples: int, max_new_tokens: int) -> None:
 def sample_checkpoint(run, prompt: str = "\n", *, num_samples: int = 1, max_new_tokens: int = 500,
                       temperature: float = 0.8, top_k: Optional[int] = 200, top_p: Optional[float] = None,
                       seed: int = 1337, use_kv_cache: bool = True, which: str = "latest", device: str = "auto",
-                      out=None) -> list[str]:
+                      dtype: str = "auto", out=None) -> list[str]:
     """Sample `num_samples` continuations of `prompt` (decoded together as one batch) from a checkpoint.
 
     With `out` (a text stream), the first sample is written as it is generated and the others follow
@@ -61,7 +61,7 @@ def sample_checkpoint(run, prompt: str = "\n", *, num_samples: int = 1, max_new_
     _check_request(num_samples, max_new_tokens)  # bad settings fail before any work or output
     params = SamplingParams(temperature, top_k, top_p, seed).validate(seed_name="--seed")
     dev = pick_device(device)
-    ck = load(run, dev, which)  # on a CPU, in the decode layout
+    ck = load(run, dev, which, dtype)  # on a CPU, in the decode layout (or int8)
     tok = ck.tokenizer
     ids = tok.encode(prompt)
     if not ids:

@@ -8,8 +8,9 @@ A source is one of four kinds (`source_kind`):
              a LoRA run's checkpoint holds adapters only, and opens as its base model (loaded from the source it
              records, checked against the sha256 of its weights) with the adapters merged in (`open_run`)
 and three things are done with one:
-- `load(source, device, which)`: a ready model for inference (eval mode, on the device, on a CPU in the decode
-  layout) with its tokenizer and run config: what sample, chat, eval, HellaSwag and serve call;
+- `load(source, device, which, dtype)`: a ready model for inference (eval mode, on the device, on a CPU in the
+  decode layout or, with dtype int8, in 8-bit weights) with its tokenizer and run config: what sample, chat,
+  eval, HellaSwag and serve call;
 - `load_init(source, tokenizer, ...)`: the weights a training run starts from (--train.init_from), in the
   layout training uses, with the model config they need;
 - `import_model(source, out_dir, ...)`: the source written as a gptforge checkpoint (`gptforge import`).
@@ -33,6 +34,7 @@ from gptforge.modelio import gguf, hf
 from gptforge.modelio.checkpoint import (Checkpoint, is_adapter, load_model, open_checkpoint, read_adapter, read_config,
                                          read_state, resolve_checkpoint)
 from gptforge.nanogpt import checkpoint as nanogpt
+from gptforge.quantize import check_dtype, to_int8
 from gptforge.tokenizer import Tokenizer, load_tokenizer
 
 SourceKind = Literal["hf", "nanogpt", "gguf", "run"]
@@ -82,19 +84,24 @@ def use_decode_layout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _ready(ck: Checkpoint, device: Union[str, torch.device]) -> Checkpoint:
-    """The loaded model on `device`, in eval mode, and on a CPU in the decode layout: the one place any
-    loaded model is readied for inference."""
+def _ready(ck: Checkpoint, device: Union[str, torch.device], dtype: str = "auto") -> Checkpoint:
+    """The loaded model on `device`, in eval mode, and on a CPU in the decode layout, or with `dtype` int8 its
+    Linear weights in 8 bits (gptforge.quantize): the one place any loaded model is readied for inference."""
     ck.model.to(device).eval()
-    if next(ck.model.parameters()).device.type == "cpu":
+    if dtype == "int8":
+        to_int8(ck.model)
+    elif next(ck.model.parameters()).device.type == "cpu":
         use_decode_layout(ck.model)
     return ck
 
 
-def load_checkpoint(path: Source, device: Union[str, torch.device] = "cpu", which: str = "latest") -> Checkpoint:
+def load_checkpoint(path: Source, device: Union[str, torch.device] = "cpu", which: str = "latest",
+                    dtype: str = "auto") -> Checkpoint:
     """A gptforge run directory (its `which` checkpoint: latest or best) or checkpoint directory, ready for
-    inference on `device` (on a CPU in the decode layout); a LoRA run's as its base with the adapters merged."""
-    return _ready(open_run(path, which), device)
+    inference on `device` (on a CPU in the decode layout; `dtype` int8: 8-bit weights); a LoRA run's as its
+    base with the adapters merged."""
+    check_dtype(dtype, torch.device(device))
+    return _ready(open_run(path, which), device, dtype)
 
 
 def open_run(path: Source, which: str = "latest") -> Checkpoint:
@@ -166,17 +173,20 @@ def _open_adapter(ckpt: Path, *, dropout: float = 0.0, attention: str = "sdpa") 
     return Checkpoint(model=lora.merge(model).eval(), tokenizer=tok, config=config, path=ckpt, state=state)
 
 
-def load(source: Source, device: Union[str, torch.device] = "cpu", which: str = "latest") -> Checkpoint:
+def load(source: Source, device: Union[str, torch.device] = "cpu", which: str = "latest",
+         dtype: str = "auto") -> Checkpoint:
     """Any model source (see `source_kind`) as a `Checkpoint` ready for inference on `device`; `which` picks a
-    run's latest or best checkpoint."""
+    run's latest or best checkpoint; `dtype` int8 (a CPU only) decodes with 8-bit Linear weights, auto as the
+    model is."""
+    check_dtype(dtype, torch.device(device))  # before any reading: a wrong flag fails at once
     kind = source_kind(source)
     if kind == "hf":
-        return _ready(hf.load_pretrained_checkpoint(source), device)
+        return _ready(hf.load_pretrained_checkpoint(source), device, dtype)
     if kind == "nanogpt":
-        return _ready(nanogpt.load_nanogpt_checkpoint(source), device)
+        return _ready(nanogpt.load_nanogpt_checkpoint(source), device, dtype)
     if kind == "gguf":
-        return _ready(gguf.load_gguf_checkpoint(source), device)
-    return load_checkpoint(source, device, which)
+        return _ready(gguf.load_gguf_checkpoint(source), device, dtype)
+    return load_checkpoint(source, device, which, dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Optional
 from gptforge.device import format_bytes, pick_device, pick_dtype
 from gptforge.errors import UserError
 from gptforge.modelio.load import load
+from gptforge.quantize import is_int8
 from gptforge.serve.batcher import Batcher
 from gptforge.serve.follow import Follower, RunCurve, Served, checkpoint_step, run_dir_of
 
@@ -101,7 +102,7 @@ def _served(run, ck, which: str, follow: bool) -> Served:
     return Served(name, step, which, run_dir, follow, curve=curve)
 
 
-def build_server(run, *, device: str = "auto", which: str = "latest", api_key: Optional[str] = None,
+def build_server(run, *, device: str = "auto", dtype: str = "auto", which: str = "latest", api_key: Optional[str] = None,
                  cors: Optional[list[str]] = None, context_length: Optional[int] = None, max_tokens: int = 1024,
                  max_seqs: int = 16, max_queue: int = 64, max_request_bytes: int = 1 << 20,
                  prefill_chunk: int = 256, prefix_cache_mb: float = 256, follow: bool = False,
@@ -114,7 +115,7 @@ def build_server(run, *, device: str = "auto", which: str = "latest", api_key: O
     _check_limits(max_tokens=max_tokens, max_seqs=max_seqs, max_queue=max_queue,
                   max_request_bytes=max_request_bytes, prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb)
     dev = pick_device(device)
-    ck = load(run, dev, which)
+    ck = load(run, dev, which, dtype)
     block = ck.model.config.block_size
     if context_length is not None and not 2 <= context_length <= block:
         raise UserError(f"--context-length must be in [2, {block}] (the model's block_size), got {context_length}")
@@ -127,7 +128,7 @@ def build_server(run, *, device: str = "auto", which: str = "latest", api_key: O
     app = create_app(batcher, ck.tokenizer, served, limits, api_key=api_key, cors=cors)
     follower = None
     if follow:
-        follower = Follower(served, lambda: load(served.run_dir, dev, which), batcher.swap,
+        follower = Follower(served, lambda: load(served.run_dir, dev, which, dtype), batcher.swap,
                             lambda new: _same_shape(ck, new), interval=follow_interval).start()
     return Server(app, batcher, served, ck, follower)
 
@@ -150,8 +151,9 @@ class Server:
         """What is being served, for the start-up line."""
         ck, s = self.checkpoint, self.served
         cfg = ck.model.config
-        n = sum(p.numel() for p in ck.model.parameters())
+        n = ck.model.num_params(non_embedding=False)
         params = f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+        params += " int8" if is_int8(ck.model) else ""
         step = f", step {s.step}" if s.step is not None else ""
         follow = f", following {s.which}/" if s.follow else ""
         chat = "yes" if getattr(ck.tokenizer, "chat", None) is not None else "no (completions only)"
