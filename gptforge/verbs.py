@@ -186,8 +186,7 @@ def eval_(run: str, data: Optional[str] = None, split: str = "val",
             forward pass
         best: use the best-val checkpoint instead of the latest
         device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
-        dtype: auto: as the model is (bf16 autocast on a GPU, fp32 on a CPU); int8: a CPU decodes with
-            8-bit Linear weights (per output channel): a quarter of fp32's bytes to read per token
+        dtype: auto: as the model is (bf16 on a GPU, fp32 on a CPU); int8: 8-bit Linear weights (a CPU)
         json: print one JSON object (the progress of a long evaluation goes to stderr)
         harness: lm-eval tasks, comma-separated (lm-eval's names, those of --include-path, or hellaswag_local:
             HellaSwag from --file with this verb's --task hellaswag prompt), printed as lm-eval's table
@@ -290,8 +289,7 @@ def sample(run: str, prompt: str = "\n", num_samples: int = 1, max_new_tokens: i
         no_kv_cache: recompute the full forward at every step
         best: use the best-val checkpoint instead of the latest
         device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
-        dtype: auto: as the model is (bf16 autocast on a GPU, fp32 on a CPU); int8: a CPU decodes with
-            8-bit Linear weights (per output channel): a quarter of fp32's bytes to read per token
+        dtype: auto: as the model is (bf16 on a GPU, fp32 on a CPU); int8: 8-bit Linear weights (a CPU)
         json: print the samples as one JSON object instead of streaming
     """
     from gptforge.infer.sample import read_prompt, sample_checkpoint
@@ -325,8 +323,7 @@ def chat(run: str, prompt: Optional[str] = None, system: Optional[str] = None, m
         seed: random seed: the same seed gives the same replies
         best: use the best-val checkpoint instead of the latest
         device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
-        dtype: auto: as the model is (bf16 autocast on a GPU, fp32 on a CPU); int8: a CPU decodes with
-            8-bit Linear weights (per output channel): a quarter of fp32's bytes to read per token
+        dtype: auto: as the model is (bf16 on a GPU, fp32 on a CPU); int8: 8-bit Linear weights (a CPU)
     """
     from gptforge.infer.chat import chat_checkpoint
 
@@ -372,8 +369,7 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: Optional
         log_level: debug, info (one access-log line per request), warning or error
         drain_timeout: on SIGTERM, seconds the running requests get to finish (no new ones are taken), then exit 0
         device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
-        dtype: auto: as the model is (bf16 autocast on a GPU, fp32 on a CPU); int8: a CPU decodes with
-            8-bit Linear weights (per output channel): a quarter of fp32's bytes to read per token
+        dtype: auto: as the model is (bf16 on a GPU, fp32 on a CPU); int8: 8-bit Linear weights (a CPU)
     """
     from gptforge.serve import serve_checkpoint
 
@@ -451,6 +447,8 @@ def import_(source: str, *, data: Optional[str] = None, out: str, overwrite: boo
     from gptforge.modelio.load import import_model
 
     done = import_model(source, out, data=data, overwrite=overwrite)
+    if done.get("warning"):
+        print(f"gptforge: warning: {done['warning']}", file=sys.stderr)
     if json:
         print(dumps({k: v for k, v in done.items() if k != "kind"}))
         return 0

@@ -308,3 +308,4 @@ def test_lm_eval_stays_optional():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("UserError") and 'pip install -e ".[eval]"' in r.stdout
+

@@ -73,3 +73,16 @@ def test_data_modules_use_no_other_modules_private_names():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gptforge"):
                 private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
                 assert not private, f"{path.name} imports {private} from {node.module}"
+
+
+def test_the_eval_extra_installs_what_the_documented_commands_need():
+    """`lm_eval --model hf` on an export needs accelerate, which lm-eval[api] does not bring."""
+    import re
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {re.split(r"[\[<>=]", d)[0] for d in extras["eval"]}
+    assert {"lm-eval", "accelerate"} <= names

@@ -42,7 +42,7 @@ from gptforge.modelio.checkpoint import (Checkpoint, model_from_state, model_sta
                                         resolve_checkpoint, write_checkpoint)
 from gptforge.modelio.hf import (check_fits, exportable_with, first_unmapped, hf_chat_template, merges_from_ranks,
                                  rope_architecture)
-from gptforge.tokenizer import EOT_TEXT, Tokenizer, byte_level_spelling, tokenizer_from_dict
+from gptforge.tokenizer import EOT_TEXT, USER, Tokenizer, byte_level_spelling, tokenizer_from_dict
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 INSTALL_HINT = "pip install 'gptforge[gguf]'"
@@ -223,7 +223,10 @@ def gguf_vocab(tok: Tokenizer, n_rows: int) -> dict[str, Any]:
     chat = getattr(tok, "chat", None)
     return {"tokens": tokens, "types": types, "merges": _merges(tok),
             "bos": chat.bos_id if chat else eot, "eos": chat.end_id if chat else eot,
-            "eot": chat.end_id if chat else None, "chat_template": hf_chat_template(tok) if chat else None}
+            "eot": chat.end_id if chat else None, "chat_template": hf_chat_template(tok) if chat else None,
+            # llama.cpp stops at eos, eot, eom and tokens it knows by their text (<|end|>, <|endoftext|>): eom makes
+            # <|user|> one too, where a model that runs on starts a turn of its own (gptforge stops at every marker)
+            "eom": chat.ids[USER] if chat else None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +259,8 @@ def _add_vocab(w, vocab: dict[str, Any]) -> None:
     w.add_eos_token_id(vocab["eos"])
     if vocab["eot"] is not None:
         w.add_eot_token_id(vocab["eot"])
+    if vocab.get("eom") is not None:
+        w.add_eom_token_id(vocab["eom"])
     w.add_add_bos_token(False)  # GPT-2 starts with no token; a chat template writes its own <|bos|>
     w.add_add_eos_token(False)
     if vocab["chat_template"] is not None:

@@ -355,7 +355,10 @@ def _hf_config(cfg: GPTConfig, arch: str, eot_id: Optional[int]):
                   eos_token_id=eot_id, pad_token_id=None)
     if arch == "gpt2":
         extra = {} if cfg.bias else {"gptforge": {"bias": False}}  # tells import_hf the zero biases are "none"
-        return tf.GPT2Config(architectures=["GPT2LMHeadModel"], n_positions=cfg.block_size, n_embd=cfg.n_embd,
+        # n_ctx: transformers 5 no longer writes it, but readers older than it still need it (llama.cpp's
+        # convert_hf_to_gguf.py stops with KeyError: 'n_ctx' without it)
+        return tf.GPT2Config(architectures=["GPT2LMHeadModel"], n_positions=cfg.block_size, n_ctx=cfg.block_size,
+                             n_embd=cfg.n_embd,
                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.mlp_hidden,
                              activation_function="gelu_new" if cfg.mlp == "gelu_tanh" else "gelu",
                              layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
@@ -483,10 +486,23 @@ def _tokenizer_from_hf(src: Path, cfg: GPTConfig, arch: str) -> Tokenizer:
         raise UserError(f"the tokenizer in {src} is not a byte-level BPE (model {j.get('model', {}).get('type')}, "
                         f"pre-tokenizer {(j.get('pre_tokenizer') or {}).get('type')}); gptforge can only use "
                         "GPT-2-style byte-level BPE tokenizers (SentencePiece ones are not supported)")
+    if not j["model"].get("vocab"):  # transformers 5's GPT2TokenizerFast(vocab_file=...) saves one so
+        raise UserError(f"the tokenizer in {src} has an empty vocabulary (tokenizer.json's model.vocab is empty) for "
+                        f"a model of {cfg.vocab_size:,} rows; save a complete one there (a vocab.json + merges.txt "
+                        "pair works too, without tokenizer.json)")
     tok: Tokenizer = GPT2Tokenizer() if _looks_like_gpt2(j) else BPETokenizer(j)
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(f"the tokenizer in {src} has {tok.vocab_size} tokens but the model only {cfg.vocab_size} rows")
     return tok
+
+
+def vocab_note(cfg: GPTConfig, tok: Tokenizer) -> Optional[str]:
+    """A warning when the tokenizer covers much less than the model's rows (more than padding to a multiple of 128
+    leaves): probably not the tokenizer the model was trained with."""
+    if cfg.vocab_size <= -(-tok.vocab_size // 128) * 128:
+        return None
+    return (f"the tokenizer has {tok.vocab_size:,} tokens for the model's {cfg.vocab_size:,} rows: rows "
+            f"{tok.vocab_size:,}.. are never produced; check that this is the tokenizer the model was trained with")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,7 +561,8 @@ def import_hf(name_or_dir: str | Path, out_dir: str | Path, *, overwrite: bool =
     write_checkpoint(out, sd, RunConfig(model=cfg), tok, {"step": 0, "source": str(name_or_dir), "imported_from": arch},
                      keep_other_files=True)
     return {"path": str(out), "source": str(src), "architecture": arch, "model": dataclasses.asdict(cfg),
-            "tokenizer": tok.kind, "vocab_size": cfg.vocab_size, "tokenizer_vocab_size": tok.vocab_size}
+            "tokenizer": tok.kind, "vocab_size": cfg.vocab_size, "tokenizer_vocab_size": tok.vocab_size,
+            "warning": vocab_note(cfg, tok)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,12 +618,18 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
         notes.append(f"The model has {cfg.vocab_size} vocabulary rows for the tokenizer's {tok.vocab_size} tokens "
                      f"(padded to a multiple of 64, as trained). Ids {tok.vocab_size}..{cfg.vocab_size - 1} were never "
                      "targets; generation_config.json suppresses them, and logits and loss equal gptforge's.")
+    if arch == "gpt2" and cfg.mlp == "gelu":
+        notes.append("The MLP computes the exact GELU (activation_function \"gelu\"), as transformers does; llama.cpp's "
+                     "gpt2 architecture (convert_hf_to_gguf.py, or `gptforge export --to gguf`) computes GPT-2's tanh "
+                     "approximation instead, which moves the logits slightly. A model trained with --model.mlp "
+                     "gelu_tanh exports as \"gelu_new\" and computes the same everywhere.")
     if tok.kind in HF_TOKENIZER_KINDS:
         notes.append(f"tokenizer.json holds the {tok.kind} tokenizer for transformers' AutoTokenizer.")
         if tok.chat is not None:
             notes.append("A chat model: tokenizer_config.json holds its chat template, so "
                          "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)` gives the ids it "
-                         "was fine-tuned on; a reply ends at <|end|>.")
+                         "was fine-tuned on; a reply ends at <|end|>, or at any other marker, where gptforge stops "
+                         "too (generation_config.json's eos_token_id lists them).")
     else:
         notes.append(f"No Hugging Face tokenizer: gptforge's {tok.kind} tokenizer has no transformers counterpart. "
                      f"Encode and decode with gptforge.tokenizer.load_tokenizer('{OWN_TOKENIZER}').")
@@ -614,7 +637,8 @@ def export_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, which: str 
 
     def write(tmp: Path) -> None:
         hf_config.save_pretrained(tmp)
-        stop = tok.eot_id if tok.chat is None else [tok.chat.end_id, tok.eot_id]  # a chat reply ends at <|end|>
+        # where gptforge stops: end-of-text, and for a chat model every marker (<|end|>, and a turn of its own)
+        stop = tok.eot_id if tok.chat is None else [tok.chat.end_id, *sorted(tok.special_ids() - {tok.chat.end_id})]
         require_transformers().GenerationConfig(bos_token_id=tok.eot_id, eos_token_id=stop,
                                          suppress_tokens=padded or None).save_pretrained(tmp)
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})

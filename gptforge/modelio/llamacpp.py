@@ -192,6 +192,10 @@ class LlamaCpp:
             token = int(np.argmax(self._row(-1)))
         return n / (time.perf_counter() - t0)
 
+    def is_eog(self, token: int) -> bool:
+        """Whether llama.cpp ends a generation at `token` (its end-of-generation set)."""
+        return bool(self.lib.llama_vocab_is_eog(self.lib.llama_model_get_vocab(self.llm._model), token))
+
     def metadata(self, key: str) -> Optional[str]:
         """The GGUF metadata value of `key` as llama.cpp read it, or None."""
         buf = self.ffi.new("char[65536]")

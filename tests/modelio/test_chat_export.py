@@ -57,6 +57,39 @@ def test_apply_chat_template_gives_gptforge_ids(kind, tmp_path, request):
     assert load_tokenizer(tmp_path / "out" / hf.OWN_TOKENIZER).chat == tok.chat  # and gptforge's own copy
 
 
+def test_transformers_generate_on_the_export_stops_where_gptforge_stops(tmp_path, request):
+    """A model whose first greedy token is another marker (<|user|>: it starts a turn of its own) answers '' in
+    gptforge; the export's generate must stop there too, not run on (it once stopped only at <|end|>)."""
+    import torch
+
+    from gptforge.infer.chat import chat_checkpoint
+
+    tok = _tok("bpe", request)
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=64 * -(-tok.vocab_size // 64),
+                    dropout=0.0, tie_embeddings=False)
+    model = GPT(cfg).eval()
+    user = tok.chat.ids["<|user|>"]
+    with torch.no_grad():  # the last norm gives ones whatever the input, and only <|user|>'s row scores them
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[user] = 1.0
+    write_checkpoint(tmp_path / "ckpt", model_state(model), RunConfig(model=cfg), tok)
+    import io
+
+    out = io.StringIO()
+    assert chat_checkpoint(str(tmp_path / "ckpt"), prompt="hello", temperature=0.0, max_new_tokens=8, out=out) == 0
+    assert out.getvalue() == "\n"  # gptforge: an empty reply
+    hf.export_hf(tmp_path / "ckpt", tmp_path / "out")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.tensor([_ids(hf_tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=True,
+                                                        add_generation_prompt=True))])
+    new = hf_model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.size(1):].tolist()
+    assert new == [user]  # the marker, then it stops
+    assert hf_tok.decode(new, skip_special_tokens=True) == ""
+
+
 def test_char_chat_model_exports_without_an_hf_tokenizer(tmp_path, request):
     tok = _tok("char", request)
     result = _export(tmp_path, tok)

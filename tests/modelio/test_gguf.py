@@ -130,6 +130,9 @@ def test_tokenizer_and_chat_template_match_gptforge(kind, tmp_path, request):
         assert cpp.llm.eos_token == tok.chat.end_id
         assert cpp.metadata("tokenizer.ggml.eot_token_id") == str(tok.chat.end_id)
         assert cpp.metadata("tokenizer.ggml.add_bos_token") == "false"
+        # where llama.cpp stops: <|end|>, end-of-text, and <|user|> (a turn of the model's own), as gptforge does
+        stops = [tok.chat.end_id, tok.chat.ids["<|user|>"]] + ([tok.eot_id] if tok.eot_id is not None else [])
+        assert all(cpp.is_eog(i) for i in stops)
 
 
 def test_a_gpt2_tokenizer_model_and_its_padded_rows(tmp_path, tiktoken_cache):

@@ -189,6 +189,26 @@ def test_import_refuses_non_byte_level_tokenizer_and_unknown_rope(tmp_path, bpe_
     assert not (tmp_path / "out").exists()
 
 
+def test_import_refuses_an_empty_tokenizer_and_warns_of_a_small_one(tmp_path, hf_gpt2_dir, bpe_tok, capsys):
+    import shutil
+
+    from gptforge.cli import main
+
+    src = tmp_path / "src"
+    shutil.copytree(hf_gpt2_dir, src)
+    j = bpe_tok.to_dict()["hf_tokenizer"]
+    # what transformers 5's GPT2TokenizerFast(vocab_file=...) saves: no vocabulary, one added token
+    empty = {**j, "model": {**j["model"], "vocab": {}, "merges": []},
+             "added_tokens": [{"id": 50256, "content": "<|endoftext|>", "single_word": False, "lstrip": False,
+                               "rstrip": False, "normalized": False, "special": True}]}
+    (src / "tokenizer.json").write_text(json.dumps(empty))
+    assert main(["import", str(src), "--out", str(tmp_path / "out")]) == 2
+    assert "empty vocabulary" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    (src / "tokenizer.json").write_text(json.dumps(j))  # 300 tokens for 50,257 rows: imports, and says so
+    assert main(["import", str(src), "--out", str(tmp_path / "out")]) == 0
+    assert "300 tokens for the model's 50,257 rows" in capsys.readouterr().err
+
+
 def test_without_transformers_or_network_one_clear_error(monkeypatch, tmp_path, hf_gpt2_dir):
     import huggingface_hub.constants
 
@@ -251,6 +271,9 @@ def test_export_same_logits_in_transformers_and_round_trip(name, tmp_path, reque
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert info["architecture"] == config["architectures"][0] == hf_class
     assert config.get("activation_function") == act and config["vocab_size"] == cfg.vocab_size
+    if hf_class == "GPT2LMHeadModel":  # what readers older than transformers 5 (llama.cpp's converter) look up
+        assert config["n_ctx"] == config["n_positions"] == cfg.block_size
+        assert any("tanh" in n for n in info["notes"]) == (act == "gelu")  # llama.cpp's gpt2 computes tanh-GELU
     ids = torch.randint(0, tok.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     ref, hf_model = _hf_logits(tmp_path / "hf", ids)
     torch.testing.assert_close(ref, _ours(model, ids), atol=1e-5, rtol=1e-5)
