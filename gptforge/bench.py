@@ -34,7 +34,7 @@ from gptforge.model import GPT
 from gptforge.modelio.hf import HF_CLASSES, hf_architecture, require_transformers, to_hf_model
 from gptforge.modelio.load import use_decode_layout
 from gptforge.optim import build_optimizer
-from gptforge.quantize import Int8Linear, check_dtype, to_int8
+from gptforge.quantize import Int8Linear, check_dtype, is_int8, to_int8
 from gptforge.train import apply_gradients
 
 GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 64, as `gptforge train` pads them
@@ -267,10 +267,9 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: every parameter once, except embedding tables only
     looked up (the position table, and the token table unless the output layer shares it)."""
     looked_up = {id(model.transformer.wpe.weight)} if hasattr(model.transformer, "wpe") else set()
-    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
     if getattr(model.lm_head, "weight", None) is not model.transformer.wte.weight:
         looked_up.add(id(model.transformer.wte.weight))  # an int8 output layer has its own copy
-    seen, total = set(), sum(m.weight_bytes for m in int8)
+    seen, total = set(), sum(m.weight_bytes for m in model.modules() if isinstance(m, Int8Linear))
     for p in model.parameters():  # parameters() yields a shared tensor once
         if id(p) not in looked_up and id(p) not in seen:
             seen.add(id(p))
@@ -300,7 +299,7 @@ def gemv_timer(model: torch.nn.Module, device: torch.device) -> Callable[[], flo
     def once() -> float:
         synchronize(device)
         t0 = time.perf_counter()
-        with decode_threads(device, 1, model.config, getattr(model, "int8", False)):
+        with decode_threads(device, 1, model.config, is_int8(model)):
             for m, x in zip(layers, rows):
                 m(x)
         synchronize(device)

@@ -98,8 +98,9 @@ class GptforgeLM(TemplateLM):
 
     model_args: pretrained (any source `gptforge.modelio.load` reads, or a loaded Checkpoint), which
     (latest or best), device (auto, cpu, cuda, cuda:N, mps), dtype (default: the run's train.dtype; auto,
-    float32, bfloat16, float16; int8: 8-bit Linear weights on a CPU, gptforge.quantize), batch_size (requests per forward, or auto: up to max_batch_tokens tokens per
-    forward), max_batch_tokens, max_gen_toks (the default length of a generation, 256).
+    float32, bfloat16, float16; int8: 8-bit Linear weights on a CPU, gptforge.quantize), batch_size (requests
+    per forward, or auto: up to max_batch_tokens tokens per forward), max_batch_tokens, max_gen_toks (the
+    default length of a generation, 256).
     """
 
     backend = "causal"  # TemplateLM._encode_pair: encode context + continuation whole, then split

@@ -26,6 +26,7 @@ import torch
 
 from gptforge.config import GPTConfig
 from gptforge.infer.sampling import SamplingError, SamplingParams, sample
+from gptforge.quantize import is_int8
 
 # ----------------------------------------------------------------------------------------------
 # The KV cache
@@ -225,7 +226,7 @@ def step(model: torch.nn.Module, idx: torch.Tensor, cache: KVCache) -> torch.Ten
     if cache.pos + T > cache.block_size:
         raise SamplingError(f"{T} new tokens do not fit after the {cache.pos} in the cache "
                             f"(block_size {cache.block_size})")
-    with decode_threads(idx.device, B * T, getattr(model, "config", None), getattr(model, "int8", False)):
+    with decode_threads(idx.device, B * T, getattr(model, "config", None), is_int8(model)):
         return model(idx, kv_cache=cache, last_only=True)[:, -1]
 
 

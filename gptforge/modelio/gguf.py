@@ -259,7 +259,7 @@ def _add_vocab(w, vocab: dict[str, Any]) -> None:
     w.add_eos_token_id(vocab["eos"])
     if vocab["eot"] is not None:
         w.add_eot_token_id(vocab["eot"])
-    if vocab.get("eom") is not None:
+    if vocab["eom"] is not None:
         w.add_eom_token_id(vocab["eom"])
     w.add_add_bos_token(False)  # GPT-2 starts with no token; a chat template writes its own <|bos|>
     w.add_add_eos_token(False)

@@ -358,8 +358,7 @@ def _hf_config(cfg: GPTConfig, arch: str, eot_id: Optional[int]):
         # n_ctx: transformers 5 no longer writes it, but readers older than it still need it (llama.cpp's
         # convert_hf_to_gguf.py stops with KeyError: 'n_ctx' without it)
         return tf.GPT2Config(architectures=["GPT2LMHeadModel"], n_positions=cfg.block_size, n_ctx=cfg.block_size,
-                             n_embd=cfg.n_embd,
-                             n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.mlp_hidden,
+                             n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.mlp_hidden,
                              activation_function="gelu_new" if cfg.mlp == "gelu_tanh" else "gelu",
                              layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
                              attn_pdrop=cfg.dropout, **common, **extra)

@@ -186,7 +186,7 @@ def load(source: Source, device: Union[str, torch.device] = "cpu", which: str = 
         return _ready(nanogpt.load_nanogpt_checkpoint(source), device, dtype)
     if kind == "gguf":
         return _ready(gguf.load_gguf_checkpoint(source), device, dtype)
-    return load_checkpoint(source, device, which, dtype)
+    return _ready(open_run(source, which), device, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
